@@ -1,0 +1,113 @@
+"""Teacher-training throughput against the machine's limit, measured in the same run.
+
+For each suite it measures, alone and on the same threads:
+  E  raw vector-env step rate (env steps/s, random actions, `num_envs` envs),
+  A  batched action selection (env steps/s: one forward pass of `num_envs` observations),
+  U  raw DQN train-step rate (updates/s: sample + Double-DQN update, replay already full),
+and then the real trainer (`train_teacher`) at the preset's update ratio r. Env stepping, acting and
+learning share the CPU, so the limit is  1 / (1/E + 1/A + r/U)  env steps/s; the benchmark prints
+the trainer's steady-state rate and its ratio to that limit.
+
+    python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multitask.dqn import DQNLearner
+from multitask.envs import get_game, make_vector_env
+from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.replay import ReplayMemory
+from multitask.teacher import load_config, train_teacher
+
+GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
+
+
+def timed(fn, seconds: float) -> tuple[int, float]:
+    """Call fn() until `seconds` pass; returns (calls, elapsed)."""
+    fn()  # warm up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n, time.perf_counter() - t0
+
+
+def bench_suite(suite: str, seconds: float) -> dict:
+    game = get_game(GAMES[suite])
+    cfg = load_config(suite, None, [])
+    torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
+    n = cfg.num_envs
+    rng = np.random.default_rng(0)
+
+    env = make_vector_env(game, n)
+    env.reset(0)
+    calls, dt = timed(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds)
+    env_rate = calls * n / dt
+
+    net = MultiHeadNet(teacher_network_spec(game, cfg.width))
+    obs = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs)
+
+    def act():
+        with torch.no_grad():
+            net(obs, 0).argmax(1)
+    calls, dt = timed(act, seconds)
+    act_rate = calls * n / dt
+
+    memory = ReplayMemory(min(cfg.replay_capacity, 20_000), n, game.frame_shape, game.stack)
+    o = env.reset(1)
+    memory.begin_episodes(o)
+    for _ in range(min(cfg.replay_capacity, 20_000) // n):
+        s = env.step(rng.integers(0, game.num_actions, n))
+        memory.add(rng.integers(0, game.num_actions, n), s.reward, s.life_lost, s.next_obs, s.done, s.obs)
+    env.close()
+    learner = DQNLearner(net, cfg.dqn)
+    calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size)), seconds)
+    update_rate = calls / dt
+
+    limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
+    # The real trainer, past learning_starts, long enough for several log intervals.
+    steps = int(max(limit * seconds * 3, 4 * n * 50))
+    log_every = max(n, (steps // 4) // n * n)
+    with tempfile.TemporaryDirectory() as tmp:
+        tcfg = load_config(suite, None, [f"total_steps={steps + 1000}", "learning_starts=1000",
+                                          f"log_every={log_every}", "eval_every=0", "final_eval_episodes=1",
+                                          f"checkpoint_every={10**9}", "replay_capacity=20000"])
+        train_teacher(game.name, tcfg, Path(tmp) / "t.pt", Path(tmp) / "run", wandb_mode="off",
+                      show_progress=False)
+        logged = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [x[f"train/{game.name}/steps_per_s"] for x in logged if f"train/{game.name}/steps_per_s" in x]
+    train_rate = float(np.median(rates[1:] if len(rates) > 1 else rates))
+    return {"suite": suite, "game": game.name, "num_envs": n, "update_ratio": cfg.update_ratio,
+            "batch_size": cfg.dqn.batch_size, "threads": torch.get_num_threads(),
+            "env_steps_per_s": env_rate, "act_steps_per_s": act_rate, "updates_per_s": update_rate,
+            "limit_steps_per_s": limit, "train_steps_per_s": train_rate, "ratio": train_rate / limit}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
+    p.add_argument("--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
+        r = bench_suite(suite, args.seconds)
+        print(f"{r['game']}: {r['num_envs']} envs, {r['threads']} torch thread(s), update ratio "
+              f"{r['update_ratio']}, batch {r['batch_size']}")
+        print(f"  raw vector env      E = {r['env_steps_per_s']:10,.0f} env steps/s")
+        print(f"  batched acting      A = {r['act_steps_per_s']:10,.0f} env steps/s")
+        print(f"  raw DQN train step  U = {r['updates_per_s']:10,.1f} updates/s")
+        print(f"  limit 1/(1/E+1/A+r/U) = {r['limit_steps_per_s']:10,.0f} env steps/s")
+        print(f"  teacher training      = {r['train_steps_per_s']:10,.0f} env steps/s "
+              f"-> ratio {r['ratio']:.2f} of the limit")
+
+
+if __name__ == "__main__":
+    main()

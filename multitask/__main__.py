@@ -1,0 +1,3 @@
+from multitask.cli import main
+
+raise SystemExit(main())

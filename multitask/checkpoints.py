@@ -1,0 +1,164 @@
+"""Agent checkpoints: one file format for teachers, students and the multi-task DQN.
+
+`<name>.pt` is a torch file holding a plain dict (loaded with `weights_only=True`, so a foreign
+pickle can never run code):
+
+    format "multitask-agent", format_version, kind ("teacher" | "student" | "multitask-dqn"),
+    network (NetworkSpec as a dict), state_dict, card (provenance, see below)
+
+`<name>.json` beside it is the human-readable card: the same card plus the file's sha256. The card
+holds the full config, the env spec of every game (preprocessing, action meanings), the eval
+result, env steps, wall time and the package version, so that every number traces back to a
+command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import multitask
+from multitask.envs import GameSpec, get_game
+from multitask.errors import UserError
+from multitask.networks import MultiHeadNet, NetworkSpec
+
+FORMAT = "multitask-agent"
+FORMAT_VERSION = 1
+KINDS = ("teacher", "student", "multitask-dqn")
+
+
+@dataclass
+class Agent:
+    net: MultiHeadNet
+    kind: str
+    card: dict[str, Any]
+    path: Path
+    sha256: str
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temporary file in the same folder and rename, so no reader ever sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+
+
+def card_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_agent(path: Path, net: MultiHeadNet, kind: str, card: dict[str, Any]) -> str:
+    """Write the checkpoint and its card; returns the checkpoint's sha256."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown agent kind {kind}")
+    card = {**card, "kind": kind, "package_version": multitask.__version__,
+            "torch_version": str(torch.__version__), "network": net.spec.to_dict()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+               "network": net.spec.to_dict(), "state_dict": net.state_dict(), "card": card}
+    atomic_torch_save(payload, path)
+    digest = file_sha256(path)
+    atomic_write_text(card_path(path), json.dumps({**card, "sha256": digest}, indent=2) + "\n")
+    return digest
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a torch.load failure (its first line is boilerplate)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Unpickler error" in ln:
+            return ln[:160]
+    return lines[0][:160] if lines else type(e).__name__
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a torch file ({_reason(e)}); "
+                        f"re-download or retrain it") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a multitask agent checkpoint (for CleanRL or "
+                        f"Stable-Baselines3 files use `multitask teacher import`)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {payload.get('format_version')}, this "
+                        f"package reads version {FORMAT_VERSION}; convert or retrain it")
+    return payload
+
+
+def load_agent(path: Path) -> Agent:
+    """Load any agent checkpoint; every problem with the file is a one-sentence UserError."""
+    path = Path(path)
+    payload = _read_payload(path)
+    try:
+        spec = NetworkSpec.from_dict(payload["network"])
+        net = MultiHeadNet(spec)
+        net.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is damaged: its weights do not match its network "
+                        f"description ({str(e).splitlines()[0][:120]}); retrain or re-import it") from None
+    net.eval()
+    return Agent(net=net, kind=payload["kind"], card=payload.get("card", {}), path=path,
+                 sha256=file_sha256(path))
+
+
+def check_agent_game(agent: Agent, game: GameSpec) -> int:
+    """Head index of `game` in `agent`, after checking that the head fits the game's action set."""
+    if game.name not in agent.net.games:
+        raise UserError(f"checkpoint {agent.path} has no head for {game.name} (it plays "
+                        f"{', '.join(agent.net.games)}); pass one of those games or another checkpoint")
+    head = agent.net.head_index(game.name)
+    n = agent.net.spec.num_actions[head]
+    if n != game.num_actions:
+        raise UserError(f"checkpoint {agent.path} has {n} actions for {game.name}, but the game has "
+                        f"{game.num_actions} legal actions; it was made for another action set")
+    expected_channels = agent.net.spec.trunk.in_channels
+    if game.obs_shape[0] > expected_channels or game.obs_shape[1] != agent.net.spec.trunk.in_size:
+        raise UserError(f"checkpoint {agent.path} takes {expected_channels}x{agent.net.spec.trunk.in_size}"
+                        f" inputs, which {game.name} observations {game.obs_shape} do not fit")
+    return head
+
+
+def load_teacher(path: Path, game: str | GameSpec | None = None) -> tuple[Agent, GameSpec]:
+    """Load a single-game checkpoint and check it against `game` (default: the game it names)."""
+    agent = load_agent(path)
+    if game is None:
+        if len(agent.net.games) != 1:
+            raise UserError(f"checkpoint {path} plays {len(agent.net.games)} games; say which with --games")
+        game = agent.net.games[0]
+    spec = get_game(game) if isinstance(game, str) else game
+    check_agent_game(agent, spec)
+    return agent, spec

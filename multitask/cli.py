@@ -1,0 +1,187 @@
+"""The `multitask` command: one subcommand per stage of the pipeline.
+
+Every user mistake surfaces as a `UserError`, printed as one sentence with exit code 2 and no
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from multitask import __version__
+from multitask.errors import UserError
+
+
+def _add_wandb(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wandb", choices=("off", "offline", "online"), default="offline",
+                   help="Weights & Biases tracking: offline (default; no account or network), online, off")
+
+
+# ---- multitask games -------------------------------------------------------------------------
+
+def cmd_games(args: argparse.Namespace) -> None:
+    from multitask.envs import SUITES, get_game, known_games
+
+    for suite in [args.suite] if args.suite else SUITES:
+        for name in known_games(suite):
+            if suite == "minatar" or args.actions:
+                spec = get_game(name)
+                print(f"{name:28s} {spec.num_actions:2d} actions  obs {spec.obs_shape}  "
+                      f"{' '.join(spec.action_meanings) if args.actions else ''}")
+            else:
+                print(name)
+
+
+# ---- multitask config ------------------------------------------------------------------------
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from multitask import config as configlib
+
+    cls = _config_class(args.what)
+    for key, tp, default, doc in configlib.describe(cls):
+        print(f"{key:28s} {tp:10s} {default!r:>14}  {doc}")
+
+
+def _config_class(what: str):
+    if what == "teacher":
+        from multitask.teacher import TeacherConfig
+        return TeacherConfig
+    raise UserError(f"no config named {what}")
+
+
+# ---- multitask teacher ... -------------------------------------------------------------------
+
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    from multitask.envs import get_game
+    from multitask.teacher import load_config, train_teacher
+
+    game = get_game(args.game)
+    cfg = load_config(game.suite, args.config, args.overrides)
+    out = args.out or Path("teachers") / game.suite / f"{game.game}.pt"
+    run_dir = args.run_dir or Path("runs") / "teacher" / game.suite / game.game
+    _check_writable(out)
+    train_teacher(game.name, cfg, out, run_dir, wandb_mode=args.wandb, restart=args.restart,
+                  show_progress=not args.no_progress)
+
+
+def cmd_teacher_import(args: argparse.Namespace) -> None:
+    from multitask.envs import get_game
+    from multitask.importers import import_teacher
+
+    game = get_game(args.game)
+    if game.suite != "atari":
+        raise UserError(f"teacher import converts Atari DQN checkpoints; {game.name} is not an Atari game")
+    out = args.out or Path("teachers") / game.suite / f"{game.game}.pt"
+    _check_writable(out)
+    import_teacher(args.format, args.file, game, out, evaluate_episodes=args.episodes)
+
+
+# ---- multitask evaluate ----------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from multitask.checkpoints import check_agent_game, load_agent
+    from multitask.envs import get_game
+    from multitask.evaluation import evaluate_games
+
+    agent = load_agent(args.checkpoint)
+    games = args.games or list(agent.net.games)
+    for g in games:
+        check_agent_game(agent, get_game(g))
+    if args.out:
+        _check_writable(args.out)
+    results = evaluate_games(agent.net, games, args.episodes, args.seed, epsilon=args.epsilon,
+                             workers=args.workers, show_progress=not args.no_progress)
+    report = {
+        "agent": {"checkpoint": str(agent.path), "sha256": agent.sha256, "kind": agent.kind,
+                  "games": list(agent.net.games)},
+        "package_version": __version__, "seed": args.seed, "episodes": args.episodes,
+        "games": {g: r.to_dict() for g, r in results.items()},
+    }
+    if args.out:
+        from multitask.checkpoints import atomic_write_text
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    for g, r in results.items():
+        print(f"{g:28s} {r.mean:10.2f} +/- {np.std(r.returns):.2f}  ({len(r.returns)} episodes, "
+              f"mean length {np.mean(r.lengths):.0f})")
+    print(f"evaluated {agent.kind} {agent.path} on {len(results)} game(s)"
+          + (f" -> {args.out}" if args.out else ""))
+
+
+def _check_writable(path: Path) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); choose a writable location") from None
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multitask", description="Multi-task policy distillation: "
+                                "teachers, datasets, students, evaluation.")
+    p.add_argument("--version", action="version", version=f"multitask {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("games", help="list the known games (<suite>/<Game>)")
+    g.add_argument("--suite", choices=("atari", "minatar"))
+    g.add_argument("--actions", action="store_true", help="also print each game's legal actions")
+    g.set_defaults(func=cmd_games)
+
+    c = sub.add_parser("config", help="list a config's keys, defaults and their sources")
+    c.add_argument("what", choices=("teacher",))
+    c.set_defaults(func=cmd_config)
+
+    t = sub.add_parser("teacher", help="train or import DQN teachers").add_subparsers(dest="action", required=True)
+    tt = t.add_parser("train", help="train a DQN teacher for one game (a killed run resumes)")
+    tt.add_argument("game", help="<suite>/<Game>, e.g. minatar/Breakout or atari/Pong")
+    tt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. total_steps=500000 dqn.lr=3e-4)")
+    tt.add_argument("--config", type=Path, help="TOML config (default: configs/teacher/<suite>.toml)")
+    tt.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/<suite>/<Game>.pt)")
+    tt.add_argument("--run-dir", type=Path, help="training state, metrics, W&B files (default: runs/teacher/<suite>/<Game>)")
+    tt.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
+    tt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_wandb(tt)
+    tt.set_defaults(func=cmd_teacher_train)
+
+    ti = t.add_parser("import", help="convert a CleanRL or Stable-Baselines3 Atari DQN into a teacher")
+    ti.add_argument("format", choices=("cleanrl", "sb3"), help="cleanrl: dqn_atari.cleanrl_model state_dict; sb3: RL Zoo dqn-*.zip")
+    ti.add_argument("file", type=Path)
+    ti.add_argument("--game", required=True, help="the Atari game it was trained on, e.g. atari/Pong")
+    ti.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/atari/<Game>.pt)")
+    ti.add_argument("--episodes", type=int, default=0, help="evaluate the imported teacher for the card (default: 0, skip)")
+    ti.set_defaults(func=cmd_teacher_import)
+
+    e = sub.add_parser("evaluate", help="score any agent checkpoint with the one evaluation protocol")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--games", nargs="+", help="games to evaluate (default: every game the agent plays)")
+    e.add_argument("--episodes", type=int, default=20, help="whole games per game (default 20)")
+    e.add_argument("--seed", type=int, default=12345, help="env i uses seed + i; actions use their own stream")
+    e.add_argument("--epsilon", type=float, default=0.05, help="epsilon-greedy evaluation (protocol: 0.05)")
+    e.add_argument("--workers", type=int, default=2, help="processes evaluating games in parallel")
+    e.add_argument("--out", type=Path, help="write per-episode returns, lengths, protocol and seeds as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"multitask: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitask: interrupted", file=sys.stderr)
+        return 130
+    return 0

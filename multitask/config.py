@@ -1,0 +1,223 @@
+"""Typed configs: dataclasses loaded from TOML, overridden from the command line, saved with runs.
+
+A config is a (possibly nested) dataclass whose fields are declared with `option(default, doc)`;
+the doc is one line that says what the field does and where its default comes from. Values are
+layered once, at construction: dataclass defaults <- TOML file <- `key=value` overrides
+(`section.key=value` for nested tables). Unknown keys and ill-typed values are user errors that
+name the key. Nothing mutates a config after it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, get_args, get_origin
+
+from multitask.errors import UserError
+
+T = TypeVar("T")
+
+
+def option(default: Any, doc: str) -> Any:
+    """A config field with a default and a one-line doc (what it does; source of the default)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults so that configs stay immutable")
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where lossless (int -> float)."""
+    origin = get_origin(tp)
+    bad = UserError(f"config key '{key}' in {source} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise UserError(f"config key '{key}' in {source} must be one of "
+                            f"{', '.join(map(repr, get_args(tp)))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except UserError:
+                pass
+        raise bad
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, key, source) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 written in TOML
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, source, prefix=key + ".")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if get_origin(tp) in (tuple, list):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str = "") -> T:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' in {source}; known keys: "
+                        f"{', '.join(prefix + n for n in names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name, source)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, source, prefix + f.name + ".")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ validation
+        raise UserError(f"invalid config from {source}: {e}") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key=value (e.g. lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings (game names, paths) need no quotes on the command line
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{'.'.join(path)}' goes inside '{part}', which is not a table")
+    node[path[-1]] = value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+
+
+def load(cls: type[T], path: Path | None = None, overrides: Sequence[str] = (),
+         data: dict[str, Any] | None = None) -> T:
+    """Build `cls` from defaults, then `data` or the TOML at `path`, then `key=value` overrides."""
+    merged: dict[str, Any] = dict(data or {})
+    if path is not None:
+        merged = read_toml(Path(path))
+    source = str(path) if path is not None else "the command line"
+    if overrides:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for text in overrides:
+            keys, value = _parse_override(text)
+            if keys[0] not in names:
+                raise UserError(f"unknown config key '{keys[0]}' on the command line; known keys: "
+                                f"{', '.join(sorted(names))}")
+            _merge(merged, keys, value)
+    return _build(cls, merged, source if not overrides else f"{source} and overrides")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples become lists) suitable for JSON, TOML and W&B."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "a saved config") -> T:
+    return _build(cls, data, source)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        raise ValueError("TOML has no null")
+    raise TypeError(f"cannot write {type(v)} to TOML")
+
+
+def to_toml(cfg: Any) -> str:
+    """Write a config (nested dataclasses -> tables) as TOML; None values are left out."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+
+    def emit(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                tables.append((prefix + k, v))
+            elif v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+
+    emit(to_dict(cfg), "")
+    while tables:
+        name, d = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        emit(d, name + ".")
+    return "\n".join(lines) + "\n"
+
+
+def describe(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every field, nested tables flattened with dots."""
+    hints = _field_types(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += [(f"{f.name}.{k}", t, d, doc) for k, t, d, doc in describe(tp)]
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f.name, _type_name(tp), default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,114 @@
+"""DQN learning: targets and loss as pure functions, and a learner that owns the networks.
+
+Shared by single-game teacher training (`multitask.teacher`) and, with one head per game, the
+multi-task DQN baseline. The learner knows nothing of envs; it updates on `ReplayBatch`es.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multitask.config import option
+from multitask.networks import MultiHeadNet
+from multitask.replay import ReplayBatch
+
+
+@dataclass(frozen=True)
+class DQNConfig:
+    gamma: float = option(0.99, "discount factor (Mnih et al. 2015)")
+    lr: float = option(1e-4, "Adam learning rate (CleanRL dqn_atari; Nature DQN used RMSProp 2.5e-4)")
+    adam_eps: float = option(1.5e-4, "Adam epsilon (Hessel et al. 2018, Rainbow: 0.01/32)")
+    batch_size: int = option(32, "minibatch size (Mnih et al. 2015)")
+    double: bool = option(True, "Double-DQN targets (van Hasselt et al. 2016); false: max over target net")
+    target_update_every: int = option(2000, "gradient updates between target-network copies (Dopamine DQN: 8,000 agent steps at one update per 4 steps)")
+    huber_delta: float = option(1.0, "Huber loss threshold (Mnih et al. 2015 clip the TD error to [-1, 1])")
+    max_grad_norm: float = option(10.0, "global gradient-norm clip (Dopamine/SB3 use 10); 0 disables")
+    reward_clip: bool = option(True, "clip rewards to [-1, 1] for learning (Mnih et al. 2015); scores stay raw")
+
+    def __post_init__(self):
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError("gamma must be in [0, 1]")
+        if self.batch_size < 1 or self.target_update_every < 1:
+            raise ValueError("batch_size and target_update_every must be positive")
+
+
+def td_targets(reward: torch.Tensor, terminal: torch.Tensor, next_q_target: torch.Tensor,
+               next_q_online: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """One-step TD targets, (B,) from (B,) rewards/terminals and (B, A) next-state Q-values.
+
+    Double DQN (next_q_online given):  y = r + gamma (1 - d) Q_target(s', argmax_a Q_online(s', a))
+    DQN (next_q_online is None):       y = r + gamma (1 - d) max_a Q_target(s', a)
+    """
+    if next_q_online is None:
+        bootstrap = next_q_target.max(dim=1).values
+    else:
+        best = next_q_online.argmax(dim=1, keepdim=True)
+        bootstrap = next_q_target.gather(1, best).squeeze(1)
+    return reward + gamma * (1.0 - terminal) * bootstrap
+
+
+def td_loss(q: torch.Tensor, action: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """Huber(Q(s, a) - y) with threshold delta, averaged over the batch. q: (B, A), action/target: (B,)."""
+    q_taken = q.gather(1, action.unsqueeze(1)).squeeze(1)
+    return F.huber_loss(q_taken, target, delta=delta, reduction="mean")
+
+
+def epsilon_greedy(q: torch.Tensor, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """Greedy actions from (N, A) values, each replaced by a uniform action with prob epsilon."""
+    actions = q.argmax(dim=1).numpy()
+    explore = rng.random(len(actions)) < epsilon
+    if explore.any():
+        actions = actions.copy()
+        actions[explore] = rng.integers(0, q.shape[1], int(explore.sum()))
+    return actions
+
+
+def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
+    """start -> end linearly over `duration` steps, then constant."""
+    if duration <= 0:
+        return end
+    return start + (end - start) * min(t / duration, 1.0)
+
+
+class DQNLearner:
+    """Online and target networks, Adam, and the update rule."""
+
+    def __init__(self, net: MultiHeadNet, cfg: DQNConfig):
+        self.net, self.cfg = net, cfg
+        self.target = copy.deepcopy(net).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.updates = 0
+
+    def update(self, batch: ReplayBatch, head: int = 0) -> dict[str, float]:
+        cfg = self.cfg
+        reward = batch.reward.clamp(-1.0, 1.0) if cfg.reward_clip else batch.reward
+        with torch.no_grad():
+            next_target = self.target(batch.next_obs, head)
+            next_online = self.net(batch.next_obs, head) if cfg.double else None
+            y = td_targets(reward, batch.terminal, next_target, next_online, cfg.gamma)
+        q = self.net(batch.obs, head)
+        loss = td_loss(q, batch.action, y, cfg.huber_delta)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % cfg.target_update_every == 0:
+            self.target.load_state_dict(self.net.state_dict())
+        return {"loss": loss.item(), "q_mean": q.detach().mean().item()}
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,118 @@
+"""Import public Atari DQN checkpoints (CleanRL, Stable-Baselines3 / RL Zoo) as teachers.
+
+Both are the Nature CNN on 4 stacked 84x84 grayscale frames (oldest first, as our env gives them)
+with input / 255 inside the network, and the game's minimal action set, so they map one to one
+onto our `MultiHeadNet` (trunk.convs.{0,2,4}, trunk.fcs.0, heads.0). Nothing is unpickled beyond
+tensors: CleanRL files and SB3's policy.pth load with `weights_only=True`, SB3's `data` is JSON.
+
+Preprocessing note: these agents were trained on `<Game>NoFrameskip-v4` with gymnasium/SB3 wrappers
+(OpenCV INTER_AREA resize); our env is ale-py's vector env with the same settings but its own
+resize, so pixel values can differ slightly. Evaluate an imported teacher (`--episodes`) before
+relying on it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from multitask.checkpoints import file_sha256, save_agent
+from multitask.envs import GameSpec
+from multitask.errors import UserError
+from multitask.evaluation import evaluate_game
+from multitask.networks import MultiHeadNet, teacher_network_spec
+
+# source key prefix -> our key prefix
+CLEANRL_KEYS = {"network.0.": "trunk.convs.0.", "network.2.": "trunk.convs.2.",
+                "network.4.": "trunk.convs.4.", "network.7.": "trunk.fcs.0.", "network.9.": "heads.0."}
+SB3_KEYS = {"q_net.features_extractor.cnn.0.": "trunk.convs.0.",
+            "q_net.features_extractor.cnn.2.": "trunk.convs.2.",
+            "q_net.features_extractor.cnn.4.": "trunk.convs.4.",
+            "q_net.features_extractor.linear.0.": "trunk.fcs.0.", "q_net.q_net.0.": "heads.0."}
+
+
+def _torch_load(data: bytes | Path, what: str) -> dict:
+    try:
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{what} is not a readable PyTorch state_dict ({str(e).splitlines()[0][:100]})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def _remap(source: dict, mapping: dict[str, str], what: str, fmt: str) -> dict:
+    out = {}
+    for src_prefix, dst_prefix in mapping.items():
+        for suffix in ("weight", "bias"):
+            key = src_prefix + suffix
+            if key not in source:
+                raise UserError(f"{what} is not a {fmt} Nature-DQN checkpoint (it has no '{key}'); "
+                                f"check the file and the format argument")
+            out[dst_prefix + suffix] = source[key]
+    return out
+
+
+def read_cleanrl(path: Path) -> dict:
+    """CleanRL dqn_atari.py: torch.save(q_network.state_dict()) of an nn.Sequential."""
+    return _remap(_torch_load(path, f"{path}"), CLEANRL_KEYS, f"{path}", "CleanRL")
+
+
+def read_sb3(path: Path) -> dict:
+    """Stable-Baselines3 DQN zip: policy.pth holds q_net.* (and q_net_target.*); data is JSON."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if "policy.pth" not in names:
+                raise UserError(f"{path} is a zip without policy.pth, not a Stable-Baselines3 model")
+            policy = z.read("policy.pth")
+            data = json.loads(z.read("data")) if "data" in names else {}
+    except zipfile.BadZipFile:
+        raise UserError(f"{path} is not a zip file; Stable-Baselines3 models are .zip archives") from None
+    policy_kwargs = data.get("policy_kwargs") or {}
+    if isinstance(policy_kwargs, dict) and policy_kwargs.get("normalize_images") is False:
+        raise UserError(f"{path} was trained without image normalisation; only the default "
+                        f"(input / 255) is supported")
+    return _remap(_torch_load(policy, f"{path}:policy.pth"), SB3_KEYS, f"{path}", "Stable-Baselines3")
+
+
+def convert(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec) -> MultiHeadNet:
+    """A teacher network for `game` with the weights of the checkpoint at `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    state = read_cleanrl(path) if fmt == "cleanrl" else read_sb3(path)
+    n_actions = state["heads.0.weight"].shape[0]
+    if n_actions != game.num_actions:
+        raise UserError(f"{path} outputs {n_actions} actions but {game.name} has {game.num_actions} "
+                        f"legal actions; it was trained on another game or the full action set")
+    net = MultiHeadNet(teacher_network_spec(game))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} has layer shapes that are not the Nature DQN's "
+                        f"({str(e).splitlines()[-1].strip()[:120]})") from None
+    return net.eval()
+
+
+def import_teacher(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec, out: Path,
+                   evaluate_episodes: int = 0, seed: int = 12345) -> dict:
+    net = convert(fmt, path, game)
+    card = {
+        "source": "imported", "import": {"format": fmt, "file": str(path), "sha256": file_sha256(path)},
+        "game": game.describe(), "config": None, "env_steps": None,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+    if evaluate_episodes > 0:
+        card["eval"] = evaluate_game(net, game, evaluate_episodes, seed, show_progress=True).to_dict()
+    digest = save_agent(out, net, "teacher", card)
+    score = f", score {card['eval']['mean']:.1f}" if "eval" in card else ""
+    print(f"imported {fmt} teacher for {game.name} from {path}{score} -> {out} (sha256 {digest[:12]})")
+    return card

@@ -1,0 +1,62 @@
+"""Weights & Biases tracking (the only module that imports wandb).
+
+Offline by default: runs are written under `<run dir>/wandb/offline-run-*` with no account and no
+network, and can be uploaded later with `wandb sync <dir>`. `online` needs `wandb login`; `off`
+tracks nothing. Metrics are namespaced `<split>/<suite>/<Game>/<metric>` so that W&B groups a
+panel per game; `env_steps` (or `updates`) is the x-axis.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+WandbMode = Literal["off", "offline", "online"]
+WANDB_MODES = ("off", "offline", "online")
+
+
+class Tracker:
+    def __init__(self, mode: WandbMode, run_dir: Path, name: str, config: dict[str, Any],
+                 job_type: str, step_metric: str = "env_steps", run_id: str | None = None,
+                 group: str | None = None):
+        self.mode = mode
+        self.run = None
+        self.step_metric = step_metric
+        if mode == "off":
+            return
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            mode=mode, project=os.environ.get("WANDB_PROJECT", "multitask"), name=name,
+            group=group, job_type=job_type, dir=str(run_dir), config=config, id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
+        self.run.define_metric(step_metric)
+        self.run.define_metric("*", step_metric=step_metric)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    @property
+    def run_path(self) -> str | None:
+        """Folder of the local run files (offline mode: what `wandb sync` uploads)."""
+        return str(Path(self.run.dir).parent) if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], step_value: int) -> None:
+        if self.run is not None:
+            self.run.log({**metrics, self.step_metric: step_value})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
