@@ -49,8 +49,8 @@ def game_spec(game: str) -> GameSpec:
     import ale_py
 
     rom = _rom_ids()[game]
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner on every start
     ale = ale_py.ALEInterface()
-    ale.setLoggerMode(ale_py.LoggerMode.Error)
     ale.loadROM(ale_py.roms.get_rom_path(rom))
     meanings = tuple(a.name for a in ale.getMinimalActionSet())
     preprocessing = {
