@@ -1,0 +1,84 @@
+"""Bad input gets one clear sentence and a non-zero exit; configs load, override and round-trip."""
+
+import pytest
+import torch
+
+from multitask import config as configlib
+from multitask.errors import UserError
+from multitask.teacher import TeacherConfig, load_config
+
+
+def test_unknown_game_exits_2_and_lists_known_games(run_cli, tmp_path):
+    code, out, err = run_cli("teacher", "train", "minatar/Pacman", "--out", tmp_path / "x.pt")
+    assert code == 2
+    assert "unknown game 'minatar/Pacman'" in err and "minatar/SpaceInvaders" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unknown_config_key_is_named(run_cli, tmp_path):
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "learning_rate=3", "--out", tmp_path / "x.pt")
+    assert code == 2 and "unknown config key 'learning_rate'" in err
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "dqn.momentum=3", "--out", tmp_path / "x.pt")
+    assert code == 2 and "unknown config key 'dqn.momentum'" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("total_steps = 10\nwarmup = 3\n")
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "--config", bad, "--out", tmp_path / "x.pt")
+    assert code == 2 and "unknown config key 'warmup'" in err and str(bad) in err
+
+
+def test_ill_typed_values_are_refused(run_cli, tmp_path):
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "total_steps=many", "--out", tmp_path / "x.pt")
+    assert code == 2 and "'total_steps'" in err and "int" in err
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "num_envs=0", "--out", tmp_path / "x.pt")
+    assert code == 2 and "num_envs" in err
+
+
+def test_evaluate_missing_corrupt_and_foreign_checkpoints(run_cli, tmp_path):
+    code, _, err = run_cli("evaluate", tmp_path / "missing.pt")
+    assert code == 2 and "does not exist" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 broken zip")
+    code, _, err = run_cli("evaluate", corrupt)
+    assert code == 2 and "corrupt" in err and "Traceback" not in err
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": torch.zeros(1)}, foreign)
+    code, _, err = run_cli("evaluate", foreign)
+    assert code == 2 and "not a multitask agent checkpoint" in err
+
+
+def test_import_rejects_non_atari_games_and_unwritable_outputs(run_cli, tmp_path):
+    f = tmp_path / "m.cleanrl_model"
+    f.write_bytes(b"x")
+    code, _, err = run_cli("teacher", "import", "cleanrl", f, "--game", "minatar/Breakout")
+    assert code == 2 and "not an Atari game" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli("teacher", "import", "cleanrl", f, "--game", "atari/Pong", "--out", blocker / "x.pt")
+    assert code == 2 and "cannot write" in err
+
+
+def test_layering_defaults_toml_overrides(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text("total_steps = 1_000\n[dqn]\nlr = 0.5\n")
+    cfg = configlib.load(TeacherConfig, toml, ["dqn.batch_size=7", "seed=4"])
+    assert cfg.total_steps == 1000 and cfg.dqn.lr == 0.5 and cfg.dqn.batch_size == 7 and cfg.seed == 4
+    assert cfg.dqn.gamma == 0.99  # untouched default
+    again = configlib.load(TeacherConfig, None, [], data=configlib.read_toml(_write(tmp_path, configlib.to_toml(cfg))))
+    assert again == cfg
+
+
+def test_suite_presets_load_and_differ():
+    atari, minatar = load_config("atari", None, []), load_config("minatar", None, [])
+    assert atari.replay_capacity == 1_000_000 and minatar.replay_capacity == 100_000
+    assert atari.dqn.reward_clip and not minatar.dqn.reward_clip
+
+
+def test_bad_literal_and_bool():
+    with pytest.raises(UserError, match="must be bool"):
+        configlib.load(TeacherConfig, None, ["keep_best=maybe"])
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "round.toml"
+    p.write_text(text)
+    return p

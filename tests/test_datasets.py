@@ -1,0 +1,235 @@
+"""Teacher datasets on real emulators and real HDF5 files: lossless, exact, crash-safe, checked."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from multitask.checkpoints import load_agent, save_agent
+from multitask.envs import get_game
+from multitask.errors import UserError
+from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.recorder import build_dataset, check_teacher_outputs
+from multitask.storage import DatasetReader, parts_dir, verify_invariants
+
+
+def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None) -> Path:
+    """A real (randomly initialised) teacher checkpoint; what it plays like does not matter here."""
+    torch.manual_seed(seed)
+    spec = teacher_network_spec(get_game(game))
+    if actions is not None:
+        spec = spec.__class__(spec.trunk, spec.games, (actions,))
+    net = MultiHeadNet(spec)
+    if nan:
+        with torch.no_grad():
+            net.heads[0].bias.fill_(float("nan"))
+    save_agent(path, net, "teacher", {"source": "test"})
+    return path
+
+
+@pytest.mark.parametrize("game,steps,envs", [("minatar/Breakout", 1500, 4), ("atari/Breakout", 1500, 3)])
+def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, steps, envs):
+    """Every stored step, episode starts included, rebuilds exactly what the teacher saw."""
+    teacher = make_teacher(tmp_path / "t.pt", game)
+    seen = {}
+
+    def observe(obs, env_seed, env_episode, t):
+        for i in range(len(obs)):
+            seen[(int(env_seed[i]), int(env_episode[i]), int(t[i]))] = obs[i].copy()
+
+    out = tmp_path / "d.h5"
+    build_dataset(game, teacher, steps, out, epsilon=0.5, num_envs=envs, flush_steps=200,
+                  show_progress=False, observe=observe)
+    with DatasetReader(out) as d:
+        assert len(d) == steps and d.info.status == "complete"
+        assert verify_invariants(d) == []
+        e = d.episodes
+        assert e["complete"].sum() >= 2  # real episode boundaries are exercised
+        for ep in range(d.info.num_episodes):
+            idx = np.arange(e["first_step"][ep], e["first_step"][ep] + e["length"][ep])
+            batch = d.batch(idx)
+            for t, i in enumerate(idx):
+                expected = seen[(int(e["env_seed"][ep]), int(e["env_episode"][ep]), t)]
+                assert np.array_equal(batch.obs[t], expected), (ep, t)
+                nxt = seen.get((int(e["env_seed"][ep]), int(e["env_episode"][ep]), t + 1))
+                if nxt is not None:  # the final observation is never acted on, so never seen
+                    assert np.array_equal(batch.next_obs[t], nxt), (ep, t)
+        assert check_teacher_outputs(d, load_agent(teacher)) == []
+
+
+def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Asterix")
+    out = tmp_path / "a.h5"
+    build_dataset("minatar/Asterix", teacher, 1001, out, num_envs=7, seed=5, show_progress=False)
+    with h5py.File(out) as f:  # plain h5py users see a normal, self-describing file
+        assert f.attrs["schema"] == "multitask-teacher-dataset" and f.attrs["schema_version"] == 1
+        assert f.attrs["status"] == "complete" and not parts_dir(out).exists()
+        assert json.loads(f.attrs["action_meanings"]) == list(get_game("minatar/Asterix").action_meanings)
+        assert json.loads(f.attrs["env"])["preprocessing"]["sticky_action_prob"] == 0.1
+        teacher_attr = json.loads(f.attrs["teacher"])
+        assert len(teacher_attr["sha256"]) == 64 and f.attrs["teacher_output_kind"] == "q_values"
+        assert f["steps/teacher_outputs"].shape == (1001, 5) and f["steps/teacher_outputs"].dtype == np.float32
+        assert f["frames"].compression == "gzip"
+    with DatasetReader(out) as d:
+        e = d.episodes
+        assert int(e["length"].sum()) == 1001
+        assert (~e["complete"]).sum() >= 1 and e["truncated"][~e["complete"]].all()
+        assert np.allclose(e["epsilon"], 0.05)
+        # raw outputs, not probabilities
+        q = d.steps["teacher_outputs"]
+        assert not np.allclose(q.sum(axis=1), 1.0)
+        single = d[17]
+        assert np.array_equal(single.obs, d.obs([17])[0]) and single.action == d.steps["action"][17]
+
+
+def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    out = tmp_path / "b.h5"
+    args = ["dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 300, "--out", out, "--no-progress"]
+    assert run_cli(*args)[0] == 0
+    code, _, err = run_cli(*args)
+    assert code == 2 and "already exists" in err and "--resume" in err
+    code, _, err = run_cli(*args, "--overwrite", "--seed", 3)
+    assert code == 0
+    code, out_text, _ = run_cli("dataset", "info", out, "--json")
+    info = json.loads(out_text)
+    assert info["steps"] == 300 and info["bytes_per_step"] > 0 and info["control"][0]["kind"] == "teacher"
+
+
+def test_resume_continues_to_exactly_n(tmp_path):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    out = tmp_path / "b.h5"
+    build_dataset("minatar/Breakout", teacher, 400, out, num_envs=4, show_progress=False)
+    with DatasetReader(out) as d:
+        first = d.batch(np.arange(400))
+    build_dataset("minatar/Breakout", teacher, 1000, out, num_envs=4, resume=True, show_progress=False)
+    with DatasetReader(out) as d:
+        assert len(d) == 1000 and verify_invariants(d) == []
+        again = d.batch(np.arange(400))
+        assert all(np.array_equal(a, b) for a, b in zip(first[1:], again[1:]))  # old steps untouched
+        builds = json.loads(d.info.attrs["builds"])
+        assert len(builds) == 2 and builds[1]["env_seeds"][0] != builds[0]["env_seeds"][0]
+
+
+def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
+    """SIGKILL a real build at random instants; each time the file must open with plain h5py,
+    verify, and still hold every episode it held before; --resume then finishes at exactly N."""
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/SpaceInvaders")
+    out = tmp_path / "s.h5"
+    n = 40_000
+    base = [sys.executable, "-m", "multitask", "dataset", "build", "minatar/SpaceInvaders", "--teacher",
+            str(teacher), "--steps", str(n), "--out", str(out), "--num-envs", "8", "--flush-steps", "300",
+            "--no-progress"]
+    rng = random.Random(1234)
+    known: dict[tuple, int] = {}  # (env_seed, env_episode) -> length, of every episode seen so far
+    kills = 0
+    for attempt in range(6):
+        cmd = base + (["--resume"] if out.exists() else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 6.0))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if not out.exists():
+            continue  # killed before the (empty) dataset was created: nothing left behind
+        with h5py.File(out, "r") as f:
+            assert f.attrs["schema"] == "multitask-teacher-dataset"
+        with DatasetReader(out) as d:
+            assert verify_invariants(d) == [], f"after kill {kills}"
+            have = {(int(s), int(k)): int(L) for s, k, L in
+                    zip(d.episodes["env_seed"], d.episodes["env_episode"], d.episodes["length"])}
+        assert all(have.get(key) == L for key, L in known.items()), "an episode flushed earlier was lost"
+        known = have
+    assert kills >= 3
+    done = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with DatasetReader(out) as d:
+        assert len(d) == n and d.info.status == "complete" and verify_invariants(d) == []
+        have = {(int(s), int(k)): int(L) for s, k, L in
+                zip(d.episodes["env_seed"], d.episodes["env_episode"], d.episodes["length"])}
+        assert all(have.get(key) == L for key, L in known.items())
+    assert not parts_dir(out).exists()
+
+
+def test_teacher_for_another_game_or_action_count_is_refused(tmp_path, run_cli):
+    other = make_teacher(tmp_path / "asterix.pt", "minatar/Asterix")
+    code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", other, "--steps", 10,
+                           "--out", tmp_path / "x.h5")
+    assert code == 2 and "no head for minatar/Breakout" in err and not (tmp_path / "x.h5").exists()
+    wrong = make_teacher(tmp_path / "wrong.pt", "minatar/Breakout", actions=6)
+    code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", wrong, "--steps", 10,
+                           "--out", tmp_path / "x.h5")
+    assert code == 2 and "6 actions" in err and not (tmp_path / "x.h5").exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, run_cli):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 10,
+                           "--out", blocker / "x.h5")
+    assert code == 2 and "cannot write" in err
+
+
+def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout", nan=True)
+    out = tmp_path / "n.h5"
+    code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,
+                           "--out", out, "--no-progress")
+    assert code == 2 and "NaN or infinite" in err
+    assert not out.exists() and not parts_dir(out).exists()
+
+
+def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    good = tmp_path / "good.h5"
+    build_dataset("minatar/Breakout", teacher, 300, good, num_envs=4, show_progress=False)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5" * 100)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    old = tmp_path / "old.h5"
+    old.write_bytes(good.read_bytes())
+    with h5py.File(old, "a") as f:
+        f.attrs["schema_version"] = 99
+    for path, message in [(truncated, "corrupt"), (garbage, "corrupt"), (foreign, "not a multitask teacher dataset"),
+                          (old, "schema version 99"), (tmp_path / "missing.h5", "does not exist")]:
+        for cmd in ("info", "verify"):
+            code, _, err = run_cli("dataset", cmd, path)
+            assert code == 2 and message in err and str(path) in err and "Traceback" not in err, (cmd, path, err)
+
+
+def test_verify_catches_tampering(tmp_path, run_cli):
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    path = tmp_path / "v.h5"
+    build_dataset("minatar/Breakout", teacher, 500, path, num_envs=4, show_progress=False)
+    assert run_cli("dataset", "verify", path, "--teacher", teacher)[0] == 0
+    with h5py.File(path, "a") as f:
+        f["steps/reward"][3] = 100.0  # returns no longer match
+    code, _, err = run_cli("dataset", "verify", path)
+    assert code == 2 and "returns differ" in err
+    with h5py.File(path, "a") as f:
+        f["steps/reward"][3] -= 100.0
+        f["steps/teacher_outputs"][10, 1] = np.nan
+    code, _, err = run_cli("dataset", "verify", path)
+    assert code == 2 and "NaN or infinite teacher outputs" in err
+    with h5py.File(path, "a") as f:
+        f["steps/teacher_outputs"][10, 1] = 0.0
+        f["steps/teacher_outputs"][:200] += 1.0  # labels no longer what the teacher says
+    assert run_cli("dataset", "verify", path)[0] == 0  # structure is still fine
+    code, _, err = run_cli("dataset", "verify", path, "--teacher", teacher)
+    assert code == 2 and "differ from the teacher" in err
