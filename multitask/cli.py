@@ -51,6 +51,9 @@ def _config_class(what: str):
     if what == "teacher":
         from multitask.teacher import TeacherConfig
         return TeacherConfig
+    if what == "student":
+        from multitask.student import StudentConfig
+        return StudentConfig
     raise UserError(f"no config named {what}")
 
 
@@ -206,6 +209,19 @@ def cmd_dataset_schema(args: argparse.Namespace) -> None:
     print(schema_markdown())
 
 
+# ---- multitask student ... -------------------------------------------------------------------
+
+def cmd_student_train(args: argparse.Namespace) -> None:
+    from multitask import config as configlib
+    from multitask.student import StudentConfig, train_student
+
+    if args.config is None and not args.overrides:
+        raise UserError("give a config (--config configs/<name>.toml) or at least games=...")
+    cfg = configlib.load(StudentConfig, args.config, args.overrides)
+    train_student(cfg, run_dir=args.run_dir, wandb_mode=args.wandb, restart=args.restart,
+                  show_progress=not args.no_progress)
+
+
 def _check_writable(path: Path) -> None:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -232,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_games)
 
     c = sub.add_parser("config", help="list a config's keys, defaults and their sources")
-    c.add_argument("what", choices=("teacher",))
+    c.add_argument("what", choices=("teacher", "student"))
     c.set_defaults(func=cmd_config)
 
     t = sub.add_parser("teacher", help="train or import DQN teachers").add_subparsers(dest="action", required=True)
@@ -284,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     dv.set_defaults(func=cmd_dataset_verify)
     ds = d.add_parser("schema", help="print the HDF5 schema as Markdown tables")
     ds.set_defaults(func=cmd_dataset_schema)
+
+    st = sub.add_parser("student", help="distil teachers' datasets into one multi-head student").add_subparsers(dest="action", required=True)
+    stt = st.add_parser("train", help="train a student offline on the games' datasets (runs under torchrun too)")
+    stt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. loss=nll size=25%% games=minatar/Breakout)")
+    stt.add_argument("--config", type=Path, help="TOML config, e.g. configs/minatar_multitask.toml")
+    stt.add_argument("--run-dir", type=Path, help="default: runs/student/<run name>")
+    stt.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
+    stt.add_argument("--no-progress", action="store_true")
+    _add_wandb(stt)
+    stt.set_defaults(func=cmd_student_train)
 
     e = sub.add_parser("evaluate", help="score any agent checkpoint with the one evaluation protocol")
     e.add_argument("checkpoint", type=Path)

@@ -115,15 +115,15 @@ class MultiHeadNet(nn.Module):
             raise UserError(f"this network has no head for {game}; its games are "
                             f"{', '.join(self.spec.games)}") from None
 
-    def forward(self, obs: torch.Tensor, game: str | int = 0) -> torch.Tensor:
-        """Outputs (B, |A_game|) for a batch that is all one game."""
-        idx = game if isinstance(game, int) else self.head_index(game)
-        return self.heads[idx](self.trunk(obs))
-
-    def forward_groups(self, obs: torch.Tensor, groups: Sequence[tuple[int, slice]]) -> list[torch.Tensor]:
-        """Mixed batch sorted by game: `groups` lists (head index, rows); one trunk pass for all."""
+    def forward(self, obs: torch.Tensor, game: str | int = 0,
+                groups: Sequence[tuple[int, slice]] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Outputs (B, |A_game|) for a batch that is all one game; or, given `groups` (head index,
+        rows) of a batch grouped by game, one trunk pass and a list of each group's head outputs."""
         features = self.trunk(obs)
-        return [self.heads[h](features[rows]) for h, rows in groups]
+        if groups is not None:
+            return [self.heads[h](features[rows]) for h, rows in groups]
+        idx = game if isinstance(game, int) else self.head_index(game)
+        return self.heads[idx](features)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -71,16 +71,18 @@ ROOT_ATTRS: dict[str, str] = {
     "suite, game, env_id": "the game, e.g. 'atari', 'Breakout', and the emulator's id",
     "env": "JSON: the env spec (frame shape, stack, action meanings, episode cap, full preprocessing)",
     "action_meanings": "JSON list, in head/action-index order",
-    "frame_shape, stack, num_actions": "(C, H, W) of one frame; frames per observation; |A|",
+    "frame_shape, stack, num_actions": "(C, H, W) of one frame; frames per observation; number of legal actions A",
     "teacher": "JSON: path, sha256 and card summary of the teacher that labelled every step",
     "teacher_output_kind": "'q_values' (DQN teachers) or 'logits'",
     "temperature": "'none': outputs are stored raw; distillation losses apply tau on the teacher side",
-    "policies": "JSON list of control policies (kind: teacher | student | mixture, epsilon, identity)",
+    "policies": "JSON list of control policies (kind: teacher, student, mixture or uniform; identity)",
     "target_steps, status": "the build's requested size; 'building' or 'complete'",
     "num_steps, num_episodes, num_frames": "committed sizes",
     "builds": "JSON list, one entry per build/resume: command, seed, env seeds, steps added, time",
     "package_version, created": "writer's multitask version; creation time (UTC, ISO 8601)",
     "compression": "JSON: HDF5 filter and chunk rows per dataset",
+    "layout": "'single' (one self-contained file) or 'parts' (while building: virtual datasets over <file>.parts/)",
+    "parts": "JSON list of part files (layout 'parts' only)",
 }
 CONTROL_KINDS = ("teacher", "student", "mixture", "uniform")
 
@@ -513,6 +515,15 @@ class DatasetReader:
     def __getitem__(self, i: int) -> Batch:
         b = self.batch(np.array([i]))
         return Batch(b.game, *(x[0] for x in b[1:]))
+
+
+def has_teacher_outputs(path: Path) -> bool:
+    """Whether a file has /steps/teacher_outputs (unreadable files answer True: the reader names the problem)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "steps/teacher_outputs" in f
+    except OSError:
+        return True
 
 
 def disk_bytes(path: Path) -> int:

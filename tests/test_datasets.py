@@ -22,7 +22,8 @@ from multitask.recorder import build_dataset, check_teacher_outputs
 from multitask.storage import DatasetReader, parts_dir, verify_invariants
 
 
-def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None) -> Path:
+def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None,
+                 eval_mean: float | None = None) -> Path:
     """A real (randomly initialised) teacher checkpoint; what it plays like does not matter here."""
     torch.manual_seed(seed)
     spec = teacher_network_spec(get_game(game))
@@ -32,7 +33,8 @@ def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, action
     if nan:
         with torch.no_grad():
             net.heads[0].bias.fill_(float("nan"))
-    save_agent(path, net, "teacher", {"source": "test"})
+    card = {"source": "test"} if eval_mean is None else {"source": "test", "eval": {"mean": eval_mean}}
+    save_agent(path, net, "teacher", card)
     return path
 
 

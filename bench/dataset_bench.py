@@ -1,0 +1,168 @@
+"""Dataset recording, size and reading, each against a limit measured in the same run.
+
+Recording: E is the raw vector-env step rate and I the raw teacher inference rate (samples/s),
+each measured alone at the recorder's number of envs / batch size. Both share the CPU, so the
+limit is 1 / (1/E + 1/I) (on a GPU machine, where inference runs elsewhere, it would be min(E, I)).
+The recorder's rate (whole build: acting, bookkeeping, compression, flushes, consolidation) is
+printed as a ratio of that limit (goal >= 0.8).
+
+Size: bytes on disk per step, against raw stacked observations (Atari: 4 x 84 x 84 = 28,224 bytes;
+goal <= 1/40, i.e. <= 706 bytes/step with teacher outputs), on real teacher rollouts.
+
+Reading: random batches of 256 (obs, next obs, teacher outputs, actions...) through the reader from
+disk (chunk cache), beside the same gather from arrays already in memory; plus a sweep of frame
+compression settings (size, full decompression rate, random-batch rate) that backs the defaults.
+
+    python bench/dataset_bench.py [--suite minatar|atari|all] [--steps N] [--teacher PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from multitask.checkpoints import load_teacher, save_agent
+from multitask.envs import get_game, make_vector_env
+from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.recorder import DEFAULT_NUM_ENVS, build_dataset
+from multitask.storage import DatasetReader, disk_bytes
+
+GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
+STEPS = {"minatar": 200_000, "atari": 20_000}
+
+
+def rate(fn, seconds: float, items: int) -> float:
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n * items / (time.perf_counter() - t0)
+
+
+def teacher_for(game_name: str, path: str | None, tmp: Path) -> tuple[Path, str]:
+    suite, name = game_name.split("/")
+    default = Path("teachers") / suite / f"{name}.pt"
+    chosen = Path(path) if path else default
+    if chosen.exists():
+        return chosen, f"teacher {chosen}"
+    torch.manual_seed(0)  # no trained teacher here: a random network still gives real frames
+    net = MultiHeadNet(teacher_network_spec(get_game(game_name)))
+    save_agent(tmp / "random.pt", net, "teacher", {"source": "random init (bench)"})
+    return tmp / "random.pt", "RANDOM-INIT teacher (no trained teacher found; sizes are not representative)"
+
+
+def gather_in_memory(frames, frame_index, q, action, idx, stack):
+    fi = frame_index[idx]
+    rows = np.concatenate([fi, fi + 1])[:, None] + np.arange(1 - stack, 1)
+    f = frames[rows]
+    b, k, c, h, w = f.shape
+    obs = f.reshape(b, k * c, h, w)
+    return obs[: len(idx)], obs[len(idx):], q[idx], action[idx]
+
+
+def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float) -> None:
+    game = get_game(GAMES[suite])
+    n = DEFAULT_NUM_ENVS[suite]
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        tmp = Path(tmp)
+        teacher_path, teacher_note = teacher_for(game.name, teacher_arg, tmp)
+        agent, _ = load_teacher(teacher_path, game)
+        rng = np.random.default_rng(0)
+
+        # E: the vector env alone
+        env = make_vector_env(game, n)
+        obs = env.reset(0)
+        e_rate = rate(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds, n)
+        # I: teacher inference alone, same batch size, real observations
+        x = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs)
+        env.close()
+
+        def infer():
+            with torch.inference_mode():
+                agent.net(x, 0)
+        i_rate = rate(infer, seconds, n)
+        limit = 1.0 / (1.0 / e_rate + 1.0 / i_rate)
+
+        # the recorder, start to finish (including flushes and the final consolidation)
+        out = tmp / "d.h5"
+        t0 = time.perf_counter()
+        res = build_dataset(game.name, teacher_path, steps, out, num_envs=n, show_progress=False)
+        wall = time.perf_counter() - t0
+        rec_rate = res.added_steps / wall
+        size = disk_bytes(out)
+        raw_stacked = int(np.prod(game.obs_shape))
+
+        print(f"\n== {game.name}: {teacher_note}")
+        print(f"recording ({n} envs, batch {n}, torch threads {torch.get_num_threads()}):")
+        print(f"  raw vector env       E = {e_rate:10,.0f} steps/s")
+        print(f"  raw teacher forward  I = {i_rate:10,.0f} samples/s")
+        print(f"  limit 1/(1/E+1/I)      = {limit:10,.0f} steps/s")
+        print(f"  recorder               = {rec_rate:10,.0f} steps/s ({steps:,} steps in {wall:.1f}s, "
+              f"mean return {res.mean_return:.1f}) -> ratio {rec_rate / limit:.2f} (goal >= 0.80)")
+        print(f"size: {size / steps:.1f} bytes/step on disk vs {raw_stacked:,} raw stacked "
+              f"-> 1/{raw_stacked / (size / steps):.0f} of raw (Atari goal: <= 1/40)")
+
+        # reading: random batches of 256
+        with DatasetReader(out) as d:
+            s = d.steps
+            frames = d._frames_ds[:]
+
+            def from_disk():
+                d.batch(rng.integers(0, len(d), 256))
+            disk_cold = rate(from_disk, seconds, 256)
+            mem = rate(lambda: gather_in_memory(frames, s["frame_index"], s["teacher_outputs"], s["action"],
+                                                rng.integers(0, len(d), 256), d.stack), seconds, 256)
+            d.load_frames()
+            loaded = rate(from_disk, seconds, 256)
+        print(f"reading random batches of 256 (obs + next obs + outputs + flags):")
+        print(f"  reader, from disk (LRU chunk cache)  {disk_cold:10,.0f} samples/s  ({disk_cold / mem:.2f} of in-memory)")
+        print(f"  reader, after load_frames()          {loaded:10,.0f} samples/s  ({loaded / mem:.2f} of in-memory)")
+        print(f"  in-memory numpy gather (reference)   {mem:10,.0f} samples/s")
+
+        # compression sweep on the same frames
+        print("frame compression sweep (same frames): bytes/frame, full decode MB/s, random batch samples/s")
+        for label, kw, chunk in [("none", {}, 64), ("lzf", {"compression": "lzf"}, 64),
+                                 ("gzip-1", {"compression": "gzip", "compression_opts": 1}, 64),
+                                 ("gzip-4", {"compression": "gzip", "compression_opts": 4}, 64),
+                                 ("gzip-1 chunk 16", {"compression": "gzip", "compression_opts": 1}, 16),
+                                 ("gzip-1 chunk 256", {"compression": "gzip", "compression_opts": 1}, 256)]:
+            path = tmp / "sweep.h5"
+            with h5py.File(path, "w") as f:
+                ds = f.create_dataset("frames", data=frames, chunks=(chunk, *frames.shape[1:]), **kw)
+            nbytes = path.stat().st_size
+            with h5py.File(path, "r", rdcc_nbytes=0) as f:
+                t0 = time.perf_counter()
+                f["frames"][:]
+                decode = frames.nbytes / (time.perf_counter() - t0) / 1e6
+                ds = f["frames"]
+                fi = rng.integers(3, len(frames) - 1, 256)
+
+                def chunky():
+                    rows = np.unique(np.concatenate([fi - k for k in range(d.stack)] + [fi + 1]))
+                    for c in np.unique(rows // chunk):
+                        ds[c * chunk:(c + 1) * chunk]
+                batch_rate = rate(chunky, min(seconds, 3.0), 256)
+            print(f"  {label:18s} {nbytes / len(frames):8.1f} B/frame  {decode:8.0f} MB/s  {batch_rate:10,.0f} samples/s")
+            path.unlink()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
+    p.add_argument("--steps", type=int, help="steps to record (default: 200,000 MinAtar, 20,000 Atari)")
+    p.add_argument("--teacher", help="teacher checkpoint (default: teachers/<suite>/Breakout.pt)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args()
+    for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
+        bench_suite(suite, args.steps or STEPS[suite], args.teacher if args.suite != "all" else None, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

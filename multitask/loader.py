@@ -1,0 +1,175 @@
+"""Batches of (observation, teacher outputs) across games, prepared in background workers.
+
+Every batch is a pure function of (seed, batch number, rank): a killed run that resumes at batch k
+sees exactly the batches an uninterrupted run would have seen, and data-parallel ranks see
+different data. Games are balanced whatever their dataset sizes:
+- `per_game`: each batch is one game's (Rusu et al. 2016, appendix); every cycle of G batches
+  visits each of the G games once, in a random order;
+- `mixed`: each batch holds B/G samples of every game, grouped by game.
+
+Where a game's frames fit its share of the memory budget they are decompressed into RAM once
+(random access is then a numpy gather, bench/dataset_bench.py: ~20x faster than reading chunks).
+Otherwise the game is read through a *window*: a random set of whole HDF5 chunks that fills its
+budget, sampled from for `window_batches` batches, then replaced (chunk-aware shuffling: every
+chunk read is decompressed once per window instead of once per sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from multitask.framestack import stack_indices
+from multitask.storage import DatasetReader
+
+BatchMode = Literal["per_game", "mixed"]
+
+
+class TrainBatch(NamedTuple):
+    obs: torch.Tensor  # (B, C, H, W) uint8, rows grouped by game, channels zero-padded to `channels`
+    groups: tuple[tuple[int, int, int], ...]  # (game index, first row, end row) per game present
+    teacher: tuple[torch.Tensor, ...]  # per group: (rows, A_game) float32 raw teacher outputs
+    index: int  # batch number k
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    paths: tuple[str, ...]  # one dataset per game, in head order
+    batch_size: int
+    mode: BatchMode
+    seed: int
+    channels: int  # trunk input channels (MinAtar games have 4-10; pad to the maximum)
+    memory_budget: int  # bytes of decompressed frames the loader may hold, all workers together
+    workers: int = 1
+    window_batches: int = 500
+    rank: int = 0
+    world_size: int = 1
+
+
+def batch_rng(seed: int, k: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, k, rank, 0x5EED])
+
+
+def plan(spec: LoaderSpec, k: int, num_games: int) -> list[tuple[int, int]]:
+    """Batch k's (game, rows) pairs: per_game -> one game; mixed -> every game, B/G rows each."""
+    if spec.mode == "per_game":
+        cycle, pos = divmod(k, num_games)
+        order = np.random.default_rng([spec.seed, cycle, 0xC1C1E]).permutation(num_games)
+        return [(int(order[pos]), spec.batch_size)]
+    base, extra = divmod(spec.batch_size, num_games)
+    return [(g, base + (1 if g < extra else 0)) for g in range(num_games) if base + (g < extra) > 0]
+
+
+class GameSource:
+    """One game's steps: sample (obs, teacher outputs) from RAM or from a window of chunks."""
+
+    def __init__(self, path: str, budget: int):
+        self.reader = DatasetReader(Path(path), cache_bytes=0)
+        self.stack = self.reader.stack
+        self.frame_index = self.reader.steps["frame_index"]
+        self.teacher = self.reader.steps["teacher_outputs"]
+        self.n = len(self.reader)
+        ds = self.reader._frames_ds
+        self.chunk = (ds.chunks or (4096,))[0]
+        self.num_chunks = -(-len(ds) // self.chunk)
+        chunk_bytes = self.chunk * int(np.prod(ds.shape[1:]))
+        self.in_memory = self.reader.frames_nbytes <= budget
+        self.window_chunks = max(2, budget // max(1, chunk_bytes))
+        if self.in_memory:
+            self.reader.load_frames()
+            self.frames = self.reader._frames
+            self.reader.close()  # everything is in RAM now
+        self._window_id = None
+
+    def _load_window(self, window_id: int, seed: int, key: int) -> None:
+        rng = np.random.default_rng([seed, key, window_id, 0x3A1D0])
+        chosen = np.sort(rng.choice(self.num_chunks, size=min(self.window_chunks, self.num_chunks), replace=False))
+        ds = self.reader._frames_ds
+        blocks = {int(c): ds[c * self.chunk:(c + 1) * self.chunk] for c in chosen}
+        self._blocks, self._window_id = blocks, window_id
+        first = (self.frame_index - self.stack + 1) // self.chunk
+        last = self.frame_index // self.chunk
+        loaded = np.zeros(self.num_chunks, dtype=bool)
+        loaded[chosen] = True
+        self._eligible = np.flatnonzero(loaded[first] & loaded[last])
+
+    def _window_frames(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((rows.size, *self.reader._frames_ds.shape[1:]), dtype=np.uint8)
+        flat = rows.reshape(-1)
+        cid = flat // self.chunk
+        for c in np.unique(cid):
+            sel = cid == c
+            out[sel] = self._blocks[int(c)][flat[sel] - c * self.chunk]
+        return out.reshape(*rows.shape, *out.shape[1:])
+
+    def sample(self, rng: np.random.Generator, n: int, window: tuple[int, int, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """n random steps -> stacked obs (n, k*C, H, W) uint8 and teacher outputs (n, A)."""
+        if self.in_memory:
+            idx = rng.integers(0, self.n, n)
+            frames = self.frames[stack_indices(self.frame_index[idx], self.stack)]
+        else:
+            window_id, seed, key = window
+            if window_id != self._window_id:
+                self._load_window(window_id, seed, key)
+            pool = self._eligible if len(self._eligible) else np.arange(self.n)
+            idx = pool[rng.integers(0, len(pool), n)]
+            frames = self._window_frames(stack_indices(self.frame_index[idx], self.stack))
+        b, k, c, h, w = frames.shape
+        return frames.reshape(b, k * c, h, w), self.teacher[idx]
+
+
+class DistillationStream(IterableDataset):
+    """Yields TrainBatch k = start, start+1, ...; worker w of W makes batches k = w (mod W)."""
+
+    def __init__(self, spec: LoaderSpec, start: int = 0, stop: int | None = None):
+        super().__init__()
+        self.spec, self.start, self.stop = spec, start, stop
+        self.sources: list[GameSource] | None = None
+
+    def _open(self, workers: int) -> list[GameSource]:
+        budget = self.spec.memory_budget // max(1, workers) // len(self.spec.paths)
+        return [GameSource(p, budget) for p in self.spec.paths]
+
+    def make_batch(self, k: int, sources: Sequence[GameSource], worker_batch: int) -> TrainBatch:
+        spec = self.spec
+        rng = batch_rng(spec.seed, k, spec.rank)
+        obs_parts, groups, teacher, row = [], [], [], 0
+        for g, n in plan(spec, k, len(sources)):
+            window = (worker_batch // spec.window_batches, spec.seed, g * 1000 + spec.rank)
+            obs, q = sources[g].sample(rng, n, window)
+            if obs.shape[1] < spec.channels:  # zero channels for games with fewer (shared trunk)
+                obs = np.concatenate([obs, np.zeros((n, spec.channels - obs.shape[1], *obs.shape[2:]), np.uint8)], 1)
+            obs_parts.append(obs)
+            teacher.append(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)))
+            groups.append((g, row, row + n))
+            row += n
+        obs = obs_parts[0] if len(obs_parts) == 1 else np.concatenate(obs_parts)
+        return TrainBatch(torch.from_numpy(obs), tuple(groups), tuple(teacher), k)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        sources = self._open(W)
+        k = self.start + w
+        j = 0
+        while self.stop is None or k < self.stop:
+            yield self.make_batch(k, sources, j)
+            k += W
+            j += 1
+
+
+def make_loader(spec: LoaderSpec, start: int = 0, stop: int | None = None) -> Iterator[TrainBatch]:
+    """Batches start, start+1, ... in order; prepared by `spec.workers` background processes."""
+    stream = DistillationStream(spec, start, stop)
+    if spec.workers <= 0:
+        return iter(stream)
+    loader = DataLoader(stream, batch_size=None, num_workers=spec.workers, prefetch_factor=4,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                        multiprocessing_context="fork")
+    return iter(loader)

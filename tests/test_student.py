@@ -1,0 +1,194 @@
+"""Offline distillation end to end on real datasets: loader, student, resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from multitask import config as configlib
+from multitask.checkpoints import load_agent
+from multitask.errors import UserError
+from multitask.loader import LoaderSpec, make_loader, plan
+from multitask.recorder import build_dataset
+from multitask.storage import DatasetReader
+from multitask.student import StudentConfig, pct_of_teacher, student_network, train_student
+from multitask.envs import get_game
+
+from test_datasets import make_teacher
+
+GAMES = ("minatar/Breakout", "minatar/Freeway")  # 4 and 7 channels: the trunk pads to 7
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("student")
+    paths, teachers = [], []
+    for i, game in enumerate(GAMES):
+        teacher = make_teacher(tmp / f"{game.split('/')[1]}.pt", game, seed=i, eval_mean=2.0)
+        out = tmp / f"{game.split('/')[1]}.h5"
+        build_dataset(game, teacher, 3000 + 1000 * i, out, num_envs=8, show_progress=False)
+        paths.append(str(out))
+        teachers.append(str(teacher))
+    return tmp, paths, teachers
+
+
+def config(data, **over) -> StudentConfig:
+    tmp, paths, teachers = data
+    base = dict(games=GAMES, datasets=tuple(paths), teachers=tuple(teachers), updates=60, batch_size=32,
+                eval_every=30, eval_episodes=2, final_eval_episodes=2, checkpoint_every=20, log_every=10,
+                loader_workers=0, eval_workers=1, lr=1e-3, optimizer="adam", num_threads=1)
+    base.update(over)
+    return StudentConfig(**base)
+
+
+def test_batches_are_deterministic_balanced_and_exact(data):
+    _, paths, _ = data
+    spec = LoaderSpec(tuple(paths), 16, "per_game", seed=3, channels=7, memory_budget=1 << 30, workers=0)
+    a = [b for _, b in zip(range(8), make_loader(spec))]
+    b = [b for _, b in zip(range(4), make_loader(spec, start=4))]
+    for x, y in zip(a[4:], b):  # batch k does not depend on where iteration started
+        assert x.index == y.index and torch.equal(x.obs, y.obs) and torch.equal(x.teacher[0], y.teacher[0])
+    for cycle in range(4):  # every cycle of 2 batches visits both games once
+        assert sorted(a[2 * cycle + j].groups[0][0] for j in range(2)) == [0, 1]
+    assert all(x.obs.shape == (16, 7, 10, 10) and x.obs.dtype == torch.uint8 for x in a)
+    mixed = next(make_loader(LoaderSpec(tuple(paths), 17, "mixed", 3, 7, 1 << 30, workers=0)))
+    assert [(g, e - s) for g, s, e in mixed.groups] == [(0, 9), (1, 8)]
+    assert plan(LoaderSpec(tuple(paths), 17, "mixed", 3, 7, 1), 0, 2) == [(0, 9), (1, 8)]
+
+
+def test_worker_processes_and_chunk_windows_give_the_same_kind_of_data(data):
+    """Under a tiny memory budget the loader reads windows of chunks; every row it returns is a
+    real (observation, teacher output) pair of the dataset."""
+    _, paths, _ = data
+    with DatasetReader(paths[1]) as d:  # Freeway
+        real = {d.obs([i])[0].tobytes(): d.steps["teacher_outputs"][i] for i in range(len(d))}
+        frames_bytes = d.frames_nbytes
+    spec = LoaderSpec((paths[1],), 64, "per_game", seed=0, channels=7, memory_budget=frames_bytes // 8,
+                      workers=2, window_batches=3)
+    seen = 0
+    for _, batch in zip(range(12), make_loader(spec)):
+        for row in range(len(batch.obs)):
+            q = real.get(batch.obs[row].numpy().tobytes())
+            assert q is not None and np.array_equal(q, batch.teacher[0][row].numpy())
+            seen += 1
+    assert seen == 12 * 64
+
+
+def test_student_trains_writes_checkpoints_summary_and_wandb(data):
+    tmp, _, _ = data
+    run = tmp / "run-mt"
+    summary = train_student(config(data, batch_mode="mixed", size="multitask"), run, wandb_mode="offline",
+                            show_progress=False)
+    assert set(summary["scores"]) == set(GAMES) and summary["geomean_pct_teacher"] is not None
+    assert summary["parameters"]["fraction_of_mean_teacher"] == pytest.approx(4.0, rel=0.05)
+    for name in ("best.pt", "last.pt"):
+        agent = load_agent(run / name)
+        assert agent.kind == "student" and agent.net.games == GAMES
+        assert agent.net.spec.trunk.extra_fc == 1 and agent.net.spec.trunk.in_channels == 7
+    wandb_file = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    for key in (b"eval/minatar/Breakout/score", b"eval/minatar/Freeway/pct_teacher", b"eval/geomean_pct_teacher",
+                b"train/minatar/Freeway/loss", b"train/samples_per_s"):
+        assert key in wandb_file
+    saved = configlib.from_dict(StudentConfig, json.loads((run / "summary.json").read_text())["config"])
+    assert saved.batch_mode == "mixed" and saved.loss == "kl"
+
+
+def test_evaluate_cli_scores_a_student(data, run_cli):
+    tmp, _, _ = data
+    run = tmp / "run-eval"
+    train_student(config(data, updates=20, eval_every=0), run, wandb_mode="off", show_progress=False)
+    code, out, err = run_cli("evaluate", run / "best.pt", "--episodes", 2, "--workers", 1, "--no-progress")
+    assert code == 0, err
+    assert "minatar/Breakout" in out and "minatar/Freeway" in out
+
+
+def test_size_presets_hit_their_parameter_fractions():
+    games = [get_game("minatar/Breakout")]
+    for size, frac in (("100%", 1.0), ("25%", 0.25), ("7%", 0.07), ("4%", 0.04)):
+        spec, counts = student_network(StudentConfig(games=("minatar/Breakout",), size=size), games)
+        assert counts["fraction_of_teacher"] == pytest.approx(frac, rel=0.06), size
+    atari = [get_game("atari/Pong")]
+    spec, counts = student_network(StudentConfig(games=("atari/Pong",), size="7%"), atari)
+    assert counts["fraction_of_teacher"] == pytest.approx(0.07, rel=0.03) and spec.trunk.kind == "nature"
+
+
+def test_pct_of_teacher_and_geomean():
+    pct, geo = pct_of_teacher({"a": 10.0, "b": 40.0}, {"a": 10.0, "b": 20.0})
+    assert pct == {"a": 100.0, "b": 200.0} and geo == pytest.approx(np.sqrt(100 * 200))
+    assert pct_of_teacher({"a": 1.0}, {"a": None})[1] is None
+
+
+def _train_cmd(data, run, updates):
+    _, paths, teachers = data
+    return [sys.executable, "-m", "multitask", "student", "train", f"games={','.join(GAMES)}",
+            f"datasets={','.join(paths)}", f"teachers={','.join(teachers)}", f"updates={updates}",
+            "batch_size=32", "eval_every=0", "eval_episodes=1", "final_eval_episodes=1", "checkpoint_every=25",
+            "log_every=25", "loader_workers=1", "eval_workers=1", "num_threads=1", "optimizer=adam", "lr=1e-3",
+            "--run-dir", str(run), "--wandb", "off", "--no-progress"]
+
+
+def test_killed_run_resumes_to_the_same_weights(data):
+    tmp, _, _ = data
+    straight = subprocess.run(_train_cmd(data, tmp / "straight", 150), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(_train_cmd(data, tmp / "killed", 150), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp / "killed" / "state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp / "killed" / "last.pt").exists()
+    resumed = subprocess.run(_train_cmd(data, tmp / "killed", 150), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    a = load_agent(tmp / "straight" / "last.pt").net.state_dict()
+    b = load_agent(tmp / "killed" / "last.pt").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_cpu_processes_keep_identical_replicas(data):
+    tmp, _, _ = data
+    run = tmp / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m"] + _train_cmd(data, run, 40)[2:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(summary["replica_checksums"]) == 2
+    assert summary["replicas_identical"]
+    single = load_agent(run / "last.pt").net
+    assert all(torch.isfinite(p).all() for p in single.parameters())
+
+
+def test_bad_inputs(data, run_cli, tmp_path):
+    _, paths, teachers = data
+    code, _, err = run_cli("student", "train", "games=minatar/Breakout,atari/Pong", "--wandb", "off")
+    assert code == 2 and "different suites" in err
+    code, _, err = run_cli("student", "train", "games=minatar/Asterix", f"datasets={tmp_path / 'none.h5'}")
+    assert code == 2 and "no dataset for minatar/Asterix" in err
+    code, _, err = run_cli("student", "train", "games=minatar/Breakout", "temperature=0.1")
+    assert code == 2 and "unknown config key 'temperature'" in err
+    stripped = tmp_path / "no_outputs.h5"
+    stripped.write_bytes(Path(paths[0]).read_bytes())
+    with h5py.File(stripped, "a") as f:
+        del f["steps/teacher_outputs"]
+    code, _, err = run_cli("student", "train", "games=minatar/Breakout", f"datasets={stripped}")
+    assert code == 2 and "no teacher outputs" in err
+    code, _, err = run_cli("student", "train", "games=minatar/Breakout", f"datasets={paths[1]}")
+    assert code == 2 and "holds minatar/Freeway" in err
+
+
+def test_resume_with_another_architecture_is_refused(data, tmp_path):
+    run = tmp_path / "arch"
+    train_student(config(data, updates=20, eval_every=0), run, wandb_mode="off", show_progress=False)
+    with pytest.raises(UserError, match="another architecture"):
+        train_student(config(data, updates=40, eval_every=0, size="25%"), run, wandb_mode="off", show_progress=False)
