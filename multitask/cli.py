@@ -222,6 +222,25 @@ def cmd_student_train(args: argparse.Namespace) -> None:
                   show_progress=not args.no_progress)
 
 
+def cmd_student_sweep(args: argparse.Namespace) -> None:
+    from multitask.sweep import run_sweep
+
+    run_sweep(args.sweep, args.overrides, args.wandb, show_progress=not args.no_progress)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from multitask.report import load_summary, run_table
+
+    for path in args.summaries:
+        if not Path(path).is_file():
+            raise UserError(f"{path} does not exist; pass a run's summary.json")
+        try:
+            summary = load_summary(path)
+            print(f"{summary['run']}:\n{run_table(summary)}\n")
+        except (ValueError, KeyError):
+            raise UserError(f"{path} is not a student run summary (summary.json)") from None
+
+
 def _check_writable(path: Path) -> None:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -281,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--out", type=Path, help="output file (default: datasets/<suite>/<Game>.h5)")
     db.add_argument("--seed", type=int, default=0, help="env streams are seeded seed + i (+7919 per resume)")
     db.add_argument("--num-envs", type=int, help="parallel envs (default: 8 Atari, 32 MinAtar)")
-    db.add_argument("--resume", action="store_true", help="continue an existing dataset up to --steps")
+    db.add_argument("--resume", action="store_true", help="continue the dataset at --out up to --steps (starts one if there is none)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     db.add_argument("--workers", type=int, default=2, help="processes for --games (default 2)")
     db.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="frame compression (default gzip)")
@@ -310,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--no-progress", action="store_true")
     _add_wandb(stt)
     stt.set_defaults(func=cmd_student_train)
+
+    sts = st.add_parser("sweep", help="a grid of single-game students (losses or sizes) and its table")
+    sts.add_argument("sweep", type=Path, help="sweep TOML, e.g. configs/sweeps/minatar_losses.toml")
+    sts.add_argument("overrides", nargs="*", help="sweep overrides key=value (e.g. seeds=0,1)")
+    sts.add_argument("--no-progress", action="store_true")
+    _add_wandb(sts)
+    sts.set_defaults(func=cmd_student_sweep)
+
+    r = sub.add_parser("report", help="per-game table (teacher, student, % of teacher, geometric mean) of student runs")
+    r.add_argument("summaries", nargs="+", type=Path, help="runs/student/<run>/summary.json")
+    r.set_defaults(func=cmd_report)
 
     e = sub.add_parser("evaluate", help="score any agent checkpoint with the one evaluation protocol")
     e.add_argument("checkpoint", type=Path)

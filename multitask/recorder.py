@@ -88,9 +88,7 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
     """All checks that must pass before anything is written."""
     if resume and overwrite:
         raise UserError("pass either --resume or --overwrite, not both")
-    if resume:
-        if not Path(out).exists():
-            raise UserError(f"cannot resume {out}: it does not exist; build it without --resume")
+    if resume and Path(out).exists():
         with _open_h5(out) as f:
             _check_schema(f, out)
             if f"{f.attrs['suite']}/{f.attrs['game']}" != game.name:
@@ -99,7 +97,7 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
             if sha != teacher.sha256:
                 raise UserError(f"cannot resume {out} with a different teacher (sha256 {teacher.sha256[:12]} "
                                 f"vs {sha[:12]}); use the teacher it was built with, or --overwrite")
-    elif dataset_exists(out) and not overwrite:
+    elif not resume and dataset_exists(out) and not overwrite:
         raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +144,7 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
     _check_output(out, game, teacher, resume, overwrite)
     if overwrite:
         remove_dataset(out)
+    resume = resume and out.exists()  # --resume with nothing to resume starts a new dataset
     created_here = not resume
     if resume:
         writer = DatasetWriter.resume(out)

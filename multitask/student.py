@@ -36,13 +36,13 @@ from multitask.losses import LossName, distillation_loss
 from multitask.networks import (MultiHeadNet, NetworkSpec, TrunkSpec, count_parameters, parameter_count,
                                 teacher_network_spec, width_for_fraction)
 from multitask.progress import Progress
+from multitask.report import pct_of_teacher, run_table
 from multitask.storage import DatasetReader, has_teacher_outputs
 from multitask.tracking import Tracker, WandbMode
 
 SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
 SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}
 MULTITASK_FACTOR = 4.0  # Rusu et al. 2016: the multi-task student had ~4x a teacher's parameters
-GEOMEAN_FLOOR = 0.1  # percent: a zero score would zero the geometric mean; floor it and say so
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,6 @@ def teacher_scores(teachers: list[Path], games: list[GameSpec]) -> dict[str, flo
         card = load_agent(path).card
         scores[g.name] = (card.get("eval") or {}).get("mean")
     return scores
-
-
-def pct_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict, float | None]:
-    """100 * student / teacher per game and the geometric mean (floored at GEOMEAN_FLOOR %)."""
-    pct = {g: 100.0 * s / teacher[g] for g, s in scores.items() if teacher.get(g)}
-    if len(pct) < len(scores):
-        return pct, None
-    geomean = float(np.exp(np.mean(np.log(np.maximum(list(pct.values()), GEOMEAN_FLOOR)))))
-    return pct, geomean
 
 
 # ---- distributed --------------------------------------------------------------------------
@@ -379,6 +370,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
             "replicas_identical": len(set(checksums)) == 1,
         }
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / "table.md", run_table(summary) + "\n")
         log({f"final/{k}": v for k, v in eval_metrics(
             {g: {"mean": s} for g, s in final_scores.items()}, final_pct, final_geomean).items()}, update)
         tracker.summary({"geomean_pct_teacher": final_geomean, "best_update": best["update"]})
@@ -388,7 +380,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
                           + (f" ({final_pct[g]:.0f}%)" if g in final_pct else "") for g in spec.games)
         geo = f"; geometric mean {final_geomean:.0f}% of teachers" if final_geomean is not None else ""
         print(f"student {cfg.run_name}: {table}{geo}; best update {best['update']:,}, "
-              f"{wall_time() / 60:.1f} min -> {run_dir}")
+              f"{wall_time() / 60:.1f} min -> {run_dir} (table.md, summary.json)")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

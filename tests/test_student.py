@@ -19,7 +19,8 @@ from multitask.errors import UserError
 from multitask.loader import LoaderSpec, make_loader, plan
 from multitask.recorder import build_dataset
 from multitask.storage import DatasetReader
-from multitask.student import StudentConfig, pct_of_teacher, student_network, train_student
+from multitask.report import pct_of_teacher
+from multitask.student import StudentConfig, student_network, train_student
 from multitask.envs import get_game
 
 from test_datasets import make_teacher
@@ -192,3 +193,31 @@ def test_resume_with_another_architecture_is_refused(data, tmp_path):
     train_student(config(data, updates=20, eval_every=0), run, wandb_mode="off", show_progress=False)
     with pytest.raises(UserError, match="another architecture"):
         train_student(config(data, updates=40, eval_every=0, size="25%"), run, wandb_mode="off", show_progress=False)
+
+
+def test_sweep_runs_the_grid_and_writes_its_table(data, tmp_path, monkeypatch, run_cli):
+    _, paths, teachers = data
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.toml"
+    base.write_text("updates = 15\nbatch_size = 16\neval_every = 0\neval_episodes = 1\nfinal_eval_episodes = 2\n"
+                    "loader_workers = 0\neval_workers = 1\noptimizer = 'adam'\nlr = 1e-3\nnum_threads = 1\n")
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f"name = 'tiny'\nbase = '{base}'\ngames = {json.dumps(list(GAMES))}\n"
+                     f"losses = ['kl', 'mse']\n")
+    # per-game dataset and teacher paths go in as overrides (one game per run)
+    for game, path, teacher in zip(GAMES, paths, teachers):
+        target = tmp_path / "datasets" / "minatar" / f"{game.split('/')[1]}.h5"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+        t = tmp_path / "teachers" / "minatar" / f"{game.split('/')[1]}.pt"
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.symlink_to(teacher)
+    code, out, err = run_cli("student", "sweep", sweep, "--wandb", "off", "--no-progress")
+    assert code == 0, err
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| minatar/Breakout | 2.00 |" in table and "| minatar/Freeway | 2.00 |" in table
+    assert "kl: score (% of teacher)" in table and "mse: score (% of teacher)" in table
+    assert "geometric mean" in table
+    assert len(json.loads((tmp_path / "results" / "tiny.json").read_text())) == 4
+    code, _, err = run_cli("student", "sweep", sweep, "--wandb", "off", "--no-progress")  # all done: skipped
+    assert code == 0 and err.count("(done)") == 4

@@ -1,0 +1,68 @@
+"""`multitask student sweep`: a grid of single-game students and its results table.
+
+A sweep is one TOML file (configs/sweeps/*.toml): a base student config, the games (one
+single-game student each), and the losses, sizes and seeds to cross. Finished runs (with a
+summary.json) are skipped, so a killed sweep continues where it stopped; unfinished runs resume
+from their checkpoints. The table goes to results/<name>.md and the raw summaries to
+results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from multitask import config as configlib
+from multitask.checkpoints import atomic_write_text
+from multitask.config import option
+from multitask.errors import UserError
+from multitask.losses import LossName
+from multitask.report import sweep_table
+from multitask.student import SizePreset, StudentConfig, train_student
+from multitask.tracking import WandbMode
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str = option("", "sweep name: runs go to runs/student/<name>/, the table to results/<name>.md")
+    base: str = option("", "base student config (TOML) that every run starts from")
+    games: tuple[str, ...] = option((), "one single-game student per game")
+    losses: tuple[LossName, ...] = option(("kl",), "losses to compare")
+    sizes: tuple[SizePreset, ...] = option(("100%",), "student sizes to compare")
+    seeds: tuple[int, ...] = option((0,), "seeds per cell (the table averages them)")
+    overrides: tuple[str, ...] = option((), "key=value applied to every run after the base config")
+
+    def __post_init__(self):
+        if not self.name or not self.base or not self.games:
+            raise ValueError("a sweep needs name, base and games")
+        if len(self.losses) > 1 and len(self.sizes) > 1:
+            raise ValueError("vary either losses or sizes in one sweep, so that it makes one table")
+
+
+def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_progress: bool) -> str:
+    sweep = configlib.load(SweepConfig, path, overrides)
+    base = configlib.read_toml(Path(sweep.base))
+    column_key, columns = ("loss", sweep.losses) if len(sweep.losses) > 1 else ("size", sweep.sizes)
+    summaries = []
+    cells = list(itertools.product(sweep.games, sweep.losses, sweep.sizes, sweep.seeds))
+    for i, (game, loss, size, seed) in enumerate(cells):
+        cfg = configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}",
+                                                   f"seed={seed}", *sweep.overrides], data=base)
+        run_dir = Path("runs") / "student" / sweep.name / cfg.run_name
+        done = run_dir / "summary.json"
+        print(f"[{i + 1}/{len(cells)}] {cfg.run_name}" + (" (done)" if done.exists() else ""), file=sys.stderr)
+        if not done.exists():
+            train_student(cfg, run_dir, wandb_mode=wandb_mode, show_progress=show_progress)
+        summaries.append(json.loads(done.read_text()))
+    if not summaries:
+        raise UserError(f"sweep {path} has no runs")
+    table = sweep_table(summaries, column_key, [str(c) for c in columns])
+    out = Path("results") / f"{sweep.name}.md"
+    atomic_write_text(out, f"<!-- made by: multitask student sweep {path} -->\n{table}\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summaries, indent=2) + "\n")
+    print(table)
+    print(f"sweep {sweep.name}: {len(summaries)} runs -> {out}")
+    return table
