@@ -84,6 +84,24 @@ def cmd_teacher_import(args: argparse.Namespace) -> None:
     import_teacher(args.format, args.file, game, out, evaluate_episodes=args.episodes)
 
 
+def cmd_teacher_manifest(args: argparse.Namespace) -> None:
+    from multitask.checkpoints import atomic_write_text
+    from multitask.report import MINATAR_TEACHER_TARGETS, teacher_manifest
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of teacher checkpoints")
+    table = teacher_manifest(folder, MINATAR_TEACHER_TARGETS)
+    header = (f"# Teachers in {folder}\n\nMade by `multitask teacher manifest {folder}` from the cards "
+              f"(`<Game>.json`) written by `multitask teacher train`. Scores: the one evaluation protocol "
+              f"(epsilon 0.05, whole games, raw score), fresh seeds, best periodic snapshot or last weights "
+              f"as the `weights` column says.\n\n")
+    notes = folder / "NOTES.md"
+    extra = "\n\n" + notes.read_text() if notes.exists() else ""
+    atomic_write_text(folder / "MANIFEST.md", header + table + extra + "\n")
+    print(f"wrote {folder / 'MANIFEST.md'}")
+
+
 # ---- multitask evaluate ----------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -340,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="per-game table (teacher, student, % of teacher, geometric mean) of student runs")
     r.add_argument("summaries", nargs="+", type=Path, help="runs/student/<run>/summary.json")
     r.set_defaults(func=cmd_report)
+
+    tm = t.add_parser("manifest", help="write <folder>/MANIFEST.md from the teacher cards")
+    tm.add_argument("folder", nargs="?", default="teachers/minatar")
+    tm.set_defaults(func=cmd_teacher_manifest)
 
     e = sub.add_parser("evaluate", help="score any agent checkpoint with the one evaluation protocol")
     e.add_argument("checkpoint", type=Path)

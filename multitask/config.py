@@ -209,6 +209,17 @@ def to_toml(cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it (`multitask ...`), for provenance."""
+    import sys
+
+    args = sys.argv[1:]
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    if prog in ("multitask", "__main__.py") or prog.startswith("multitask"):
+        return " ".join(["multitask", *args])
+    return " ".join([prog, *args])
+
+
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every field, nested tables flattened with dots."""
     hints = _field_types(cls)

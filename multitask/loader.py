@@ -164,12 +164,32 @@ class DistillationStream(IterableDataset):
             j += 1
 
 
-def make_loader(spec: LoaderSpec, start: int = 0, stop: int | None = None) -> Iterator[TrainBatch]:
+class BatchLoader:
+    """Iterator over TrainBatch k = start, start+1, ...; `close()` stops the background workers."""
+
+    def __init__(self, spec: LoaderSpec, start: int = 0, stop: int | None = None):
+        stream = DistillationStream(spec, start, stop)
+        self._loader = None
+        if spec.workers <= 0:
+            self._it = iter(stream)
+        else:
+            self._loader = DataLoader(stream, batch_size=None, num_workers=spec.workers, prefetch_factor=4,
+                                      pin_memory=torch.cuda.is_available(), multiprocessing_context="fork")
+            self._it = iter(self._loader)
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> TrainBatch:
+        return next(self._it)
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = iter(())
+
+
+def make_loader(spec: LoaderSpec, start: int = 0, stop: int | None = None) -> BatchLoader:
     """Batches start, start+1, ... in order; prepared by `spec.workers` background processes."""
-    stream = DistillationStream(spec, start, stop)
-    if spec.workers <= 0:
-        return iter(stream)
-    loader = DataLoader(stream, batch_size=None, num_workers=spec.workers, prefetch_factor=4,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                        multiprocessing_context="fork")
-    return iter(loader)
+    return BatchLoader(spec, start, stop)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import multitask
+from multitask import config as configlib
 from multitask.checkpoints import Agent, load_teacher
 from multitask.dqn import epsilon_greedy
 from multitask.envs import GameSpec, get_game, make_vector_env
@@ -158,7 +159,7 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
     builds = json.loads(writer.attrs["builds"])
     n = num_envs or DEFAULT_NUM_ENVS[game.suite]
     stream_seed = seed + 7919 * len(builds)  # each build/resume plays fresh, distinct env streams
-    builds.append({"command": " ".join(sys.argv), "seed": seed, "env_seeds": [stream_seed, stream_seed + n - 1],
+    builds.append({"command": configlib.command_line(), "seed": seed, "env_seeds": [stream_seed, stream_seed + n - 1],
                    "epsilon": epsilon, "num_envs": n, "started": now_iso(), "steps_before": writer.num_steps})
 
     try:

@@ -271,7 +271,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
         return {"source": "distilled", "config": cfg_dict, "updates": update, "parameters": counts,
                 "datasets": [str(p) for p in dataset_paths], "teachers": [str(p) for p in teacher_paths],
                 "teacher_scores": teacher_score, "eval": scores, "wall_time_s": round(wall_time(), 1),
-                "command": " ".join(sys.argv), "world_size": world}
+                "command": configlib.command_line(), "world_size": world}
 
     def evaluate(episodes: int, seed: int) -> tuple[dict, dict, float | None]:
         on_cpu = net if device.type == "cpu" else copy.deepcopy(net).cpu()
@@ -338,6 +338,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
             if world > 1:
                 dist.barrier()
     bar.close()
+    loader.close()
 
     # ---- Phase 5: final evaluation, best/last checkpoints, summary --------------------------------
     checksums = [_checksum(net)]

@@ -1,17 +1,22 @@
 """`multitask student sweep`: a grid of single-game students and its results table.
 
 A sweep is one TOML file (configs/sweeps/*.toml): a base student config, the games (one
-single-game student each), and the losses, sizes and seeds to cross. Finished runs (with a
-summary.json) are skipped, so a killed sweep continues where it stopped; unfinished runs resume
-from their checkpoints. The table goes to results/<name>.md and the raw summaries to
-results/<name>.json.
+single-game student each), and the losses, sizes and seeds to cross. Runs live in
+runs/student/<run name>/, so sweeps that share a cell (the KL, 100% student is in both the loss and
+the size sweep) share its run. Finished runs (with a summary.json) are skipped, so a killed sweep
+continues where it stopped; unfinished runs resume from their checkpoints. Several processes may
+work on the same sweeps at once: each claims a run with a lock file (`.lock`, holding its pid; a
+dead holder's lock is taken over), and the table is written once every run has finished. The
+table goes to results/<name>.md and the raw summaries to results/<name>.json.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,19 +51,30 @@ def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_prog
     sweep = configlib.load(SweepConfig, path, overrides)
     base = configlib.read_toml(Path(sweep.base))
     column_key, columns = ("loss", sweep.losses) if len(sweep.losses) > 1 else ("size", sweep.sizes)
-    summaries = []
     cells = list(itertools.product(sweep.games, sweep.losses, sweep.sizes, sweep.seeds))
+    run_dirs = []
     for i, (game, loss, size, seed) in enumerate(cells):
         cfg = configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}",
                                                    f"seed={seed}", *sweep.overrides], data=base)
-        run_dir = Path("runs") / "student" / sweep.name / cfg.run_name
+        run_dir = Path("runs") / "student" / cfg.run_name
+        run_dirs.append(run_dir)
         done = run_dir / "summary.json"
-        print(f"[{i + 1}/{len(cells)}] {cfg.run_name}" + (" (done)" if done.exists() else ""), file=sys.stderr)
-        if not done.exists():
+        if done.exists():
+            print(f"[{i + 1}/{len(cells)}] {cfg.run_name} (done)", file=sys.stderr)
+            continue
+        if not _claim(run_dir):
+            print(f"[{i + 1}/{len(cells)}] {cfg.run_name} (another process is on it)", file=sys.stderr)
+            continue
+        try:
+            print(f"[{i + 1}/{len(cells)}] {cfg.run_name}", file=sys.stderr)
             train_student(cfg, run_dir, wandb_mode=wandb_mode, show_progress=show_progress)
-        summaries.append(json.loads(done.read_text()))
-    if not summaries:
-        raise UserError(f"sweep {path} has no runs")
+        finally:
+            (run_dir / ".lock").unlink(missing_ok=True)
+    while not all((d / "summary.json").exists() for d in run_dirs):  # runs other processes hold
+        if not any(_held_by_live_process(d) for d in run_dirs if not (d / "summary.json").exists()):
+            raise UserError(f"sweep {sweep.name}: some runs neither finished nor are running; run the sweep again")
+        time.sleep(5)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
     table = sweep_table(summaries, column_key, [str(c) for c in columns])
     out = Path("results") / f"{sweep.name}.md"
     atomic_write_text(out, f"<!-- made by: multitask student sweep {path} -->\n{table}\n")
@@ -66,3 +82,35 @@ def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_prog
     print(table)
     print(f"sweep {sweep.name}: {len(summaries)} runs -> {out}")
     return table
+
+
+def _held_by_live_process(run_dir: Path) -> bool:
+    try:
+        pid = int((run_dir / ".lock").read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take the run's lock (O_EXCL create); a lock whose process is gone is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held_by_live_process(run_dir):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False

@@ -230,7 +230,7 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     final = evaluate_game(net, game, cfg.final_eval_episodes, seed=cfg.seed + 999_983, show_progress=show_progress)
     card = {
         "source": "trained", "game": game.describe(), "config": cfg_dict,
-        "command": " ".join(sys.argv), "env_steps": env_steps, "updates": learner.updates,
+        "command": configlib.command_line(), "env_steps": env_steps, "updates": learner.updates,
         "episodes": episodes, "wall_time_s": round(wall_time(), 1), "resumes": resumes,
         "weights": chosen, "parameters": count_parameters(net),
         "eval": final.to_dict(), "learning_curve": history,

@@ -1,0 +1,172 @@
+"""Student training fed from HDF5 vs fed from the same data already in memory, same run.
+
+For MinAtar and Atari sizes it trains the same student (100% of a teacher) with the same batch
+size for the same time, twice:
+  in-memory  all stacked observations and teacher outputs preloaded as torch tensors, batches by
+             indexing them (the limit: no I/O, no decompression, no stacking);
+  HDF5       the project's loader (`multitask.loader`) reading the dataset file, batches prepared in
+             a background worker process;
+and prints samples/s of both and their ratio (goal >= 0.9). Then it runs the loader with a memory
+budget of a quarter of the dataset's frames (chunk windows) and prints samples/s and the peak
+resident memory of the loader worker against the budget and the dataset size.
+
+    python bench/student_bench.py [--suite minatar|atari|all] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multitask.checkpoints import save_agent
+from multitask.envs import get_game
+from multitask.loader import LoaderSpec, make_loader
+from multitask.losses import kl_loss
+from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.recorder import build_dataset
+from multitask.storage import DatasetReader
+
+SETTINGS = {  # game, dataset steps, batch size
+    "minatar": ("minatar/Breakout", 100_000, 256),
+    "atari": ("atari/Breakout", 20_000, 64),
+}
+
+
+def teacher_path(game_name: str, tmp: Path) -> Path:
+    suite, name = game_name.split("/")
+    trained = Path("teachers") / suite / f"{name}.pt"
+    if trained.exists():
+        return trained
+    torch.manual_seed(0)
+    save_agent(tmp / "t.pt", MultiHeadNet(teacher_network_spec(get_game(game_name))), "teacher", {"source": "bench"})
+    return tmp / "t.pt"
+
+
+def children_private_bytes() -> int:
+    """Private (not shared with the parent) resident memory of this process's children."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                    continue
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class PeakMemory:
+    """Polls children_private_bytes() in a thread; .peak is the largest value seen."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, children_private_bytes())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def train_for(seconds: float, batches, net: MultiHeadNet) -> float:
+    """Samples/s of KL distillation updates drawn from `batches` (an iterator of (obs, q))."""
+    opt = torch.optim.RMSprop(net.parameters(), lr=1e-4)
+
+    def step(obs, q):
+        loss = kl_loss(net(obs, 0), q, 0.01)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):  # warm up (and let loader workers start)
+        step(*next(batches))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        obs, q = next(batches)
+        step(obs, q)
+        n += len(obs)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_suite(suite: str, seconds: float) -> None:
+    game_name, steps, batch = SETTINGS[suite]
+    game = get_game(game_name)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        tmp = Path(tmp)
+        path = tmp / "d.h5"
+        build_dataset(game_name, teacher_path(game_name, tmp), steps, path, show_progress=False)
+        with DatasetReader(path) as d:
+            frames_bytes = d.frames_nbytes
+            all_obs = torch.from_numpy(d.obs(np.arange(len(d))))  # (N, C, H, W) uint8: the in-memory limit
+            all_q = torch.from_numpy(d.steps["teacher_outputs"].copy())
+        rng = np.random.default_rng(0)
+
+        def memory_batches():
+            while True:
+                idx = torch.from_numpy(rng.integers(0, len(all_q), batch))
+                yield all_obs[idx], all_q[idx]
+
+        def loader_batches(budget: int):
+            spec = LoaderSpec((str(path),), batch, "per_game", seed=0, channels=game.obs_shape[0],
+                              memory_budget=budget, workers=1, window_batches=200)
+            it = make_loader(spec)
+            try:
+                for b in it:
+                    yield b.obs, b.teacher[0]
+            finally:
+                it.close()  # stop prefetching before the next measurement
+
+        torch.manual_seed(0)
+        net = MultiHeadNet(teacher_network_spec(game))
+        mem_rate = train_for(seconds, memory_batches(), net)
+        del all_obs
+        with PeakMemory() as full:
+            batches = loader_batches(1 << 34)
+            h5_rate = train_for(seconds, batches, net)
+            batches.close()
+        budget = frames_bytes // 4
+        with PeakMemory() as windowed:
+            batches = loader_batches(budget)
+            window_rate = train_for(seconds, batches, net)
+            batches.close()
+
+    print(f"\n== {game_name}: student {sum(p.numel() for p in net.parameters()):,} parameters, batch {batch}, "
+          f"torch threads {torch.get_num_threads()}, dataset {steps:,} steps ({frames_bytes / 2**20:.0f} MiB of frames)")
+    print(f"  in-memory tensors          {mem_rate:10,.0f} samples/s")
+    print(f"  HDF5 loader (frames in RAM){h5_rate:10,.0f} samples/s -> ratio {h5_rate / mem_rate:.2f} (goal >= 0.9)")
+    print(f"  HDF5 loader, budget 1/4    {window_rate:10,.0f} samples/s -> ratio {window_rate / mem_rate:.2f}")
+    print(f"  loader worker peak private memory: {full.peak / 2**20:.0f} MiB with all frames in RAM, "
+          f"{windowed.peak / 2**20:.0f} MiB under a {budget / 2**20:.0f} MiB budget "
+          f"(frames {frames_bytes / 2**20:.0f} MiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
+    p.add_argument("--seconds", type=float, default=20.0)
+    args = p.parse_args()
+    for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
+        bench_suite(suite, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
