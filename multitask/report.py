@@ -102,8 +102,8 @@ def _pct(x) -> str:
 def teacher_manifest(folder: Path, targets: dict[str, float] | None = None) -> str:
     """teachers/<suite>/MANIFEST.md: a row per teacher card, then each teacher's learning curve."""
     cards = sorted(Path(folder).glob("*.json"))
-    lines = ["| game | score (mean ± std, episodes) | target | env steps | wall time | weights | sha256 | command |",
-             "|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| game | score (mean ± std, episodes) | target | env steps | wall time | CPU time | weights | sha256 | command |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
     curves = []
     for path in cards:
         card = json.loads(path.read_text())
@@ -116,7 +116,8 @@ def teacher_manifest(folder: Path, targets: dict[str, float] | None = None) -> s
         score = f"{ev['mean']:.2f} ± {ev['std']:.2f} ({ev['episodes']})" if ev else "-"
         steps = f"{card['env_steps']:,}" if card.get("env_steps") else "-"
         wall = f"{card['wall_time_s'] / 60:.0f} min" if card.get("wall_time_s") else "-"
-        lines.append(f"| {game} | {score}{met} | {'-' if target is None else f'>= {target:g}'} | {steps} | {wall} | "
+        cpu = f"{card['cpu_time_s'] / 60:.0f} min" if card.get("cpu_time_s") else "-"
+        lines.append(f"| {game} | {score}{met} | {'-' if target is None else f'>= {target:g}'} | {steps} | {wall} | {cpu} | "
                      f"{card.get('weights', card.get('source', '-'))} | `{card['sha256'][:12]}` | `{card.get('command', '-')}` |")
         curve = card.get("learning_curve") or []
         if curve:

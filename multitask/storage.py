@@ -81,7 +81,7 @@ ROOT_ATTRS: dict[str, str] = {
     "builds": "JSON list, one entry per build/resume: command, seed, env seeds, steps added, time",
     "package_version, created": "writer's multitask version; creation time (UTC, ISO 8601)",
     "compression": "JSON: HDF5 filter and chunk rows per dataset",
-    "layout": "'single' (one self-contained file) or 'parts' (while building: virtual datasets over <file>.parts/)",
+    "layout": "'single' (one self-contained file) or 'parts' (while building: virtual datasets over the files in NAME.h5.parts/)",
     "parts": "JSON list of part files (layout 'parts' only)",
 }
 CONTROL_KINDS = ("teacher", "student", "mixture", "uniform")

@@ -12,6 +12,7 @@ checkpoints for `multitask evaluate`, with .json cards), metrics.jsonl, summary.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from multitask.tracking import Tracker, WandbMode
 
 SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
 SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}
+FINAL_EVAL_SEED = 777_777  # students and teachers meet the same env seeds in the final evaluation
 MULTITASK_FACTOR = 4.0  # Rusu et al. 2016: the multi-task student had ~4x a teacher's parameters
 
 
@@ -58,13 +60,14 @@ class StudentConfig:
     batch_size: int = option(256, "rows per batch and process (paper A: not stated)")
     optimizer: Literal["rmsprop", "adam"] = option("rmsprop", "paper A used RMSProp")
     lr: float = option(1e-4, "learning rate (paper A: between 1e-4 and 1e-3)")
+    lr_schedule: Literal["constant", "cosine"] = option("constant", "constant, or cosine decay to 0 over `updates` (paper A: not stated)")
     updates: int = option(20_000, "gradient updates")
     size: SizePreset = option("100%", "student size relative to a teacher's parameters; multitask = ~4x plus one FC layer")
     width: float = option(1.0, "width multiplier, used with size = custom")
     extra_fc: int = option(0, "extra hidden FC layers, used with size = custom")
     eval_every: int = option(5_000, "updates between evaluations of every game (0: only at the end)")
     eval_episodes: int = option(10, "episodes per game in periodic evaluations")
-    final_eval_episodes: int = option(30, "episodes per game in the final evaluation of best.pt")
+    final_eval_episodes: int = option(100, "episodes per game in the final evaluation of best.pt and of the teachers")
     eval_workers: int = option(2, "processes evaluating games in parallel")
     checkpoint_every: int = option(2_000, "updates between resumable checkpoints")
     log_every: int = option(500, "updates between metric logs")
@@ -155,8 +158,31 @@ def student_network(cfg: StudentConfig, games: list[GameSpec]) -> tuple[NetworkS
     return spec, counts
 
 
+def measured_teacher_scores(teachers: list[Path], games: list[GameSpec], episodes: int, seed: int,
+                            workers: int, cache_dir: Path) -> dict[str, float | None]:
+    """Each teacher scored by the same protocol, episodes and seed as the student's final evaluation.
+
+    Card scores come from 20 episodes, which is too few to divide by (Seaquest: 15.8 on its card,
+    11.9 over 100 episodes). Results are cached by teacher sha256, episodes and seed.
+    """
+    scores: dict[str, float | None] = {}
+    for g, path in zip(games, teachers):
+        if not path.exists():
+            scores[g.name] = None
+            continue
+        agent = load_agent(path)
+        cached = cache_dir / f"{agent.sha256[:16]}-{g.game}-{episodes}-{seed}.json"
+        if cached.exists():
+            scores[g.name] = json.loads(cached.read_text())["mean"]
+            continue
+        result = evaluate_games(agent.net, [g.name], episodes, seed, workers=workers)[g.name].to_dict()
+        atomic_write_text(cached, json.dumps({**result, "teacher": str(path), "sha256": agent.sha256}) + "\n")
+        scores[g.name] = result["mean"]
+    return scores
+
+
 def teacher_scores(teachers: list[Path], games: list[GameSpec]) -> dict[str, float | None]:
-    """Each teacher's evaluation score from its card (same protocol as the student's)."""
+    """Each teacher's evaluation score from its card (used for periodic evaluations)."""
     scores = {}
     for g, path in zip(games, teachers):
         if not path.exists():
@@ -174,13 +200,19 @@ def _distributed() -> tuple[int, int, torch.device]:
     if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    # rank 0 evaluates whole games while the others wait in the next all-reduce: allow for it
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     rank = dist.get_rank()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def _lr_at(lr: float, k: int, total: int) -> float:
+    """Cosine decay: lr * (1 + cos(pi * k / total)) / 2, from lr at k = 0 to 0 at k = total."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * k / total))
 
 
 def _checksum(net: torch.nn.Module) -> float:
@@ -213,6 +245,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
     net = MultiHeadNet(spec).to(device)
     opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
     optimizer = opt_cls(net.parameters(), lr=cfg.lr)
+    schedule = _lr_at if cfg.lr_schedule == "cosine" else None
     state_path = run_dir / "state.pt"
     if restart and main_rank and state_path.exists():
         state_path.unlink()
@@ -305,6 +338,9 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
         losses = [distillation_loss(cfg.loss, out, q.to(device), cfg.tau)
                   for out, q in zip(outputs, batch.teacher)]
         loss = torch.stack(losses).mean()  # each game in the batch weighs the same
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(cfg.lr, batch.index, cfg.updates)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -358,13 +394,16 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
             save_agent(run_dir / "best.pt", net, "student", card(update, scores))
         # the reported numbers: best.pt on fresh seeds, more episodes (no selection bias)
         chosen = load_agent(run_dir / "best.pt")
-        final = evaluate_games(chosen.net, list(spec.games), cfg.final_eval_episodes, seed=777_777,
+        final = evaluate_games(chosen.net, list(spec.games), cfg.final_eval_episodes, seed=FINAL_EVAL_SEED,
                                workers=cfg.eval_workers)
         final_scores = {g: r.mean for g, r in final.items()}
-        final_pct, final_geomean = pct_of_teacher(final_scores, teacher_score)
+        final_teacher = measured_teacher_scores(teacher_paths, games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
+                                                cfg.eval_workers, cache_dir=run_dir.parent / ".teacher_scores")
+        final_pct, final_geomean = pct_of_teacher(final_scores, final_teacher)
         summary = {
             "run": cfg.run_name, "run_dir": str(run_dir), "config": cfg_dict, "parameters": counts,
-            "updates": update, "best_update": best["update"], "teacher_scores": teacher_score,
+            "updates": update, "best_update": best["update"], "teacher_scores": final_teacher,
+            "teacher_card_scores": teacher_score,
             "scores": final_scores, "pct_teacher": final_pct, "geomean_pct_teacher": final_geomean,
             "episodes": {g: r.to_dict() for g, r in final.items()}, "history": history,
             "wall_time_s": round(wall_time(), 1), "world_size": world, "replica_checksums": checksums,

@@ -103,7 +103,7 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     cfg_dict = configlib.to_dict(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.pt"
-    env_steps, episodes, resumes, wall_before = 0, 0, 0, 0.0
+    env_steps, episodes, resumes, wall_before, cpu_before = 0, 0, 0, 0.0, 0.0
     recent = deque(maxlen=20)  # raw whole-game returns of the last finished episodes
     history: list[dict] = []  # periodic evaluations: the learning curve
     best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
@@ -132,6 +132,7 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
         torch.set_rng_state(saved["torch_rng"])
         env_steps, episodes = saved["env_steps"], saved["episodes"]
         resumes, wall_before = saved["resumes"] + 1, saved["wall_time_s"]
+        cpu_before = saved.get("cpu_time_s", 0.0)
         recent.extend(saved["recent_returns"])
         history, best, wandb_id = saved["history"], saved["best"], saved["wandb_id"]
         print(f"resuming {game.name} from {state_path} at env step {env_steps:,}", file=sys.stderr)
@@ -143,15 +144,19 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     obs = env.reset(cfg.seed + 7919 * resumes)  # a resumed run starts fresh episodes
     memory.begin_episodes(obs)
     ep_return = np.zeros(cfg.num_envs)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
 
     def wall_time() -> float:
         return wall_before + time.perf_counter() - t_start
 
+    def cpu_time() -> float:  # all threads of this process (evaluations included)
+        return cpu_before + time.process_time() - cpu_start
+
     def save_state() -> None:
         atomic_torch_save({
             "game": game.name, "config": cfg_dict, "env_steps": env_steps, "episodes": episodes,
-            "resumes": resumes, "wall_time_s": wall_time(), "learner": learner.state_dict(),
+            "resumes": resumes, "wall_time_s": wall_time(), "cpu_time_s": cpu_time(),
+            "learner": learner.state_dict(),
             "replay": memory.state_dict(), "replay_rng": memory.rng.bit_generator.state,
             "action_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "recent_returns": list(recent), "history": history, "best": best, "wandb_id": tracker.run_id,
@@ -231,7 +236,8 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     card = {
         "source": "trained", "game": game.describe(), "config": cfg_dict,
         "command": configlib.command_line(), "env_steps": env_steps, "updates": learner.updates,
-        "episodes": episodes, "wall_time_s": round(wall_time(), 1), "resumes": resumes,
+        "episodes": episodes, "wall_time_s": round(wall_time(), 1), "cpu_time_s": round(cpu_time(), 1),
+        "resumes": resumes,
         "weights": chosen, "parameters": count_parameters(net),
         "eval": final.to_dict(), "learning_curve": history,
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
