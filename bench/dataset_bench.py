@@ -78,7 +78,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float)
 
         # E: the vector env alone
         env = make_vector_env(game, n)
-        obs = env.reset(0)
+        env.reset(0)
         e_rate = rate(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds, n)
         # I: teacher inference alone, same batch size, real observations
         x = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs)
@@ -121,7 +121,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float)
                                                 rng.integers(0, len(d), 256), d.stack), seconds, 256)
             d.load_frames()
             loaded = rate(from_disk, seconds, 256)
-        print(f"reading random batches of 256 (obs + next obs + outputs + flags):")
+        print("reading random batches of 256 (obs + next obs + outputs + flags):")
         print(f"  reader, from disk (LRU chunk cache)  {disk_cold:10,.0f} samples/s  ({disk_cold / mem:.2f} of in-memory)")
         print(f"  reader, after load_frames()          {loaded:10,.0f} samples/s  ({loaded / mem:.2f} of in-memory)")
         print(f"  in-memory numpy gather (reference)   {mem:10,.0f} samples/s")

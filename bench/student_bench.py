@@ -120,10 +120,10 @@ def bench_suite(suite: str, seconds: float) -> None:
             all_q = torch.from_numpy(d.steps["teacher_outputs"].copy())
         rng = np.random.default_rng(0)
 
-        def memory_batches():
+        def memory_batches(obs: torch.Tensor, q: torch.Tensor):
             while True:
-                idx = torch.from_numpy(rng.integers(0, len(all_q), batch))
-                yield all_obs[idx], all_q[idx]
+                idx = torch.from_numpy(rng.integers(0, len(q), batch))
+                yield obs[idx], q[idx]
 
         def loader_batches(budget: int):
             spec = LoaderSpec((str(path),), batch, "per_game", seed=0, channels=game.obs_shape[0],
@@ -137,8 +137,10 @@ def bench_suite(suite: str, seconds: float) -> None:
 
         torch.manual_seed(0)
         net = MultiHeadNet(teacher_network_spec(game))
-        mem_rate = train_for(seconds, memory_batches(), net)
-        del all_obs
+        batches = memory_batches(all_obs, all_q)
+        mem_rate = train_for(seconds, batches, net)
+        batches.close()
+        del all_obs, batches
         with PeakMemory() as full:
             batches = loader_batches(1 << 34)
             h5_rate = train_for(seconds, batches, net)

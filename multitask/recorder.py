@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass

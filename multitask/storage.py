@@ -31,7 +31,6 @@ from typing import Any, NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from multitask.envs import GameSpec
 from multitask.errors import UserError
 from multitask.framestack import stack_indices
 

@@ -34,7 +34,7 @@ from multitask.errors import UserError
 from multitask.evaluation import evaluate_games
 from multitask.loader import LoaderSpec, make_loader
 from multitask.losses import LossName, distillation_loss
-from multitask.networks import (MultiHeadNet, NetworkSpec, TrunkSpec, count_parameters, parameter_count,
+from multitask.networks import (MultiHeadNet, NetworkSpec, parameter_count,
                                 teacher_network_spec, width_for_fraction)
 from multitask.progress import Progress
 from multitask.report import pct_of_teacher, run_table

@@ -16,7 +16,6 @@ import torch
 
 from multitask.checkpoints import load_agent, save_agent
 from multitask.envs import get_game
-from multitask.errors import UserError
 from multitask.networks import MultiHeadNet, teacher_network_spec
 from multitask.recorder import build_dataset, check_teacher_outputs
 from multitask.storage import DatasetReader, parts_dir, verify_invariants
@@ -59,7 +58,7 @@ def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, st
         for ep in range(d.info.num_episodes):
             idx = np.arange(e["first_step"][ep], e["first_step"][ep] + e["length"][ep])
             batch = d.batch(idx)
-            for t, i in enumerate(idx):
+            for t in range(len(idx)):
                 expected = seen[(int(e["env_seed"][ep]), int(e["env_episode"][ep]), t)]
                 assert np.array_equal(batch.obs[t], expected), (ep, t)
                 nxt = seen.get((int(e["env_seed"][ep]), int(e["env_episode"][ep]), t + 1))
@@ -134,7 +133,7 @@ def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
     rng = random.Random(1234)
     known: dict[tuple, int] = {}  # (env_seed, env_episode) -> length, of every episode seen so far
     kills = 0
-    for attempt in range(6):
+    for _ in range(6):
         cmd = base + (["--resume"] if out.exists() else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(2.0, 6.0))

@@ -1,6 +1,5 @@
 """The one evaluation protocol: whole games, raw scores, unbiased parallel episodes, seeded."""
 
-import numpy as np
 import torch
 
 from multitask.envs import get_game
