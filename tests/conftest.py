@@ -13,7 +13,10 @@ def run_cli(capsys):
     from multitask.cli import main
 
     def run(*args):
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse usage errors exit like a real process would
+            code = e.code
         out, err = capsys.readouterr()
         return code, out, err
 

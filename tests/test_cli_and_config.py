@@ -26,6 +26,16 @@ def test_unknown_config_key_is_named(run_cli, tmp_path):
     assert code == 2 and "unknown config key 'warmup'" in err and str(bad) in err
 
 
+def test_overrides_after_flags_are_overrides_and_stray_words_are_refused(run_cli, tmp_path):
+    # key=value after a flag still reaches the config (the unknown key proves it was parsed as one)
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "--out", tmp_path / "x.pt", "learning_rate=3")
+    assert code == 2 and "unknown config key 'learning_rate'" in err
+    code, _, err = run_cli("teacher", "train", "minatar/Breakout", "--out", tmp_path / "x.pt", "stray")
+    assert code == 2 and "unrecognized arguments: stray" in err
+    code, _, err = run_cli("evaluate", tmp_path / "x.pt", "lr=3")
+    assert code == 2 and "unrecognized arguments: lr=3" in err
+
+
 def test_ill_typed_values_are_refused(run_cli, tmp_path):
     code, _, err = run_cli("teacher", "train", "minatar/Breakout", "total_steps=many", "--out", tmp_path / "x.pt")
     assert code == 2 and "'total_steps'" in err and "int" in err
