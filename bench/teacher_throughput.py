@@ -77,15 +77,18 @@ def bench_suite(suite: str, seconds: float) -> dict:
     # The real trainer, past learning_starts, long enough for several log intervals.
     steps = int(max(limit * seconds * 3, 4 * n * 50))
     log_every = max(n, (steps // 4) // n * n)
+    learning_starts = 1000
     with tempfile.TemporaryDirectory() as tmp:
-        tcfg = load_config(suite, None, [f"total_steps={steps + 1000}", "learning_starts=1000",
+        tcfg = load_config(suite, None, [f"total_steps={steps + learning_starts}", f"learning_starts={learning_starts}",
                                           f"log_every={log_every}", "eval_every=0", "final_eval_episodes=1",
                                           f"checkpoint_every={10**9}", "replay_capacity=20000"])
         train_teacher(game.name, tcfg, Path(tmp) / "t.pt", Path(tmp) / "run", wandb_mode="off",
                       show_progress=False)
         logged = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    rates = [x[f"train/{game.name}/steps_per_s"] for x in logged if f"train/{game.name}/steps_per_s" in x]
-    train_rate = float(np.median(rates[1:] if len(rates) > 1 else rates))
+    # only windows that start after learning_starts: earlier ones step without updating
+    rates = [x[f"train/{game.name}/steps_per_s"] for x in logged
+             if f"train/{game.name}/steps_per_s" in x and x["env_steps"] - log_every >= learning_starts]
+    train_rate = float(np.median(rates))
     return {"suite": suite, "game": game.name, "num_envs": n, "update_ratio": cfg.update_ratio,
             "batch_size": cfg.dqn.batch_size, "threads": torch.get_num_threads(),
             "env_steps_per_s": env_rate, "act_steps_per_s": act_rate, "updates_per_s": update_rate,

@@ -34,7 +34,9 @@ from multitask.storage import (Compression, DatasetWriter, Episode, _check_schem
                                now_iso, remove_dataset)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
-DEFAULT_NUM_ENVS = {"atari": 8, "minatar": 32}
+# MinAtar: 128 envs amortise the per-vector-step Python work (200k Breakout steps on one core:
+# 6.9 s with 32 envs, 5.0 s with 128; measured)
+DEFAULT_NUM_ENVS = {"atari": 8, "minatar": 128}
 
 # observe(obs, env_seed, env_episode, step_in_episode): sees every observation the teacher acts on
 Observer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
@@ -52,23 +54,48 @@ class BuildResult:
 
 
 class _TimeLog:
-    """Per-vector-step arrays, kept until every episode using them has been cut out."""
+    """Per-vector-step arrays, kept until every episode using them has been cut out.
 
-    def __init__(self):
-        self.base = 0  # vector step of entries[0]
-        self.entries: list[tuple] = []  # (q, action, reward, terminated, truncated, life_lost, next_frame)
+    One preallocated array per field, indexed [vector step - base, env], so cutting an episode out
+    is one slice per field (stacking per-step rows was a fifth of MinAtar recording time, measured
+    with cProfile); rows before the oldest running episode are dropped when the arrays fill up.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self.base = 0  # vector step of row 0
+        self.rows = 0
+        self.keep_from = 0
+        self.capacity = capacity
+        self.fields: list[np.ndarray] = []  # (q, action, reward, terminated, truncated, life_lost, next_frame)
 
     def append(self, entry: tuple) -> None:
-        self.entries.append(entry)
+        if not self.fields:
+            self.fields = [np.empty((self.capacity, *np.shape(x)), np.asarray(x).dtype) for x in entry]
+        if self.rows == self.capacity:
+            self._make_room()
+        for buf, x in zip(self.fields, entry):
+            buf[self.rows] = x
+        self.rows += 1
 
     def column(self, env: int, start: int, stop: int, field: int) -> np.ndarray:
-        return np.stack([self.entries[t - self.base][field][env] for t in range(start, stop)])
+        return self.fields[field][start - self.base:stop - self.base, env].copy()
 
     def prune(self, keep_from: int) -> None:
-        drop = keep_from - self.base
-        if drop > 0:
-            del self.entries[:drop]
-            self.base = keep_from
+        self.keep_from = keep_from
+
+    def _make_room(self) -> None:
+        drop = self.keep_from - self.base
+        keep = self.rows - drop
+        if keep > self.capacity // 2:  # mostly still needed: grow instead of shifting every time
+            self.capacity *= 2
+            grown = [np.empty((self.capacity, *b.shape[1:]), b.dtype) for b in self.fields]
+            for g, b in zip(grown, self.fields):
+                g[:keep] = b[drop:self.rows]
+            self.fields = grown
+        else:
+            for b in self.fields:
+                b[:keep] = b[drop:self.rows]
+        self.base, self.rows = self.keep_from, keep
 
 
 def _cut(log: _TimeLog, env: int, start: int, stop: int, start_frames: np.ndarray, complete: bool,
