@@ -103,10 +103,9 @@ def _cut(log: _TimeLog, env: int, start: int, stop: int, start_frames: np.ndarra
     """The episode of `env` made of vector steps [start, stop)."""
     q, act, rew, term, trunc, life, nxt = (log.column(env, start, stop, k) for k in range(7))
     if not complete:
-        trunc = trunc.copy()
-        trunc[-1] = True  # cut by the step budget
-    return Episode(frames=np.concatenate([start_frames, nxt]), teacher_outputs=q.astype(np.float32),
-                   action=act, reward=rew.astype(np.float32), terminated=term, truncated=trunc,
+        trunc[-1] = True  # cut by the step budget (column() returned a copy)
+    return Episode(frames=np.concatenate([start_frames, nxt]), teacher_outputs=q.astype(np.float32, copy=False),
+                   action=act, reward=rew.astype(np.float32, copy=False), terminated=term, truncated=trunc,
                    life_lost=life, complete=complete, policy=0, epsilon=epsilon,
                    env_seed=env_seed, env_episode=env_episode)
 
