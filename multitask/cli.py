@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--epsilon", type=float, default=0.05, help="teacher's epsilon-greedy (default 0.05, Rusu et al. 2016)")
     db.add_argument("--out", type=Path, help="output file (default: datasets/<suite>/<Game>.h5)")
     db.add_argument("--seed", type=int, default=0, help="env streams are seeded seed + i (+7919 per resume)")
-    db.add_argument("--num-envs", type=int, help="parallel envs (default: 8 Atari, 32 MinAtar)")
+    db.add_argument("--num-envs", type=int, help="parallel envs (default: 8 Atari, 128 MinAtar)")
     db.add_argument("--resume", action="store_true", help="continue the dataset at --out up to --steps (starts one if there is none)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     db.add_argument("--workers", type=int, default=2, help="processes for --games (default 2)")

@@ -30,8 +30,17 @@ from multitask.envs import GameSpec, get_game, make_vector_env
 from multitask.errors import UserError
 from multitask.framestack import newest_frame, split_frames
 from multitask.progress import Progress
-from multitask.storage import (Compression, DatasetWriter, Episode, _check_schema, _open_h5, dataset_exists,
-                               now_iso, remove_dataset)
+from multitask.storage import (
+    BackgroundWriter,
+    Compression,
+    DatasetWriter,
+    Episode,
+    _check_schema,
+    _open_h5,
+    dataset_exists,
+    now_iso,
+    remove_dataset,
+)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
 # MinAtar: 128 envs amortise the per-vector-step Python work (200k Breakout steps on one core:
@@ -187,16 +196,18 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
     builds.append({"command": configlib.command_line(), "seed": seed, "env_seeds": [stream_seed, stream_seed + n - 1],
                    "epsilon": epsilon, "num_envs": n, "started": now_iso(), "steps_before": writer.num_steps})
 
+    writer = BackgroundWriter.start(writer)  # compression and HDF5 writes overlap the teacher's play
     try:
         return _record(game, teacher, writer, steps, epsilon, n, stream_seed, builds, flush_steps,
                        flush_seconds, show_progress, observe)
     except BaseException:
-        if created_here and writer.num_steps == 0:
+        writer.close()
+        if created_here and writer.durable_steps == 0:
             remove_dataset(out)  # nothing recorded: leave nothing that looks like a dataset
         raise
 
 
-def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter, steps: int, epsilon: float, n: int,
+def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float, n: int,
             stream_seed: int, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
             observe: Observer | None) -> BuildResult:
     # ---- Phase 2: play ---------------------------------------------------------------------------
@@ -294,7 +305,7 @@ def _shorten(ep: Episode, keep: int) -> Episode:
 
 def _build_in_worker(kwargs: dict) -> BuildResult:
     torch.set_num_threads(1)
-    return build_dataset(**kwargs, show_progress=False)
+    return build_dataset(**{**kwargs, "show_progress": False})  # bars of parallel games would interleave
 
 
 def build_many(jobs: Sequence[dict], workers: int) -> list[BuildResult]:

@@ -12,7 +12,12 @@ never writes into a file that readers rely on:
   2. then the *master* `<name>.h5` is rewritten (temporary file + atomic rename) with virtual
      datasets (HDF5 VDS) concatenating all parts, and its counters;
   3. when the build reaches its target the master is consolidated into one ordinary file (again
-     temporary file + rename) and the parts are removed.
+     temporary file + rename) and the parts are removed. Consolidation is incremental: every
+     flush also appends its arrays to `<name>.h5.staging`, so finishing a build only writes the
+     root attributes and renames; the staging file is never read by anyone and a crash simply
+     leaves it to be rebuilt (it is deleted on resume).
+`BackgroundWriter` runs all of this in a child process, so that compression and HDF5 writes
+overlap the teacher's play; a flush is durable when the next flush (or finalize) returns.
 At every instant `<name>.h5` is either the previous master or the new one, both complete, so a build
 killed at any point leaves a file that opens with plain h5py, verifies, and holds every episode of
 its last flush. Nothing is reported written before step 2 has completed.
@@ -33,6 +38,7 @@ import numpy as np
 
 from multitask.errors import UserError
 from multitask.framestack import stack_indices
+from multitask.processes import background_supported, become_helper, fork_context
 
 SCHEMA = "multitask-teacher-dataset"
 SCHEMA_VERSION = 1
@@ -199,17 +205,82 @@ def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, fra
     return step_arrays, ep_arrays, np.concatenate([ep.frames for ep in episodes])
 
 
+# Part files live only while a build runs (or until a crashed build is resumed); the consolidated
+# file gets the dataset's own compression. LZF writes several times faster than gzip at about half
+# gzip-1's ratio (bench/dataset_bench.py sweep) and any h5py reads it.
+PART_COMPRESSION = Compression(frames="lzf")
+
+
 def _create(f: h5py.File, name: str, data: np.ndarray, comp: Compression, what: str) -> None:
     rows = comp.frame_chunk if what == "frames" else comp.step_chunk
     chunks = (max(1, min(rows, len(data))), *data.shape[1:]) if len(data) else None
     f.create_dataset(name, data=data, chunks=chunks, **(comp.kwargs(what) if len(data) else {}))
 
 
-class DatasetWriter:
+def staging_path(path: Path) -> Path:
+    return path.with_name(path.name + ".staging")
+
+
+CONSOLIDATED = [f"steps/{k}" for k in STEP_FIELDS] + [f"episodes/{k}" for k in EPISODE_FIELDS] + ["frames"]
+
+
+class _Staging:
+    """The consolidated file, grown one flush at a time (see the crash-safety notes above)."""
+
+    def __init__(self, path: Path, comp: Compression, shapes: dict[str, tuple[str, tuple]]):
+        self.path, self.comp = staging_path(path), comp
+        self.file = h5py.File(self.path, "w")
+        for name, (dtype, row) in shapes.items():
+            what = "frames" if name == "frames" else "steps"
+            rows = comp.frame_chunk if what == "frames" else comp.step_chunk
+            self.file.create_dataset(name, shape=(0, *row), maxshape=(None, *row), dtype=dtype,
+                                     chunks=(rows, *row), **comp.kwargs(what))
+        self.parts = 0  # part files appended so far
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, data in arrays.items():
+            ds = self.file[name]
+            n = len(ds)
+            ds.resize(n + len(data), axis=0)
+            ds[n:] = data
+        self.parts += 1
+
+    def commit(self, target: Path, attrs: dict[str, Any]) -> None:
+        for k, v in attrs.items():
+            self.file.attrs[k] = v
+        self.file.attrs["status"] = "complete"
+        self.file.attrs["layout"] = "single"
+        self.file.close()
+        _fsync_path(self.path)
+        os.replace(self.path, target)
+        _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Sizes:
+    """Sizes from a writer's root attributes (BackgroundWriter: steps handed over to its child)."""
+
+    attrs: dict[str, Any]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.attrs["num_steps"])
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.attrs["num_episodes"])
+
+
+class DatasetWriter(_Sizes):
     """Appends episodes to a dataset through part files and an atomically replaced master."""
 
     def __init__(self, path: Path, attrs: dict[str, Any], parts: list[dict], comp: Compression):
         self.path, self.attrs, self.parts, self.comp = Path(path), attrs, parts, comp
+        self._staging: _Staging | None = None
+        staging_path(self.path).unlink(missing_ok=True)  # a crashed build's: rebuilt from the parts
 
     # -- opening --
 
@@ -217,7 +288,7 @@ class DatasetWriter:
     def create(cls, path: Path, attrs: dict[str, Any], comp: Compression) -> "DatasetWriter":
         """A new, empty dataset (caller checked that nothing is in the way)."""
         path = Path(path)
-        for stale in (parts_dir(path), path.with_name(path.name + ".tmp")):
+        for stale in (parts_dir(path), path.with_name(path.name + ".tmp"), staging_path(path)):
             if stale.is_dir():
                 shutil.rmtree(stale)
             elif stale.exists():
@@ -260,15 +331,9 @@ class DatasetWriter:
         w._publish_master()
         return w
 
-    # -- sizes --
-
     @property
-    def num_steps(self) -> int:
-        return int(self.attrs["num_steps"])
-
-    @property
-    def num_episodes(self) -> int:
-        return int(self.attrs["num_episodes"])
+    def durable_steps(self) -> int:
+        return self.num_steps
 
     # -- writing --
 
@@ -287,12 +352,13 @@ class DatasetWriter:
             pdir.mkdir(exist_ok=True)
             name = f"part-{self._next_part_number():06d}.h5"
             tmp = pdir / (name + ".tmp")
+            part_comp = PART_COMPRESSION if self.comp.frames != "none" else self.comp
             with h5py.File(tmp, "w") as f:
                 for k, v in steps.items():
-                    _create(f, f"steps/{k}", v, self.comp, "steps")
+                    _create(f, f"steps/{k}", v, part_comp, "steps")
                 for k, v in eps.items():
-                    _create(f, f"episodes/{k}", v, self.comp, "episodes")
-                _create(f, "frames", frames, self.comp, "frames")
+                    _create(f, f"episodes/{k}", v, part_comp, "episodes")
+                _create(f, "frames", frames, part_comp, "frames")
             _fsync_path(tmp)
             os.replace(tmp, pdir / name)
             _fsync_dir(pdir)
@@ -302,6 +368,23 @@ class DatasetWriter:
             self.attrs["num_episodes"] = self.num_episodes + len(episodes)
             self.attrs["num_frames"] = int(self.attrs["num_frames"]) + len(frames)
         self._publish_master()
+        if episodes:  # after the master: staging is an optimisation, never needed for durability
+            self._stage_parts(upto=len(self.parts) - 1)
+            self._staging.append({**{f"steps/{k}": v for k, v in steps.items()},
+                                  **{f"episodes/{k}": v for k, v in eps.items()}, "frames": frames})
+
+    def _stage_parts(self, upto: int) -> None:
+        """Open the staging file if needed and append parts [staged, upto) read back from disk."""
+        if self._staging is None:
+            num_actions = int(self.attrs["num_actions"])
+            shapes = {f"{g}/{k}": (dtype, tuple(num_actions if d == "A" else d for d in shape))
+                      for g, fields in (("steps", STEP_FIELDS), ("episodes", EPISODE_FIELDS))
+                      for k, (dtype, shape, _) in fields.items()}
+            shapes["frames"] = ("uint8", tuple(json.loads(self.attrs["frame_shape"])))
+            self._staging = _Staging(self.path, self.comp, shapes)
+        for p in self.parts[self._staging.parts:upto]:
+            with h5py.File(parts_dir(self.path) / p["file"], "r") as f:
+                self._staging.append({name: f[name][:] for name in CONSOLIDATED})
 
     def _next_part_number(self) -> int:
         return 1 + max((int(p["file"][5:11]) for p in self.parts), default=-1)
@@ -337,36 +420,121 @@ class DatasetWriter:
         f.create_virtual_dataset(name, layout)
 
     def finalize(self, attrs_update: dict[str, Any] | None = None) -> None:
-        """Consolidate master + parts into one ordinary file (atomically), then drop the parts."""
+        """Make the staged consolidated file the dataset (atomically), then drop the parts."""
         if attrs_update:
             self.attrs.update(attrs_update)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        block = 1 << 16
-        with h5py.File(self.path, "r") as src, h5py.File(tmp, "w") as dst:
-            for name in [f"steps/{k}" for k in STEP_FIELDS] + [f"episodes/{k}" for k in EPISODE_FIELDS] + ["frames"]:
-                what = "frames" if name == "frames" else "steps"
-                ds = src[name]
-                rows = self.comp.frame_chunk if what == "frames" else self.comp.step_chunk
-                out = dst.create_dataset(name, shape=ds.shape, dtype=ds.dtype,
-                                         chunks=(max(1, min(rows, len(ds))), *ds.shape[1:]) if len(ds) else None,
-                                         **(self.comp.kwargs(what) if len(ds) else {}))
-                step = max(rows, (block // rows) * rows) if what == "frames" else 1 << 20
-                for i in range(0, len(ds), step):
-                    out[i:i + step] = ds[i:i + step]
-            for k, v in self.attrs.items():
-                dst.attrs[k] = v
-            dst.attrs["status"] = "complete"
-            dst.attrs["layout"] = "single"
-        _fsync_path(tmp)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        self._stage_parts(upto=len(self.parts))  # parts not staged yet (resumed builds), if any
+        self._staging.commit(self.path, self.attrs)
+        self._staging = None
         shutil.rmtree(parts_dir(self.path), ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop without finalising (the master and parts stay; the staging file is dropped)."""
+        if self._staging is not None:
+            self._staging.discard()
+            self._staging = None
+
+
+class BackgroundWriter(_Sizes):
+    """A DatasetWriter in a child process: part files, masters and staging overlap the caller's work.
+
+    Same calls as DatasetWriter. At most one flush is in flight: `flush` first waits until the
+    previous one is durable (its error, e.g. NaN teacher outputs, is raised there), so a crash loses
+    at most the episodes of the flush in progress, as with the synchronous writer. The child ignores
+    Ctrl-C (the caller decides) and is killed with its parent (Linux PR_SET_PDEATHSIG), so a killed
+    build never leaves a writer behind that could race a `--resume`. Linux only (fork start):
+    elsewhere `start` returns the synchronous writer.
+    """
+
+    def __init__(self, writer: DatasetWriter):
+        ctx = fork_context()
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_writer_process, args=(writer, child, os.getpid()), daemon=True,
+                                 name=f"writer {writer.path.name}")
+        self._proc.start()
+        child.close()
+        self.path, self.attrs = writer.path, dict(writer.attrs)
+        self.durable_steps = writer.num_steps
+        self._in_flight = False
+
+    @classmethod
+    def start(cls, writer: DatasetWriter) -> "BackgroundWriter | DatasetWriter":
+        return cls(writer) if background_supported() else writer
+
+    def flush(self, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None = None) -> None:
+        self._wait()
+        self._conn.send(("flush", list(episodes), attrs_update))
+        self._in_flight = True
+        self.attrs.update(attrs_update or {})
+        self.attrs["num_steps"] = self.num_steps + sum(e.length for e in episodes)
+        self.attrs["num_episodes"] = self.num_episodes + len(episodes)
+
+    def finalize(self, attrs_update: dict[str, Any] | None = None) -> None:
+        self._wait()
+        self._conn.send(("finalize", None, attrs_update))
+        self._in_flight = True
+        self._wait()
+        self.close()
+
+    def _wait(self) -> None:
+        if not self._in_flight:
+            return
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self.close()
+            raise RuntimeError(f"the writer process of {self.path} died; resume the build with --resume") from None
+        self._in_flight = False
+        if status == "error":
+            self.close()
+            raise payload
+        self.durable_steps = payload
+
+    def close(self) -> None:
+        """Stop the child after the operation in flight (durable or not: both leave a valid file)."""
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", None, None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=60)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        self._conn.close()
+
+
+def _writer_process(writer: DatasetWriter, conn, parent: int) -> None:
+    """Child side of BackgroundWriter: run the parent's calls in order, answer each."""
+    if not become_helper(parent):
+        return
+    while True:
+        try:
+            op, episodes, attrs_update = conn.recv()
+        except EOFError:
+            op = "stop"
+        if op == "stop":
+            writer.close()
+            return
+        try:
+            if op == "flush":
+                writer.flush(episodes, attrs_update)
+            else:
+                writer.finalize(attrs_update)
+            conn.send(("ok", writer.num_steps))
+        except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+            writer.close()
+            try:
+                conn.send(("error", e))
+            except Exception:  # not picklable
+                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+            return
 
 
 def remove_dataset(path: Path) -> None:
     """Delete a dataset with its parts and temporaries (for --overwrite and failed new builds)."""
     path = Path(path)
-    for p in (path, path.with_name(path.name + ".tmp")):
+    for p in (path, path.with_name(path.name + ".tmp"), staging_path(path)):
         if p.exists():
             p.unlink()
     shutil.rmtree(parts_dir(path), ignore_errors=True)

@@ -121,6 +121,14 @@ def test_resume_continues_to_exactly_n(tmp_path):
         assert len(builds) == 2 and builds[1]["env_seeds"][0] != builds[0]["env_seeds"][0]
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
 def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
     """SIGKILL a real build at random instants; each time the file must open with plain h5py,
     verify, and still hold every episode it held before; --resume then finishes at exactly N."""
@@ -139,9 +147,14 @@ def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
         time.sleep(rng.uniform(2.0, 6.0))
         if proc.poll() is not None:
             break
+        helpers = _children(proc.pid)  # the background writer
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
+        deadline = time.time() + 5
+        while any(Path(f"/proc/{c}").exists() for c in helpers) and time.time() < deadline:
+            time.sleep(0.05)  # children die with their parent (PR_SET_PDEATHSIG)...
+        assert not any(Path(f"/proc/{c}").exists() for c in helpers), "a helper outlived the killed build"
         if not out.exists():
             continue  # killed before the (empty) dataset was created: nothing left behind
         with h5py.File(out, "r") as f:
@@ -234,3 +247,17 @@ def test_verify_catches_tampering(tmp_path, run_cli):
     assert run_cli("dataset", "verify", path)[0] == 0  # structure is still fine
     code, _, err = run_cli("dataset", "verify", path, "--teacher", teacher)
     assert code == 2 and "differ from the teacher" in err
+
+
+def test_several_games_build_in_parallel_processes(tmp_path, run_cli, monkeypatch):
+    """`--games` with the default teacher and output paths, one process per game."""
+    monkeypatch.chdir(tmp_path)
+    for game in ("minatar/Breakout", "minatar/Asterix"):
+        (tmp_path / "teachers" / "minatar").mkdir(parents=True, exist_ok=True)
+        make_teacher(tmp_path / "teachers" / f"{game}.pt", game)
+    code, out, err = run_cli("dataset", "build", "--games", "minatar/Breakout", "minatar/Asterix", "--steps", 700,
+                             "--num-envs", 4, "--no-progress")
+    assert code == 0, err
+    for game in ("Breakout", "Asterix"):
+        with DatasetReader(tmp_path / "datasets" / "minatar" / f"{game}.h5") as d:
+            assert d.game == f"minatar/{game}" and len(d) == 700 and verify_invariants(d) == []

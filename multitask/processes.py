@@ -1,0 +1,40 @@
+"""Helper processes that live and die with the process that started them.
+
+The recorder runs its vector envs and its dataset writer in forked children so that stepping,
+inference and compression use different cores. A child must never outlive its parent: a build killed
+with SIGKILL would otherwise leave a writer that races the `--resume` that follows. Linux's
+PR_SET_PDEATHSIG does exactly that; elsewhere `background_supported()` is false and callers stay
+in-process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+
+
+def background_supported() -> bool:
+    return sys.platform == "linux"
+
+
+def fork_context():
+    """Fork: the child starts in milliseconds with the parent's imports (spawn re-imports MinAtar's
+    seaborn/scipy, several seconds)."""
+    return multiprocessing.get_context("fork")
+
+
+def become_helper(parent: int) -> bool:
+    """Call first in a child: ignore Ctrl-C (the parent decides), die with the parent.
+
+    Returns False if the parent is already gone.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return os.getppid() == parent
