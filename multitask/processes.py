@@ -1,8 +1,8 @@
 """Helper processes that live and die with the process that started them.
 
-The recorder runs its vector envs and its dataset writer in forked children so that stepping,
-inference and compression use different cores. A child must never outlive its parent: a build killed
-with SIGKILL would otherwise leave a writer that races the `--resume` that follows. Linux's
+The recorder runs its dataset writer in a forked child so that compression and HDF5 writes use
+another core than the teacher's play. A child must never outlive its parent: a build killed with
+SIGKILL would otherwise leave a writer that races the `--resume` that follows. Linux's
 PR_SET_PDEATHSIG does exactly that; elsewhere `background_supported()` is false and callers stay
 in-process.
 """

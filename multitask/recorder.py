@@ -30,17 +30,8 @@ from multitask.envs import GameSpec, get_game, make_vector_env
 from multitask.errors import UserError
 from multitask.framestack import newest_frame, split_frames
 from multitask.progress import Progress
-from multitask.storage import (
-    BackgroundWriter,
-    Compression,
-    DatasetWriter,
-    Episode,
-    _check_schema,
-    _open_h5,
-    dataset_exists,
-    now_iso,
-    remove_dataset,
-)
+from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
+                               dataset_exists, now_iso, remove_dataset)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
 # MinAtar: 128 envs amortise the per-vector-step Python work (200k Breakout steps on one core:
@@ -207,8 +198,8 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
         raise
 
 
-def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float, n: int,
-            stream_seed: int, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
+def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float,
+            n: int, stream_seed: int, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
             observe: Observer | None) -> BuildResult:
     # ---- Phase 2: play ---------------------------------------------------------------------------
     net, head = teacher.net, teacher.net.head_index(game.name)

@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -123,6 +123,12 @@ class Compression:
     frame_chunk: int = 64  # frames per chunk: a chunk is decompressed whole
     step_chunk: int = 16384  # rows per chunk of per-step and per-episode arrays
 
+    def for_parts(self) -> "Compression":
+        """Part files live only while a build runs (or until a crashed build is resumed); the
+        consolidated file keeps this compression. LZF writes several times faster than gzip at about
+        half gzip-1's ratio (bench/dataset_bench.py sweep), and any h5py reads it."""
+        return self if self.frames == "none" else replace(self, frames="lzf")
+
     def kwargs(self, what: str) -> dict[str, Any]:
         method = self.frames if what == "frames" else "gzip"
         if method == "none":
@@ -205,12 +211,6 @@ def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, fra
     return step_arrays, ep_arrays, np.concatenate([ep.frames for ep in episodes])
 
 
-# Part files live only while a build runs (or until a crashed build is resumed); the consolidated
-# file gets the dataset's own compression. LZF writes several times faster than gzip at about half
-# gzip-1's ratio (bench/dataset_bench.py sweep) and any h5py reads it.
-PART_COMPRESSION = Compression(frames="lzf")
-
-
 def _create(f: h5py.File, name: str, data: np.ndarray, comp: Compression, what: str) -> None:
     rows = comp.frame_chunk if what == "frames" else comp.step_chunk
     chunks = (max(1, min(rows, len(data))), *data.shape[1:]) if len(data) else None
@@ -221,16 +221,23 @@ def staging_path(path: Path) -> Path:
     return path.with_name(path.name + ".staging")
 
 
-CONSOLIDATED = [f"steps/{k}" for k in STEP_FIELDS] + [f"episodes/{k}" for k in EPISODE_FIELDS] + ["frames"]
+def _datasets(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple, str]]:
+    """Every dataset of a file with these root attributes: name -> (dtype, row shape, count key)."""
+    num_actions = int(attrs["num_actions"])
+    out = {f"{group}/{k}": (dtype, tuple(num_actions if d == "A" else d for d in shape), group)
+           for group, fields in (("steps", STEP_FIELDS), ("episodes", EPISODE_FIELDS))
+           for k, (dtype, shape, _) in fields.items()}
+    out["frames"] = ("uint8", tuple(json.loads(attrs["frame_shape"])), "frames")
+    return out
 
 
 class _Staging:
     """The consolidated file, grown one flush at a time (see the crash-safety notes above)."""
 
-    def __init__(self, path: Path, comp: Compression, shapes: dict[str, tuple[str, tuple]]):
+    def __init__(self, path: Path, comp: Compression, datasets: dict[str, tuple[str, tuple, str]]):
         self.path, self.comp = staging_path(path), comp
         self.file = h5py.File(self.path, "w")
-        for name, (dtype, row) in shapes.items():
+        for name, (dtype, row, _) in datasets.items():
             what = "frames" if name == "frames" else "steps"
             rows = comp.frame_chunk if what == "frames" else comp.step_chunk
             self.file.create_dataset(name, shape=(0, *row), maxshape=(None, *row), dtype=dtype,
@@ -352,7 +359,7 @@ class DatasetWriter(_Sizes):
             pdir.mkdir(exist_ok=True)
             name = f"part-{self._next_part_number():06d}.h5"
             tmp = pdir / (name + ".tmp")
-            part_comp = PART_COMPRESSION if self.comp.frames != "none" else self.comp
+            part_comp = self.comp.for_parts()
             with h5py.File(tmp, "w") as f:
                 for k, v in steps.items():
                     _create(f, f"steps/{k}", v, part_comp, "steps")
@@ -376,29 +383,19 @@ class DatasetWriter(_Sizes):
     def _stage_parts(self, upto: int) -> None:
         """Open the staging file if needed and append parts [staged, upto) read back from disk."""
         if self._staging is None:
-            num_actions = int(self.attrs["num_actions"])
-            shapes = {f"{g}/{k}": (dtype, tuple(num_actions if d == "A" else d for d in shape))
-                      for g, fields in (("steps", STEP_FIELDS), ("episodes", EPISODE_FIELDS))
-                      for k, (dtype, shape, _) in fields.items()}
-            shapes["frames"] = ("uint8", tuple(json.loads(self.attrs["frame_shape"])))
-            self._staging = _Staging(self.path, self.comp, shapes)
+            self._staging = _Staging(self.path, self.comp, _datasets(self.attrs))
         for p in self.parts[self._staging.parts:upto]:
             with h5py.File(parts_dir(self.path) / p["file"], "r") as f:
-                self._staging.append({name: f[name][:] for name in CONSOLIDATED})
+                self._staging.append({name: f[name][:] for name in _datasets(self.attrs)})
 
     def _next_part_number(self) -> int:
         return 1 + max((int(p["file"][5:11]) for p in self.parts), default=-1)
 
     def _publish_master(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        num_actions = int(self.attrs["num_actions"])
-        frame_shape = tuple(json.loads(self.attrs["frame_shape"]))
         with h5py.File(tmp, "w") as f:
-            for group, fields, count in (("steps", STEP_FIELDS, "steps"), ("episodes", EPISODE_FIELDS, "episodes")):
-                for k, (dtype, shape, _) in fields.items():
-                    row = tuple(num_actions if d == "A" else d for d in shape)
-                    self._virtual(f, f"{group}/{k}", dtype, row, count)
-            self._virtual(f, "frames", "uint8", frame_shape, "frames")
+            for name, (dtype, row, count) in _datasets(self.attrs).items():
+                self._virtual(f, name, dtype, row, count)
             for k, v in self.attrs.items():
                 f.attrs[k] = v
             f.attrs["layout"] = "parts"
