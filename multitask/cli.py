@@ -151,6 +151,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     for g in games:
         jobs.append(dict(
             game_name=g.name, steps=args.steps, epsilon=args.epsilon, seed=args.seed, num_envs=args.num_envs,
+            lanes=args.lanes,
             teacher_path=args.teacher or Path("teachers") / g.suite / f"{g.game}.pt",
             out=args.out or Path("datasets") / g.suite / f"{g.game}.h5",
             resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress,
@@ -317,13 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--epsilon", type=float, default=0.05, help="teacher's epsilon-greedy (default 0.05, Rusu et al. 2016)")
     db.add_argument("--out", type=Path, help="output file (default: datasets/<suite>/<Game>.h5)")
     db.add_argument("--seed", type=int, default=0, help="env streams are seeded seed + i (+7919 per resume)")
-    db.add_argument("--num-envs", type=int, help="parallel envs (default: 8 Atari, 128 MinAtar)")
+    db.add_argument("--num-envs", type=int, help="parallel envs in all lanes (default: 16 Atari, 256 MinAtar)")
+    db.add_argument("--lanes", type=int, default=2, help="env groups played in turn: the teacher (in a helper "
+                    "process) works on one while the others step (default 2; 1 plays without overlap; "
+                    "games built in parallel with --games use one lane each)")
     db.add_argument("--resume", action="store_true", help="continue the dataset at --out up to --steps (starts one if there is none)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     db.add_argument("--workers", type=int, default=2, help="processes for --games (default 2)")
     db.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="frame compression (default gzip)")
     db.add_argument("--level", type=int, default=1, help="gzip level for frames (default 1)")
-    db.add_argument("--flush-steps", type=int, default=20_000, help="completed steps buffered before a flush to disk (default 20,000; also flushed every 60 s)")
+    db.add_argument("--flush-steps", type=int, help="completed steps buffered before a flush to disk (default: ~64 MiB of steps, "
+                    "about 150,000 MinAtar or 9,000 Atari steps; also flushed every 60 s)")
     db.add_argument("--no-progress", action="store_true")
     db.set_defaults(func=cmd_dataset_build)
     di = d.add_parser("info", help="steps, episodes, returns, teacher, control, size")

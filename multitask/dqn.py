@@ -58,9 +58,10 @@ def td_loss(q: torch.Tensor, action: torch.Tensor, target: torch.Tensor, delta: 
     return F.huber_loss(q_taken, target, delta=delta, reduction="mean")
 
 
-def epsilon_greedy(q: torch.Tensor, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+def epsilon_greedy(q: torch.Tensor | np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
     """Greedy actions from (N, A) values, each replaced by a uniform action with prob epsilon."""
-    actions = q.argmax(dim=1).numpy()
+    actions = q.argmax(1)  # dim 1 of a tensor, axis 1 of an array
+    actions = actions.numpy() if isinstance(actions, torch.Tensor) else actions
     explore = rng.random(len(actions)) < epsilon
     if explore.any():
         actions = actions.copy()

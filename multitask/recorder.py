@@ -1,16 +1,20 @@
 """`multitask dataset build`: a teacher plays, every step goes into the game's HDF5 dataset.
 
-The teacher acts epsilon-greedily (0.05, Rusu et al. 2016) over a vector env with one batched
-forward pass per vector step; its raw outputs for the observation it acted on are stored with the
-step. Per vector step the loop only appends whole arrays to a time log; an env's episode is cut out
-of the log when it ends, so bookkeeping costs O(1) numpy calls per vector step whatever the number
-of envs. Completed episodes are flushed to disk (see `storage` for the crash-safety protocol); a
-build stops at exactly `steps` steps by cutting the episodes still running at the end (stored with
-complete = false).
+The teacher acts epsilon-greedily (0.05, Rusu et al. 2016) on batches of observations; its raw
+outputs for the observation it acted on are stored with the step. The envs play in two lanes: the
+teacher runs in a helper process (`inference`) on one lane's observations while the caller steps the
+other lane and keeps its books, so envs and teacher share the cores instead of taking turns.
+Per vector step a lane only appends whole arrays to a time log; an env's episode is cut out of the
+log when it ends, so bookkeeping costs O(1) numpy calls per vector step whatever the number of envs.
+Completed episodes are flushed to disk in the background (see `storage` for the crash-safety
+protocol); a build stops at exactly `steps` steps by cutting the episodes still running at the end
+(stored with complete = false), and its last episodes go straight into the consolidated file.
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
 import multiprocessing
 import time
@@ -26,17 +30,28 @@ import multitask
 from multitask import config as configlib
 from multitask.checkpoints import Agent, load_teacher
 from multitask.dqn import epsilon_greedy
-from multitask.envs import GameSpec, get_game, make_vector_env
+from multitask.envs import GameSpec, VectorEnv, get_game, make_vector_env
 from multitask.errors import UserError
 from multitask.framestack import newest_frame, split_frames
+from multitask.inference import LocalNet, RemoteNet
 from multitask.progress import Progress
 from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
                                dataset_exists, now_iso, remove_dataset)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
-# MinAtar: 128 envs amortise the per-vector-step Python work (200k Breakout steps on one core:
-# 6.9 s with 32 envs, 5.0 s with 128; measured)
-DEFAULT_NUM_ENVS = {"atari": 8, "minatar": 128}
+# In all lanes. MinAtar: 128 envs per lane amortise the per-vector-step Python work (200k Breakout
+# steps on one core: 6.9 s with 32 envs, 5.0 s with 128; measured). Atari: 8 per lane, ale-py's threads.
+DEFAULT_NUM_ENVS = {"atari": 16, "minatar": 256}
+# Two lanes: the teacher (in a helper process) works on one while the other steps, so that envs and
+# teacher overlap instead of taking turns on the CPU (200k MinAtar steps: ~3.2 s vs ~4.8 s in one
+# lane; a 3rd lane gained nothing; measured on the 2-core dev machine).
+DEFAULT_LANES = 2
+
+# Completed episodes are flushed once they hold this much (or every flush_seconds): MinAtar's
+# ~440-byte steps flush every ~75k steps, Atari's ~7 KB steps every ~4.7k. Each flush costs the
+# writer a part file and a new master whatever its size (MinAtar: 0.58 CPU-s per 200k steps in 3
+# flushes vs 1.11 in 10; measured), and a crash loses at most what is pending.
+FLUSH_BYTES = 32 << 20
 
 # observe(obs, env_seed, env_episode, step_in_episode): sees every observation the teacher acts on
 Observer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
@@ -134,6 +149,11 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
         raise UserError(f"cannot write {out} ({e.strerror}); choose a writable --out") from None
 
 
+def _bytes_per_step(game: GameSpec) -> int:
+    """Uncompressed bytes a step adds: one frame plus its row of per-step arrays."""
+    return int(np.prod(game.frame_shape)) + 4 * game.num_actions + 24
+
+
 def _root_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict:
     card = teacher.card
     teacher_info = {
@@ -156,8 +176,9 @@ def _root_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict:
 
 
 def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, epsilon: float = DEFAULT_EPSILON,
-                  seed: int = 0, num_envs: int | None = None, resume: bool = False, overwrite: bool = False,
-                  flush_steps: int = 20_000, flush_seconds: float = 60.0, compression: Compression | None = None,
+                  seed: int = 0, num_envs: int | None = None, lanes: int = DEFAULT_LANES, resume: bool = False,
+                  overwrite: bool = False, flush_steps: int | None = None, flush_seconds: float = 60.0,
+                  compression: Compression | None = None,
                   show_progress: bool = True, observe: Observer | None = None) -> BuildResult:
     # ---- Phase 1: check everything, then open the output --------------------------------------
     game = get_game(game_name)
@@ -167,6 +188,14 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
         raise UserError("--steps must be positive")
     if not 0.0 <= epsilon <= 1.0:
         raise UserError("--epsilon must be in [0, 1]")
+    n = num_envs or DEFAULT_NUM_ENVS[game.suite]
+    if n < 1 or lanes < 1:
+        raise UserError("--num-envs and --lanes must be positive")
+    lanes = min(lanes, n)
+    if flush_steps is None:
+        flush_steps = max(1, FLUSH_BYTES // _bytes_per_step(game))
+    elif flush_steps < 1:
+        raise UserError("--flush-steps must be positive")
     _check_output(out, game, teacher, resume, overwrite)
     if overwrite:
         remove_dataset(out)
@@ -182,38 +211,104 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
     else:
         writer = DatasetWriter.create(out, _root_attrs(game, teacher, steps), compression or Compression())
     builds = json.loads(writer.attrs["builds"])
-    n = num_envs or DEFAULT_NUM_ENVS[game.suite]
     stream_seed = seed + 7919 * len(builds)  # each build/resume plays fresh, distinct env streams
     builds.append({"command": configlib.command_line(), "seed": seed, "env_seeds": [stream_seed, stream_seed + n - 1],
-                   "epsilon": epsilon, "num_envs": n, "started": now_iso(), "steps_before": writer.num_steps})
+                   "epsilon": epsilon, "num_envs": n, "lanes": lanes, "started": now_iso(),
+                   "steps_before": writer.num_steps})
 
+    # The play loop allocates many small containers; without freezing, each full collection walks
+    # the ~280k objects that torch and MinAtar's imports leave behind (0.13 s each, 0.4 s per
+    # 200k-step MinAtar build; measured). Frozen before the helpers fork, so they inherit it.
+    gc.freeze()
     writer = BackgroundWriter.start(writer)  # compression and HDF5 writes overlap the teacher's play
     try:
-        return _record(game, teacher, writer, steps, epsilon, n, stream_seed, builds, flush_steps,
+        return _record(game, teacher, writer, steps, epsilon, n, lanes, stream_seed, builds, flush_steps,
                        flush_seconds, show_progress, observe)
     except BaseException:
         writer.close()
         if created_here and writer.durable_steps == 0:
             remove_dataset(out)  # nothing recorded: leave nothing that looks like a dataset
         raise
+    finally:
+        gc.unfreeze()
+
+
+class _Lane:
+    """One lane's play: its vector env and the bookkeeping of its running episodes.
+
+    Env i of the lane is env `first + i` of the build (seed stream_seed + first + i); the lane draws
+    its exploration from its own generator, so a build is a function of its seeds alone.
+    """
+
+    def __init__(self, index: int, env: VectorEnv, first: int, stream_seed: int, c: int):
+        self.index, self.env, self.n, self.c = index, env, env.num_envs, c
+        self.env_seeds = stream_seed + first + np.arange(self.n)
+        self.rng = np.random.default_rng([stream_seed + 1_000_003, first])
+        self.obs = env.reset(stream_seed + first)
+        self.log = _TimeLog()
+        self.t = 0  # vector steps played
+        self.start = np.zeros(self.n, dtype=np.int64)  # vector step at which each env's episode began
+        self.start_frames = [split_frames(self.obs[i], c) for i in range(self.n)]  # pads + s_0
+        self.env_episode = np.zeros(self.n, dtype=np.int64)
+
+    def step(self, teacher: RemoteNet | LocalNet, epsilon: float, observe: Observer | None) -> list[Episode]:
+        """Act on the teacher's outputs for the lane's observations, hand it the next ones at once
+        (it works while this lane keeps its books), log the step; return the episodes it ended."""
+        if observe is not None:
+            observe(self.obs, self.env_seeds, self.env_episode, self.t - self.start)
+        q = teacher.result(self.index)
+        actions = epsilon_greedy(q, epsilon, self.rng)
+        step = self.env.step(actions)
+        teacher.submit(self.index, step.obs)
+        self.log.append((q, actions, step.reward, step.terminated, step.truncated, step.life_lost,
+                         newest_frame(step.next_obs, self.c)))
+        self.t += 1
+        done = []
+        for i in np.flatnonzero(step.done):
+            done.append(self.cut(i, self.t, True, epsilon))
+            self.start[i], self.env_episode[i] = self.t, self.env_episode[i] + 1
+            self.start_frames[i] = split_frames(step.obs[i], self.c)
+        self.log.prune(int(self.start.min()))
+        self.obs = step.obs
+        return done
+
+    def running(self) -> np.ndarray:
+        """Steps of each env's running episode."""
+        return self.t - self.start
+
+    def cut(self, i: int, stop: int, complete: bool, epsilon: float) -> Episode:
+        return _cut(self.log, i, self.start[i], stop, self.start_frames[i], complete, epsilon,
+                    self.env_seeds[i], self.env_episode[i])
 
 
 def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float,
-            n: int, stream_seed: int, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
-            observe: Observer | None) -> BuildResult:
-    # ---- Phase 2: play ---------------------------------------------------------------------------
-    net, head = teacher.net, teacher.net.head_index(game.name)
-    c = game.frame_shape[0]
-    env = make_vector_env(game, n)
-    rng = np.random.default_rng(stream_seed + 1_000_003)
-    obs = env.reset(stream_seed)
-    env_seeds = stream_seed + np.arange(n)
-    log = _TimeLog()
-    start = np.zeros(n, dtype=np.int64)  # vector step at which each env's episode began
-    start_frames = [split_frames(obs[i], c) for i in range(n)]  # pads + s_0 of each running episode
-    env_episode = np.zeros(n, dtype=np.int64)
+            n: int, lanes: int, stream_seed: int, builds: list, flush_steps: int, flush_seconds: float,
+            show_progress: bool, observe: Observer | None) -> BuildResult:
+    # ---- Phase 2: play: the teacher's helper works on one lane while the other steps -----------
+    sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
+    firsts = np.cumsum([0, *sizes[:-1]])
+    envs = [make_vector_env(game, size) for size in sizes]
+    head = teacher.net.head_index(game.name)
+    remote = RemoteNet.start(teacher.net, head, sizes, game.obs_shape, game.num_actions) if lanes > 1 else \
+        LocalNet(teacher.net, head, 1)  # one lane: nothing to overlap with
+    try:
+        play = [_Lane(k, env, int(first), stream_seed, game.frame_shape[0]) for k, (env, first) in
+                enumerate(zip(envs, firsts))]
+        for lane in play:
+            remote.submit(lane.index, lane.obs)
+        return _play(game, play, remote, writer, steps, epsilon, builds, flush_steps, flush_seconds,
+                     show_progress, observe)
+    finally:
+        remote.close()
+        for env in envs:
+            env.close()
+
+
+def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writer: DatasetWriter | BackgroundWriter,
+          steps: int, epsilon: float, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
+          observe: Observer | None) -> BuildResult:
     pending: list[Episode] = []
-    pending_steps, t, before = 0, 0, writer.num_steps
+    pending_steps, before = 0, writer.num_steps
     last_flush = time.perf_counter()
     t0 = time.perf_counter()
     returns: list[float] = []
@@ -223,42 +318,39 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
         nonlocal pending, pending_steps, last_flush
         builds[-1]["steps_after"] = writer.num_steps + pending_steps
         builds[-1]["finished" if final else "updated"] = now_iso()
-        writer.flush(pending, {"builds": json.dumps(builds)})
+        if final:  # the last episodes go straight into the consolidated file
+            writer.finalize({"builds": json.dumps(builds)}, pending)
+        else:
+            writer.flush(pending, {"builds": json.dumps(builds)})
         pending, pending_steps, last_flush = [], 0, time.perf_counter()
 
-    while True:
-        if observe is not None:
-            observe(obs, env_seeds, env_episode, t - start)
-        with torch.inference_mode():
-            q = net(torch.from_numpy(obs), head)
-        actions = epsilon_greedy(q, epsilon, rng)
-        step = env.step(actions)
-        log.append((q.numpy(), actions, step.reward, step.terminated, step.truncated, step.life_lost,
-                    newest_frame(step.next_obs, c)))
-        t += 1
-        for i in np.flatnonzero(step.done):
-            ep = _cut(log, i, start[i], t, start_frames[i], True, epsilon, env_seeds[i], env_episode[i])
+    def recorded() -> int:
+        return writer.num_steps + pending_steps + sum(int(lane.running().sum()) for lane in play)
+
+    for k in itertools.count():
+        lane = play[k % len(play)]
+        done = lane.step(teacher, epsilon, observe)
+        for ep in done:
             pending.append(ep)
             pending_steps += ep.length
             returns.append(float(ep.reward.sum()))
-            start[i], env_episode[i] = t, env_episode[i] + 1
-            start_frames[i] = split_frames(step.obs[i], c)
-        log.prune(int(start.min()))
-        obs = step.obs
-        bar.update(n, postfix=f"return {np.mean(returns[-20:]) if returns else float('nan'):.1f}")
-        if writer.num_steps + pending_steps + int((t - start).sum()) >= steps:
+        bar.update(lane.n, postfix=f"return {sum(returns[-20:]) / len(returns[-20:]):.1f}" if done else None)
+        to_play = steps - recorded()
+        if to_play <= 0:
             break  # before any flush: the last vector step's episodes must stay cuttable
-        if pending_steps >= flush_steps or (pending and time.perf_counter() - last_flush > flush_seconds):
+        # Near the end, flush once as much is pending as remains to play: flushes halve in size and
+        # the writer finishes each while the next is played, so the build's tail (waiting for the
+        # last episodes to be compressed) stays short.
+        due = min(flush_steps, max(to_play, flush_steps // 16))
+        if pending_steps >= due or (pending and time.perf_counter() - last_flush > flush_seconds):
             flush()
-    env.close()
 
     # ---- Phase 3: cut the running episodes to land on exactly `steps`, flush, consolidate --------
-    excess = writer.num_steps + pending_steps + int((t - start).sum()) - steps
-    running = [(i, int(t - start[i])) for i in range(n)]
-    for k in range(n - 1, -1, -1):  # trim running episodes from the last env backwards
-        i, length = running[k]
-        cut = min(excess, length)
-        running[k] = (i, length - cut)
+    excess = recorded() - steps
+    running = [[lane, i, int(length)] for lane in play for i, length in enumerate(lane.running())]
+    for entry in reversed(running):  # trim running episodes from the last env backwards
+        cut = min(excess, entry[2])
+        entry[2] -= cut
         excess -= cut
     while excess > 0:  # every env had just reset: shorten the newest completed episode instead
         ep = pending.pop()
@@ -267,15 +359,14 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
         if keep > 0:
             pending.append(_shorten(ep, keep))
     pending_steps = sum(e.length for e in pending)
-    for i, length in running:
+    for lane, i, length in running:
         if length > 0:
-            ep = _cut(log, i, start[i], start[i] + length, start_frames[i], False, epsilon, env_seeds[i], env_episode[i])
+            ep = lane.cut(i, lane.start[i] + length, False, epsilon)
             pending.append(ep)
             pending_steps += ep.length
     bar.n = writer.num_steps + pending_steps
     bar.close()
     flush(final=True)
-    writer.finalize()
     seconds = time.perf_counter() - t0
     added = writer.num_steps - before
     mean_return = float(np.mean(returns)) if returns else float("nan")
@@ -296,7 +387,8 @@ def _shorten(ep: Episode, keep: int) -> Episode:
 
 def _build_in_worker(kwargs: dict) -> BuildResult:
     torch.set_num_threads(1)
-    return build_dataset(**{**kwargs, "show_progress": False})  # bars of parallel games would interleave
+    # Parallel games already use the cores: one lane each, no teacher helper. No bars: they would interleave.
+    return build_dataset(**{**kwargs, "lanes": 1, "show_progress": False})
 
 
 def build_many(jobs: Sequence[dict], workers: int) -> list[BuildResult]:

@@ -109,16 +109,32 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli)
 def test_resume_continues_to_exactly_n(tmp_path):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     out = tmp_path / "b.h5"
-    build_dataset("minatar/Breakout", teacher, 400, out, num_envs=4, show_progress=False)
+    first_build = build_dataset("minatar/Breakout", teacher, 400, out, num_envs=4, show_progress=False)
+    assert (first_build.steps, first_build.added_steps) == (400, 400)
     with DatasetReader(out) as d:
         first = d.batch(np.arange(400))
-    build_dataset("minatar/Breakout", teacher, 1000, out, num_envs=4, resume=True, show_progress=False)
+    resumed = build_dataset("minatar/Breakout", teacher, 1000, out, num_envs=4, lanes=1, resume=True,
+                            show_progress=False)  # one lane: the teacher in-process, no overlap
+    assert (resumed.steps, resumed.added_steps) == (1000, 600)
     with DatasetReader(out) as d:
         assert len(d) == 1000 and verify_invariants(d) == []
         again = d.batch(np.arange(400))
         assert all(np.array_equal(a, b) for a, b in zip(first[1:], again[1:]))  # old steps untouched
         builds = json.loads(d.info.attrs["builds"])
         assert len(builds) == 2 and builds[1]["env_seeds"][0] != builds[0]["env_seeds"][0]
+
+
+def test_a_build_is_a_function_of_its_seed(tmp_path):
+    """Two lanes and a teacher in a helper process: timing never changes what is recorded."""
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Freeway")
+    steps = []
+    for name in ("a.h5", "b.h5", "c.h5"):
+        build_dataset("minatar/Freeway", teacher, 900, tmp_path / name, num_envs=6, seed=1 if name != "c.h5" else 2,
+                      epsilon=0.3, show_progress=False)
+        with DatasetReader(tmp_path / name) as d:
+            steps.append({k: d.steps[k][:] for k in ("action", "reward", "teacher_outputs", "frame_index")})
+    assert all(np.array_equal(steps[0][k], steps[1][k]) for k in steps[0])
+    assert not np.array_equal(steps[0]["action"], steps[2]["action"])
 
 
 def _children(pid: int) -> list[int]:
