@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--workers", type=int, default=2, help="processes for --games (default 2)")
     db.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="frame compression (default gzip)")
     db.add_argument("--level", type=int, default=1, help="gzip level for frames (default 1)")
-    db.add_argument("--flush-steps", type=int, help="completed steps buffered before a flush to disk (default: ~64 MiB of steps, "
-                    "about 150,000 MinAtar or 9,000 Atari steps; also flushed every 60 s)")
+    db.add_argument("--flush-steps", type=int, help="completed steps buffered before a flush to disk (default: ~32 MiB of steps, "
+                    "about 75,000 MinAtar or 4,700 Atari steps; also flushed every 60 s)")
     db.add_argument("--no-progress", action="store_true")
     db.set_defaults(func=cmd_dataset_build)
     di = d.add_parser("info", help="steps, episodes, returns, teacher, control, size")

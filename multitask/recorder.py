@@ -36,7 +36,7 @@ from multitask.framestack import newest_frame, split_frames
 from multitask.inference import LocalNet, RemoteNet
 from multitask.progress import Progress
 from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
-                               dataset_exists, now_iso, remove_dataset)
+                               bytes_per_step, dataset_exists, now_iso, remove_dataset)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
 # In all lanes. MinAtar: 128 envs per lane amortise the per-vector-step Python work (200k Breakout
@@ -149,11 +149,6 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
         raise UserError(f"cannot write {out} ({e.strerror}); choose a writable --out") from None
 
 
-def _bytes_per_step(game: GameSpec) -> int:
-    """Uncompressed bytes a step adds: one frame plus its row of per-step arrays."""
-    return int(np.prod(game.frame_shape)) + 4 * game.num_actions + 24
-
-
 def _root_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict:
     card = teacher.card
     teacher_info = {
@@ -193,7 +188,7 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
         raise UserError("--num-envs and --lanes must be positive")
     lanes = min(lanes, n)
     if flush_steps is None:
-        flush_steps = max(1, FLUSH_BYTES // _bytes_per_step(game))
+        flush_steps = max(1, FLUSH_BYTES // bytes_per_step(game.frame_shape, game.num_actions))
     elif flush_steps < 1:
         raise UserError("--flush-steps must be positive")
     _check_output(out, game, teacher, resume, overwrite)

@@ -137,6 +137,9 @@ class Compression:
         frames = "lzf" if self.frames != "none" and frame_bytes >= 1024 else "none"
         return replace(self, frames=frames, temporary=True)
 
+    def chunk_rows(self, what: str) -> int:
+        return self.frame_chunk if what == "frames" else self.step_chunk
+
     def kwargs(self, what: str) -> dict[str, Any]:
         method = self.frames if what == "frames" else ("none" if self.temporary else "gzip")
         if method == "none":
@@ -188,6 +191,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def bytes_per_step(frame_shape: Sequence[int], num_actions: int) -> int:
+    """Uncompressed bytes a step adds to a dataset: one frame and its row of STEP_FIELDS."""
+    row = sum(np.dtype(dtype).itemsize * (num_actions if shape == ("A",) else 1)
+              for dtype, shape, _ in STEP_FIELDS.values())
+    return int(np.prod(frame_shape)) + row
+
+
 def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
@@ -237,8 +247,7 @@ def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, fra
 def _create(f: h5py.File, name: str, data: np.ndarray, comp: Compression, what: str) -> None:
     """A part file's dataset: contiguous where uncompressed, else chunked as `comp` says."""
     kwargs = comp.kwargs(what) if len(data) else {}
-    rows = comp.frame_chunk if what == "frames" else comp.step_chunk
-    chunks = (max(1, min(rows, len(data))), *data.shape[1:]) if kwargs else None
+    chunks = (max(1, min(comp.chunk_rows(what), len(data))), *data.shape[1:]) if kwargs else None
     f.create_dataset(name, data=data, chunks=chunks, **kwargs)
 
 
@@ -264,9 +273,8 @@ class _Staging:
         self.file = h5py.File(self.path, "w")
         for name, (dtype, row, _) in datasets.items():
             what = "frames" if name == "frames" else "steps"
-            rows = comp.frame_chunk if what == "frames" else comp.step_chunk
             self.file.create_dataset(name, shape=(0, *row), maxshape=(None, *row), dtype=dtype,
-                                     chunks=(rows, *row), **comp.kwargs(what))
+                                     chunks=(comp.chunk_rows(what), *row), **comp.kwargs(what))
         self.parts = 0  # part files appended so far
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
@@ -512,24 +520,23 @@ class BackgroundWriter(_Sizes):
         return cls(writer) if background_supported() else writer
 
     def flush(self, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None = None) -> None:
+        self._hand_over("flush", episodes, attrs_update)
+
+    def finalize(self, attrs_update: dict[str, Any] | None = None, episodes: Sequence[Episode] = ()) -> None:
+        self._hand_over("finalize", episodes, attrs_update)
+        self._wait()
+        self.close()
+
+    def _hand_over(self, op: str, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None) -> None:
+        """Once the previous operation is durable, pack here and send from a thread; count at once."""
         self._wait()
         packed = self.pack(episodes)
-        self._sender = threading.Thread(target=self._send, args=(("flush", packed, attrs_update),),
+        self._sender = threading.Thread(target=self._send, args=((op, packed, attrs_update),),
                                         name="writer hand-off", daemon=True)
         self._sender.start()
         self._in_flight = True
         self.attrs.update(attrs_update or {})
         self._count(packed)
-
-    def finalize(self, attrs_update: dict[str, Any] | None = None, episodes: Sequence[Episode] = ()) -> None:
-        self._wait()
-        packed = self.pack(episodes)
-        _send_out_of_band(self._conn, ("finalize", packed, attrs_update))
-        self.attrs.update(attrs_update or {})
-        self._count(packed)
-        self._in_flight = True
-        self._wait()
-        self.close()
 
     def _send(self, message: tuple) -> None:
         try:
