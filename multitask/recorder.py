@@ -71,46 +71,49 @@ class BuildResult:
 class _TimeLog:
     """Per-vector-step arrays, kept until every episode using them has been cut out.
 
-    One preallocated array per field, indexed [vector step - base, env], so cutting an episode out
-    is one slice per field (stacking per-step rows was a fifth of MinAtar recording time, measured
-    with cProfile); rows before the oldest running episode are dropped when the arrays fill up.
+    Rows (vector steps) live in fixed blocks of BLOCK_ROWS, one array per field indexed
+    [row in block, env], so cutting an episode out is a slice per field and block (stacking per-step
+    rows was a fifth of MinAtar recording time, measured with cProfile). Blocks before the oldest
+    running episode go back to a free list and are reused: nothing is ever copied to make room, and
+    the memory stays mapped (a log of one growing array spent 0.3 s of a 200k-step MinAtar build
+    doubling and first-touching up to 200 MB; measured).
     """
 
-    def __init__(self, capacity: int = 1024):
-        self.base = 0  # vector step of row 0
-        self.rows = 0
-        self.keep_from = 0
-        self.capacity = capacity
-        self.fields: list[np.ndarray] = []  # (q, action, reward, terminated, truncated, life_lost, next_frame)
+    BLOCK_ROWS = 256
+
+    def __init__(self):
+        self.rows = 0  # vector steps appended
+        self.first_block = 0  # index of blocks[0]
+        self.blocks: list[list[np.ndarray]] = []  # per block: (q, action, reward, terminated, truncated, life_lost, next_frame)
+        self.free: list[list[np.ndarray]] = []
 
     def append(self, entry: tuple) -> None:
-        if not self.fields:
-            self.fields = [np.empty((self.capacity, *np.shape(x)), np.asarray(x).dtype) for x in entry]
-        if self.rows == self.capacity:
-            self._make_room()
-        for buf, x in zip(self.fields, entry):
-            buf[self.rows] = x
+        offset = self.rows % self.BLOCK_ROWS
+        if offset == 0:
+            self.blocks.append(self.free.pop() if self.free else
+                               [np.empty((self.BLOCK_ROWS, *np.shape(x)), np.asarray(x).dtype) for x in entry])
+        for buf, x in zip(self.blocks[-1], entry):
+            buf[offset] = x
         self.rows += 1
 
     def column(self, env: int, start: int, stop: int, field: int) -> np.ndarray:
-        return self.fields[field][start - self.base:stop - self.base, env].copy()
+        """Rows [start, stop) of one env's field, as a new array."""
+        b0, b1 = start // self.BLOCK_ROWS, (stop - 1) // self.BLOCK_ROWS
+        if b0 == b1:
+            return self.blocks[b0 - self.first_block][field][start % self.BLOCK_ROWS:(stop - 1) % self.BLOCK_ROWS + 1,
+                                                         env].copy()
+        pieces = [self.blocks[b - self.first_block][field][:, env] for b in range(b0, b1 + 1)]
+        pieces[0] = pieces[0][start % self.BLOCK_ROWS:]
+        pieces[-1] = pieces[-1][:(stop - 1) % self.BLOCK_ROWS + 1]
+        return np.concatenate(pieces)
 
     def prune(self, keep_from: int) -> None:
-        self.keep_from = keep_from
-
-    def _make_room(self) -> None:
-        drop = self.keep_from - self.base
-        keep = self.rows - drop
-        if keep > self.capacity // 2:  # mostly still needed: grow instead of shifting every time
-            self.capacity *= 2
-            grown = [np.empty((self.capacity, *b.shape[1:]), b.dtype) for b in self.fields]
-            for g, b in zip(grown, self.fields):
-                g[:keep] = b[drop:self.rows]
-            self.fields = grown
-        else:
-            for b in self.fields:
-                b[:keep] = b[drop:self.rows]
-        self.base, self.rows = self.keep_from, keep
+        """Rows before `keep_from` are no longer needed."""
+        drop = min(keep_from // self.BLOCK_ROWS - self.first_block, len(self.blocks) - 1)
+        if drop > 0:
+            self.free.extend(self.blocks[:drop])
+            del self.blocks[:drop]
+            self.first_block += drop
 
 
 def _cut(log: _TimeLog, env: int, start: int, stop: int, start_frames: np.ndarray, complete: bool,

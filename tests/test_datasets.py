@@ -17,7 +17,7 @@ import torch
 from multitask.checkpoints import load_agent, save_agent
 from multitask.envs import get_game
 from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.recorder import build_dataset, check_teacher_outputs
+from multitask.recorder import _TimeLog, build_dataset, check_teacher_outputs
 from multitask.storage import DatasetReader, parts_dir, verify_invariants
 
 
@@ -65,6 +65,27 @@ def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, st
                 if nxt is not None:  # the final observation is never acted on, so never seen
                     assert np.array_equal(batch.next_obs[t], nxt), (ep, t)
         assert check_teacher_outputs(d, load_agent(teacher)) == []
+
+
+def test_time_log_cuts_exact_rows_across_blocks_and_reuses_pruned_ones():
+    """The recorder's per-step log: any env's rows [start, stop) come back exactly, across block
+    boundaries, while pruned blocks are recycled for new rows."""
+    rng = np.random.default_rng(0)
+    log, rows, kept_from = _TimeLog(), [], 0
+    for t in range(5 * _TimeLog.BLOCK_ROWS + 37):
+        entry = (rng.normal(size=(3, 2)).astype(np.float32), np.full(3, t), rng.random(3) < 0.5,
+                 rng.integers(0, 255, (3, 1, 4, 4), dtype=np.uint8))
+        log.append(entry)
+        rows.append(entry)
+        if t % 97 == 0:
+            kept_from = max(kept_from, t - int(rng.integers(0, 300)))
+            log.prune(kept_from)
+        for start in {kept_from, max(kept_from, t - 300), t}:
+            env = int(rng.integers(0, 3))
+            for field in range(4):
+                expected = np.stack([r[field][env] for r in rows[start:t + 1]])
+                assert np.array_equal(log.column(env, start, t + 1, field), expected), (t, start, field)
+    assert log.free or log.first_block > 0  # pruning happened and blocks were recycled
 
 
 def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
