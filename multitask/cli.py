@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--epsilon", type=float, default=0.05, help="teacher's epsilon-greedy (default 0.05, Rusu et al. 2016)")
     db.add_argument("--out", type=Path, help="output file (default: datasets/<suite>/<Game>.h5)")
     db.add_argument("--seed", type=int, default=0, help="env streams are seeded seed + i (+7919 per resume)")
-    db.add_argument("--num-envs", type=int, help="parallel envs in all lanes (default: 16 Atari, 256 MinAtar)")
+    db.add_argument("--num-envs", type=int, help="parallel envs in all lanes (default: 32 Atari, 256 MinAtar)")
     db.add_argument("--lanes", type=int, default=2, help="env groups played in turn: the teacher (in a helper "
                     "process) works on one while the others step (default 2; 1 plays without overlap; "
                     "games built in parallel with --games use one lane each)")

@@ -41,8 +41,11 @@ from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Epi
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
 # In all lanes. MinAtar: 128 envs per lane amortise the per-vector-step Python work (200k Breakout
-# steps on one core: 6.9 s with 32 envs, 5.0 s with 128; measured). Atari: 8 per lane, ale-py's threads.
-DEFAULT_NUM_ENVS = {"atari": 16, "minatar": 256}
+# steps on one core: 6.9 s with 32 envs, 5.0 s with 128; measured). Atari: 16 per lane, because the
+# teacher's one-thread forward pass is the pipeline's bottleneck and costs less per observation in
+# batches of 16 (2,500 vs 1,900 per second at 8): 40k Breakout steps ran at 1,057-1,219 steps/s
+# after start-up vs 982-1,026 with 16 envs, for ~3.5 s more start-up (ROM loading; measured).
+DEFAULT_NUM_ENVS = {"atari": 32, "minatar": 256}
 # Two lanes: the teacher (in a helper process) works on one while the other steps, so that envs and
 # teacher overlap instead of taking turns on the CPU (200k MinAtar steps: ~3.2 s vs ~4.8 s in one
 # lane; a 3rd lane gained nothing; measured on the 2-core dev machine).
