@@ -257,7 +257,7 @@ class _Lane:
         """Act on the teacher's outputs for the lane's observations, hand it the next ones at once
         (it works while this lane keeps its books), log the step; return the episodes it ended."""
         if observe is not None:
-            observe(self.obs, self.env_seeds, self.env_episode, self.t - self.start)
+            observe(self.obs, self.env_seeds, self.env_episode, self.running())
         q = teacher.result(self.index)
         actions = epsilon_greedy(q, epsilon, self.rng)
         step = self.env.step(actions)
