@@ -13,6 +13,11 @@ while and then sleeping in short naps (the envs' or the writer's threads get the
 The helper runs one torch thread and dies with its parent (`processes.become_helper`). Where
 helpers are unsupported, `start` returns `LocalNet`, which computes at `submit`, with the same calls.
 
+The policy on top of the outputs (`act`: the recorder's epsilon-greedy) runs where the outputs are
+computed, so the actions come back with them: it was ~4% of the caller's time in a MinAtar build,
+whose caller (envs and bookkeeping) is the busier side (py-spy). Its state, e.g. each lane's random
+generator, lives in the process that runs it: the helper's copy, made at the fork.
+
 The counters are plain stores read by the other process: x86-64 keeps stores in order (the output
 is visible before its counter), so `start` uses the helper only there.
 """
@@ -23,7 +28,7 @@ import mmap
 import os
 import platform
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -55,67 +60,84 @@ def _wait_until(ready: Callable[[], bool], alive: Callable[[], bool]) -> bool:
     return True
 
 
+class Answer(NamedTuple):
+    outputs: np.ndarray  # (batch, num_outputs) float32: the net's raw outputs
+    actions: np.ndarray  # (batch,) int64: act(lane, outputs)
+
+
+# act(lane, outputs) -> actions: the policy applied to a lane's outputs
+Act = Callable[[int, np.ndarray], np.ndarray]
+
+
+def greedy(lane: int, outputs: np.ndarray) -> np.ndarray:
+    """argmax over outputs, per row."""
+    return outputs.argmax(1)
+
+
 def _forward(net: torch.nn.Module, head: int, obs: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return net(torch.from_numpy(obs), head).numpy()
 
 
 class LocalNet:
-    """`net(obs, head)` in the caller's process, behind the RemoteNet calls."""
+    """`net(obs, head)` and `act` in the caller's process, behind the RemoteNet calls."""
 
-    def __init__(self, net: torch.nn.Module, head: int, lanes: int):
-        self._net, self._head = net, head
-        self._out: list[np.ndarray | None] = [None] * lanes
+    def __init__(self, net: torch.nn.Module, head: int, lanes: int, act: Act = greedy):
+        self._net, self._head, self._act = net, head, act
+        self._answer: list[Answer | None] = [None] * lanes
 
     def submit(self, lane: int, obs: np.ndarray) -> None:
-        self._out[lane] = _forward(self._net, self._head, obs)
+        out = _forward(self._net, self._head, obs)
+        self._answer[lane] = Answer(out, np.asarray(self._act(lane, out), dtype=np.int64))
 
-    def result(self, lane: int) -> np.ndarray:
-        out, self._out[lane] = self._out[lane], None
-        return out
+    def result(self, lane: int) -> Answer:
+        answer, self._answer[lane] = self._answer[lane], None
+        return answer
 
     def close(self) -> None:
         pass
 
 
 class RemoteNet:
-    """`net(obs, head)` computed in a helper process; `submit` returns at once, `result` waits.
+    """`net(obs, head)` and `act` computed in a helper process; `submit` returns at once, `result` waits.
 
     Lane k takes batches of exactly `batch_sizes[k]` observations of `obs_shape` (uint8) and gives
-    (batch, num_outputs) float32. At most one request per lane is in flight.
+    (batch, num_outputs) float32 outputs and (batch,) actions. At most one request per lane is in flight.
     """
 
     def __init__(self, net: torch.nn.Module, head: int, batch_sizes: Sequence[int], obs_shape: tuple[int, ...],
-                 num_outputs: int):
+                 num_outputs: int, act: Act = greedy):
         self._obs = [_shared((n, *obs_shape), np.uint8) for n in batch_sizes]
         self._out = [_shared((n, num_outputs), np.float32) for n in batch_sizes]
+        self._actions = [_shared((n,), np.int64) for n in batch_sizes]
         # [0, k]: requests sent on lane k, [1, k]: answered; [2, 0]: 1 asks the helper to stop
         self._seq = _shared((3, len(batch_sizes)), np.int64)
         ctx = fork_context()
         self._errors, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_serve, args=(net, head, self._obs, self._out, self._seq, child, os.getpid()),
+        self._proc = ctx.Process(target=_serve, args=(net, head, act, self._obs, self._out, self._actions, self._seq,
+                                                      child, os.getpid()),
                                  daemon=True, name="teacher")
         self._proc.start()
         child.close()
 
     @classmethod
     def start(cls, net: torch.nn.Module, head: int, batch_sizes: Sequence[int], obs_shape: tuple[int, ...],
-              num_outputs: int) -> "RemoteNet | LocalNet":
+              num_outputs: int, act: Act = greedy) -> "RemoteNet | LocalNet":
         if not background_supported() or platform.machine() not in ("x86_64", "AMD64"):
-            return LocalNet(net, head, len(batch_sizes))
-        return cls(net, head, batch_sizes, obs_shape, num_outputs)
+            return LocalNet(net, head, len(batch_sizes), act)
+        return cls(net, head, batch_sizes, obs_shape, num_outputs, act)
 
     def submit(self, lane: int, obs: np.ndarray) -> None:
         self._obs[lane][:] = obs
         self._seq[0, lane] += 1
 
-    def result(self, lane: int) -> np.ndarray:
+    def result(self, lane: int) -> Answer:
         seq = self._seq
         if not _wait_until(lambda: seq[1, lane] == seq[0, lane], self._proc.is_alive):
             error = self._errors.recv_bytes().decode() if self._errors.poll() else "it exited"
             self.close()
             raise RuntimeError(f"the teacher's helper process failed: {error}")
-        return self._out[lane].copy()
+        return Answer(self._out[lane].copy(), self._actions[lane].copy())
 
     def close(self) -> None:
         self._seq[2, 0] = 1
@@ -126,8 +148,8 @@ class RemoteNet:
         self._errors.close()
 
 
-def _serve(net, head: int, obs: list[np.ndarray], out: list[np.ndarray], seq: np.ndarray, errors,
-           parent: int) -> None:
+def _serve(net, head: int, act: Act, obs: list[np.ndarray], out: list[np.ndarray], actions: list[np.ndarray],
+           seq: np.ndarray, errors, parent: int) -> None:
     """Helper side: answer each lane's requests in turn until asked to stop."""
     if not become_helper(parent):
         return
@@ -142,6 +164,7 @@ def _serve(net, head: int, obs: list[np.ndarray], out: list[np.ndarray], seq: np
             if seq[0, k] != seq[1, k]:
                 try:
                     out[k][:] = _forward(net, head, obs[k])
+                    actions[k][:] = act(k, out[k])
                 except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
                     errors.send_bytes(f"{type(e).__name__}: {e}".encode())
                     return

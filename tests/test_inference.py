@@ -14,8 +14,12 @@ def test_remote_answers_equal_local_ones_on_interleaved_lanes():
     torch.manual_seed(0)
     net = MultiHeadNet(teacher_network_spec(game))
     sizes = [5, 3]  # uneven lanes, as when --num-envs is odd
-    remote = RemoteNet.start(net, 0, sizes, game.obs_shape, game.num_actions)
-    local = LocalNet(net, 0, len(sizes))
+
+    def policy(generators):  # random actions from one generator per lane, as the recorder's act
+        return lambda lane, q: generators[lane].integers(0, q.shape[1], len(q))
+    remote = RemoteNet.start(net, 0, sizes, game.obs_shape, game.num_actions,
+                             policy([np.random.default_rng(k) for k in range(2)]))
+    local = LocalNet(net, 0, len(sizes), policy([np.random.default_rng(k) for k in range(2)]))
     assert isinstance(remote, RemoteNet)  # the test machines are x86-64 Linux
     rng = np.random.default_rng(0)
     try:
@@ -26,8 +30,10 @@ def test_remote_answers_equal_local_ones_on_interleaved_lanes():
                 local.submit(k, batches[k])
             for k in reversed(range(len(sizes))):
                 got, want = remote.result(k), local.result(k)
-                assert got.shape == (sizes[k], game.num_actions)
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+                assert got.outputs.shape == (sizes[k], game.num_actions) and got.actions.shape == (sizes[k],)
+                np.testing.assert_allclose(got.outputs, want.outputs, rtol=1e-5, atol=1e-6)
+                # the helper's copy of each lane's generator draws the same actions as the caller's
+                assert np.array_equal(got.actions, want.actions)
     finally:
         remote.close()
     assert not remote._proc.is_alive()
