@@ -346,12 +346,14 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
     returns: list[float] = []
     bar = Progress(steps, f"dataset {game.name}", initial=before, enabled=show_progress)
 
-    def flush(final: bool = False) -> None:
+    def flush(final: bool = False, stage: bool = False) -> None:
         nonlocal pending, pending_steps, last_flush
         builds[-1]["steps_after"] = writer.num_steps + pending_steps
         builds[-1]["finished" if final else "updated"] = now_iso()
         if final:  # the last episodes go straight into the consolidated file
             writer.finalize({"builds": json.dumps(builds)}, pending)
+        elif stage:
+            writer.stage(pending, {"builds": json.dumps(builds)})
         else:
             writer.flush(pending, {"builds": json.dumps(builds)})
         pending, pending_steps, last_flush = [], 0, time.perf_counter()
@@ -375,12 +377,17 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
         to_play = steps - recorded()
         if to_play <= 0:
             break  # before any flush: the last vector step's episodes must stay cuttable
-        # Near the end, flush once as much is pending as remains to play: flushes halve in size and
-        # the writer finishes each while the next is played, so the build's tail (waiting for the
-        # last episodes to be compressed) stays short.
+        # The last stretch (less than a flush to go) is staged, not flushed: straight into the
+        # consolidated file, without a part file and a master each (a crash loses it, as it would
+        # lose episodes pending a flush; the build's earlier flushes stay durable). It is staged
+        # whenever as much is pending as remains to play: the writer finishes each half while the
+        # next is played, so the build's tail (waiting for the last episodes to be compressed) stays
+        # short. Flushed instead, these cost the writer 90-125 ms each in parts and masters (200k
+        # MinAtar steps; measured).
+        tail = to_play < flush_steps
         due = min(flush_steps, max(to_play, flush_steps // 16))
         if pending_steps >= due or (pending and time.perf_counter() - last_flush > flush_seconds):
-            flush()
+            flush(stage=tail)
 
     # ---- Phase 3: cut the running episodes to land on exactly `steps`, flush, consolidate --------
     excess = recorded() - steps

@@ -17,6 +17,11 @@ never writes into a file that readers rely on:
      last episodes (they skip the part file: a crash before the rename loses them, as it would an
      unfinished flush), writes the root attributes and renames; the staging file is never read by
      anyone and a crash simply leaves it to be rebuilt (it is deleted on resume).
+     A build's last stretch (less than one flush of steps to go) may `stage` episodes instead of
+     flushing them: appended to the staging file only, no part file, no master. They become durable
+     with the final rename, like the last episodes; a crash loses them as it loses episodes still
+     pending a flush. After a `stage` only `stage` and `finalize` may follow (the parts no longer
+     describe the staging file's rows).
 `BackgroundWriter` runs all of this in a child process, so that compression and HDF5 writes
 overlap the teacher's play; a flush is durable when the next flush (or finalize) returns. Part
 files are written uncompressed (frames of 1 KiB or more with LZF): they are temporary.
@@ -203,11 +208,21 @@ def parts_dir(path: Path) -> Path:
 
 
 class Packed(NamedTuple):
-    """Episodes stacked for writing: per-step arrays, per-episode arrays, frames (global row numbers)."""
+    """Episodes stacked for writing: per-step arrays, per-episode arrays, frames (global row numbers).
+
+    On its way to a BackgroundWriter's child, `frames` is the list of the episodes' frame arrays,
+    received there straight into one array (`_send_packed`): concatenating a MinAtar flush's 31 MB
+    of frames cost its caller 65-130 ms, mostly first-touching new memory (measured in builds;
+    12-50 ms in isolation).
+    """
 
     steps: dict[str, np.ndarray]
     episodes: dict[str, np.ndarray]
-    frames: np.ndarray
+    frames: np.ndarray | list[np.ndarray]
+
+
+def _num_frames(packed: Packed) -> int:
+    return len(packed.frames) if isinstance(packed.frames, np.ndarray) else sum(len(f) for f in packed.frames)
 
 
 def _flat(packed: Packed) -> dict[str, np.ndarray]:
@@ -216,7 +231,8 @@ def _flat(packed: Packed) -> dict[str, np.ndarray]:
             **{f"episodes/{k}": v for k, v in packed.episodes.items()}, "frames": packed.frames}
 
 
-def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, frame0: int, stack: int) -> Packed:
+def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, frame0: int, stack: int,
+                     join_frames: bool = True) -> Packed:
     """Stack episodes into per-step, per-episode and frame arrays with global row indices.
 
     Vectorised over episodes (a Python loop per episode was 0.3 s of a 3 s MinAtar build; measured).
@@ -241,7 +257,8 @@ def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, fra
               "env_episode": [ep.env_episode for ep in episodes]}
     ep_arrays = {k: np.asarray(values[k], dtype=EPISODE_FIELDS[k][0]) for k in EPISODE_FIELDS}
     step_arrays = {k: steps[k] for k in STEP_FIELDS}
-    return Packed(step_arrays, ep_arrays, np.concatenate([ep.frames for ep in episodes]))
+    frames = [ep.frames for ep in episodes]
+    return Packed(step_arrays, ep_arrays, np.concatenate(frames) if join_frames else frames)
 
 
 def _create(f: h5py.File, name: str, data: np.ndarray, comp: Compression, what: str) -> None:
@@ -314,15 +331,15 @@ class _Sizes:
     def num_episodes(self) -> int:
         return int(self.attrs["num_episodes"])
 
-    def pack(self, episodes: Sequence[Episode]) -> Packed:
+    def pack(self, episodes: Sequence[Episode], join_frames: bool = True) -> Packed:
         """The arrays `write` takes, with rows numbered after this writer's current contents."""
         return _concat_episodes(episodes, self.num_steps, self.num_episodes, int(self.attrs["num_frames"]),
-                                int(self.attrs["stack"]))
+                                int(self.attrs["stack"]), join_frames)
 
     def _count(self, packed: Packed) -> None:
         self.attrs["num_steps"] = self.num_steps + len(packed.steps["action"])
         self.attrs["num_episodes"] = self.num_episodes + len(packed.episodes["length"])
-        self.attrs["num_frames"] = int(self.attrs["num_frames"]) + len(packed.frames)
+        self.attrs["num_frames"] = int(self.attrs["num_frames"]) + _num_frames(packed)
 
 
 class DatasetWriter(_Sizes):
@@ -331,6 +348,8 @@ class DatasetWriter(_Sizes):
     def __init__(self, path: Path, attrs: dict[str, Any], parts: list[dict], comp: Compression):
         self.path, self.attrs, self.parts, self.comp = Path(path), attrs, parts, comp
         self._staging: _Staging | None = None
+        self._durable_steps = self.num_steps  # steps in the master (or consolidated file) on disk
+        self._staged_only = False  # episodes were staged without a part: no more parts or masters
         staging_path(self.path).unlink(missing_ok=True)  # a crashed build's: rebuilt from the parts
 
     # -- opening --
@@ -384,7 +403,7 @@ class DatasetWriter(_Sizes):
 
     @property
     def durable_steps(self) -> int:
-        return self.num_steps
+        return self._durable_steps
 
     # -- writing --
 
@@ -394,6 +413,8 @@ class DatasetWriter(_Sizes):
 
     def write(self, packed: Packed, attrs_update: dict[str, Any] | None = None) -> None:
         """`flush` of episodes already packed (by `pack`, or by a BackgroundWriter in the parent)."""
+        if self._staged_only:
+            raise RuntimeError(f"flush after stage on {self.path}: only stage or finalize may follow a stage")
         if attrs_update:
             self.attrs.update(attrs_update)
         steps, eps, frames = packed
@@ -418,6 +439,22 @@ class DatasetWriter(_Sizes):
             self._stage_parts(upto=len(self.parts) - 1)
             self._staging.append(_flat(packed))
 
+    def stage(self, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None = None) -> None:
+        """Append `episodes` to the consolidated file only (a build's last stretch; see the module notes):
+        not durable until `finalize`, which then has little left to do."""
+        self.stage_packed(self.pack(episodes), attrs_update)
+
+    def stage_packed(self, packed: Packed, attrs_update: dict[str, Any] | None = None) -> None:
+        """`stage` of episodes already packed."""
+        if attrs_update:
+            self.attrs.update(attrs_update)
+        self._stage_parts(upto=len(self.parts))
+        if len(packed.frames):
+            self._check_finite(packed)
+            self._staging.append(_flat(packed))
+            self._count(packed)
+        self._staged_only = True
+
     def _stage_parts(self, upto: int) -> None:
         """Open the staging file if needed and append parts [staged, upto) read back from disk."""
         if self._staging is None:
@@ -441,6 +478,7 @@ class DatasetWriter(_Sizes):
         _fsync_path(tmp)
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        self._durable_steps = self.num_steps
 
     def _virtual(self, f: h5py.File, name: str, dtype: str, row: tuple, count_key: str) -> None:
         total = sum(p[count_key] for p in self.parts)
@@ -474,6 +512,7 @@ class DatasetWriter(_Sizes):
             self._count(packed)
         self._staging.commit(self.path, self.attrs)
         self._staging = None
+        self._durable_steps = self.num_steps
         shutil.rmtree(parts_dir(self.path), ignore_errors=True)
 
     def _check_finite(self, packed: Packed) -> None:
@@ -493,9 +532,9 @@ class BackgroundWriter(_Sizes):
 
     Same calls as DatasetWriter. At most one flush is in flight: `flush` first waits until the
     previous one is durable (its error, e.g. NaN teacher outputs, is raised there), so a crash loses
-    at most the episodes of the flush in progress, as with the synchronous writer. A flush's episodes
-    are packed into a few arrays here and go down the pipe out of band (pickle protocol 5) from a
-    thread: 64 MiB take ~0.5 s to pass (measured), which the caller's loop would otherwise spend
+    at most the episodes of the flush in progress, as with the synchronous writer. A flush's per-step
+    and per-episode arrays are packed here, its frames stay the episodes' arrays (the child joins
+    them), and all go down the pipe out of band (pickle protocol 5) from a thread: 64 MiB take ~0.5 s to pass (measured), which the caller's loop would otherwise spend
     blocked (the thread waits in the kernel, without the GIL). The child ignores
     Ctrl-C (the caller decides) and is killed with its parent (Linux PR_SET_PDEATHSIG), so a killed
     build never leaves a writer behind that could race a `--resume`. Linux only (fork start):
@@ -510,7 +549,7 @@ class BackgroundWriter(_Sizes):
         self._proc.start()
         child.close()
         self.path, self.attrs = writer.path, dict(writer.attrs)
-        self.durable_steps = writer.num_steps
+        self.durable_steps = writer.durable_steps
         self._in_flight = False
         self._sender: threading.Thread | None = None
         self._send_error: BaseException | None = None
@@ -522,6 +561,9 @@ class BackgroundWriter(_Sizes):
     def flush(self, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None = None) -> None:
         self._hand_over("flush", episodes, attrs_update)
 
+    def stage(self, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None = None) -> None:
+        self._hand_over("stage", episodes, attrs_update)
+
     def finalize(self, attrs_update: dict[str, Any] | None = None, episodes: Sequence[Episode] = ()) -> None:
         self._hand_over("finalize", episodes, attrs_update)
         self._wait()
@@ -530,17 +572,17 @@ class BackgroundWriter(_Sizes):
     def _hand_over(self, op: str, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None) -> None:
         """Once the previous operation is durable, pack here and send from a thread; count at once."""
         self._wait()
-        packed = self.pack(episodes)
-        self._sender = threading.Thread(target=self._send, args=((op, packed, attrs_update),),
+        packed = self.pack(episodes, join_frames=False)  # the child joins the frames
+        self._sender = threading.Thread(target=self._send, args=(op, packed, attrs_update),
                                         name="writer hand-off", daemon=True)
         self._sender.start()
         self._in_flight = True
         self.attrs.update(attrs_update or {})
         self._count(packed)
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, op: str, packed: Packed, attrs_update: dict[str, Any] | None) -> None:
         try:
-            _send_out_of_band(self._conn, message)
+            _send_packed(self._conn, op, packed, attrs_update)
         except BaseException as e:  # noqa: BLE001 - raised by the caller's next _wait
             self._send_error = e
 
@@ -570,7 +612,7 @@ class BackgroundWriter(_Sizes):
             self._sender = None
         if self._proc.is_alive():
             try:
-                _send_out_of_band(self._conn, ("stop", None, None))
+                _send_packed(self._conn, "stop", None, None)
             except (BrokenPipeError, OSError):
                 pass
             self._proc.join(timeout=60)
@@ -595,13 +637,40 @@ def _recv_out_of_band(conn) -> Any:
     return pickle.loads(msg[8:], buffers=[conn.recv_bytes() for _ in range(count)])
 
 
+def _send_packed(conn, op: str, packed: Packed | None, attrs_update: dict[str, Any] | None) -> None:
+    """An operation for the writer's child: the arrays out of band, then the frames one message per
+    piece, which `_recv_packed` receives straight into one array (no joined copy on either side)."""
+    if packed is None:
+        _send_out_of_band(conn, (op, None, attrs_update, [], None))
+        return
+    pieces = packed.frames if isinstance(packed.frames, list) else [packed.frames]
+    row = pieces[0].shape[1:] if pieces else ()
+    _send_out_of_band(conn, (op, packed._replace(frames=None), attrs_update, [len(p) for p in pieces], row))
+    for p in pieces:
+        conn.send_bytes(np.ascontiguousarray(p, dtype=np.uint8).reshape(-1))  # flat: send_bytes sends len(view) items
+
+
+def _recv_packed(conn) -> tuple[str, Packed | None, dict[str, Any] | None]:
+    op, packed, attrs_update, lengths, row = _recv_out_of_band(conn)
+    if packed is None:
+        return op, None, attrs_update
+    frames = np.empty((sum(lengths), *row), dtype=np.uint8)
+    flat, offset, row_bytes = memoryview(frames.reshape(-1)), 0, int(np.prod(row, dtype=np.int64))
+    for n in lengths:
+        got = conn.recv_bytes_into(flat, offset)
+        if got != n * row_bytes:  # a message out of step would leave both sides waiting forever
+            raise RuntimeError(f"writer hand-off out of step: a piece of {got} bytes, expected {n * row_bytes}")
+        offset += got
+    return op, packed._replace(frames=frames), attrs_update
+
+
 def _writer_process(writer: DatasetWriter, conn, parent: int) -> None:
     """Child side of BackgroundWriter: run the parent's calls in order, answer each."""
     if not become_helper(parent):
         return
     while True:
         try:
-            op, packed, attrs_update = _recv_out_of_band(conn)
+            op, packed, attrs_update = _recv_packed(conn)
         except EOFError:
             op = "stop"
         if op == "stop":
@@ -610,9 +679,11 @@ def _writer_process(writer: DatasetWriter, conn, parent: int) -> None:
         try:
             if op == "flush":
                 writer.write(packed, attrs_update)
+            elif op == "stage":
+                writer.stage_packed(packed, attrs_update)
             else:
                 writer.commit(packed, attrs_update)
-            conn.send(("ok", writer.num_steps))
+            conn.send(("ok", writer.durable_steps))
         except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
             writer.close()
             try:

@@ -14,11 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from multitask.checkpoints import load_agent, save_agent
+from multitask.checkpoints import load_agent, load_teacher, save_agent
 from multitask.envs import get_game
 from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.recorder import _TimeLog, build_dataset, check_teacher_outputs
-from multitask.storage import DatasetReader, parts_dir, verify_invariants
+from multitask.recorder import (
+    _root_attrs,
+    _TimeLog,
+    build_dataset,
+    check_teacher_outputs,
+)
+from multitask.storage import (
+    BackgroundWriter,
+    Compression,
+    DatasetReader,
+    DatasetWriter,
+    Episode,
+    parts_dir,
+    verify_invariants,
+)
 
 
 def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None,
@@ -86,6 +99,50 @@ def test_time_log_cuts_exact_rows_across_blocks_and_reuses_pruned_ones():
                 expected = np.stack([r[field][env] for r in rows[start:t + 1]])
                 assert np.array_equal(log.column(env, start, t + 1, field), expected), (t, start, field)
     assert log.free or log.first_block > 0  # pruning happened and blocks were recycled
+
+
+def _episode(rng: np.random.Generator, game, env_episode: int) -> Episode:
+    n = int(rng.integers(3, 9))
+    game_over = np.arange(n) == n - 1
+    return Episode(frames=rng.integers(0, 2, (n + 1, *game.frame_shape), dtype=np.uint8),
+                   teacher_outputs=rng.normal(size=(n, game.num_actions)).astype(np.float32),
+                   action=rng.integers(0, game.num_actions, n), reward=rng.normal(size=n).astype(np.float32),
+                   terminated=game_over, truncated=np.zeros(n, dtype=bool), life_lost=game_over, complete=True, policy=0,
+                   epsilon=0.05, env_seed=3, env_episode=env_episode)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_staged_episodes_reach_the_final_file_without_a_master(tmp_path, background):
+    """A build's last stretch is staged: not in the master on disk (a crash loses it, nothing claims
+    it), no flush may follow, and finalize writes everything in order."""
+    game = get_game("minatar/Breakout")
+    teacher, _ = load_teacher(make_teacher(tmp_path / "t.pt", game.name), game)
+    out = tmp_path / "s.h5"
+    writer = DatasetWriter.create(out, _root_attrs(game, teacher, 100), Compression())
+    writer = BackgroundWriter.start(writer) if background else writer
+    rng = np.random.default_rng(0)
+    episodes = [_episode(rng, game, k) for k in range(6)]
+    writer.flush(episodes[:2])
+    flushed = sum(e.length for e in episodes[:2])
+    writer.stage(episodes[2:4])
+    writer.stage(episodes[4:5])
+    assert writer.num_steps == sum(e.length for e in episodes[:5])
+    if background:
+        writer._wait()  # the stages have been carried out
+    assert writer.durable_steps == flushed
+    with DatasetReader(out) as d:
+        assert len(d) == flushed and verify_invariants(d) == []
+    if not background:  # (the child raises the same from its next operation)
+        with pytest.raises(RuntimeError, match="only stage or finalize"):
+            writer.flush(episodes[5:])
+    writer.finalize({}, episodes[5:])
+    assert writer.durable_steps == sum(e.length for e in episodes)
+    with DatasetReader(out) as d:
+        assert d.info.status == "complete" and verify_invariants(d) == [] and not parts_dir(out).exists()
+        assert d.episodes["env_episode"].tolist() == list(range(6))
+        want = np.concatenate([e.teacher_outputs for e in episodes])
+        assert np.array_equal(d.steps["teacher_outputs"], want)
+        assert np.array_equal(d.obs(np.arange(len(d))), np.concatenate([e.frames[:-1] for e in episodes]))
 
 
 def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
