@@ -533,8 +533,9 @@ class BackgroundWriter(_Sizes):
     Same calls as DatasetWriter. At most one flush is in flight: `flush` first waits until the
     previous one is durable (its error, e.g. NaN teacher outputs, is raised there), so a crash loses
     at most the episodes of the flush in progress, as with the synchronous writer. A flush's per-step
-    and per-episode arrays are packed here, its frames stay the episodes' arrays (the child joins
-    them), and all go down the pipe out of band (pickle protocol 5) from a thread: 64 MiB take ~0.5 s to pass (measured), which the caller's loop would otherwise spend
+    and per-episode arrays are packed here and go down the pipe out of band (pickle protocol 5), its
+    frames one message per episode, received by the child straight into one array; all from a
+    thread: 64 MiB take ~0.5 s to pass (measured), which the caller's loop would otherwise spend
     blocked (the thread waits in the kernel, without the GIL). The child ignores
     Ctrl-C (the caller decides) and is killed with its parent (Linux PR_SET_PDEATHSIG), so a killed
     build never leaves a writer behind that could race a `--resume`. Linux only (fork start):
