@@ -17,8 +17,8 @@ never writes into a file that readers rely on:
      last episodes (they skip the part file: a crash before the rename loses them, as it would an
      unfinished flush), writes the root attributes and renames; the staging file is never read by
      anyone and a crash simply leaves it to be rebuilt (it is deleted on resume).
-     A build's last stretch (less than one flush of steps to go) may `stage` episodes instead of
-     flushing them: appended to the staging file only, no part file, no master. They become durable
+     A build's last stretch (less than one flush of steps and of seconds to go) may `stage`
+     episodes instead of flushing them: appended to the staging file only, no part file, no master. They become durable
      with the final rename, like the last episodes; a crash loses them as it loses episodes still
      pending a flush. After a `stage` only `stage` and `finalize` may follow (the parts no longer
      describe the staging file's rows).

@@ -18,6 +18,7 @@ from multitask.checkpoints import load_agent, load_teacher, save_agent
 from multitask.envs import get_game
 from multitask.networks import MultiHeadNet, teacher_network_spec
 from multitask.recorder import (
+    _is_last_stretch,
     _root_attrs,
     _TimeLog,
     build_dataset,
@@ -143,6 +144,18 @@ def test_staged_episodes_reach_the_final_file_without_a_master(tmp_path, backgro
         want = np.concatenate([e.teacher_outputs for e in episodes])
         assert np.array_equal(d.steps["teacher_outputs"], want)
         assert np.array_equal(d.obs(np.arange(len(d))), np.concatenate([e.frames[:-1] for e in episodes]))
+
+
+def test_only_a_short_last_stretch_is_staged():
+    """Staged episodes are lost in a crash, so staging starts only when less than a flush's steps and
+    less than flush_seconds of play (at the rate so far) remain: a slow build keeps flushing."""
+    fast = {"flush_steps": 75_000, "flush_seconds": 60.0, "played": 100_000, "elapsed": 2.0}  # 50k steps/s
+    assert _is_last_stretch(70_000, **fast)
+    assert not _is_last_stretch(80_000, **fast)  # more than a flush to go
+    slow = {**fast, "elapsed": 200.0}  # 500 steps/s: 70k steps would take 140 s
+    assert not _is_last_stretch(70_000, **slow)
+    assert _is_last_stretch(29_000, **slow)  # 58 s to go
+    assert not _is_last_stretch(1, **{**fast, "flush_seconds": 0.0})
 
 
 def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
