@@ -422,9 +422,11 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
     seconds = time.perf_counter() - t0
     added = writer.num_steps - before
     mean_return = float(np.mean(returns)) if returns else float("nan")
+    # e.g. Freeway's 2,500-step games on 256 envs: 200k steps end every episode by the step budget
+    returned = f"mean return {mean_return:.1f}" if returns else "no episode ended before the step budget cut it"
     print(f"dataset {game.name}: {writer.num_steps:,} steps, {writer.num_episodes:,} episodes "
           f"(+{added:,} steps in {seconds:.0f}s, {added / max(seconds, 1e-9):,.0f} steps/s, "
-          f"mean return {mean_return:.1f}) -> {writer.path}")
+          f"{returned}) -> {writer.path}")
     return BuildResult(writer.path, game.name, writer.num_steps, writer.num_episodes, added, seconds, mean_return)
 
 
