@@ -321,16 +321,6 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
             env.close()
 
 
-def _is_last_stretch(to_play: int, flush_steps: int, flush_seconds: float, played: int, elapsed: float) -> bool:
-    """Whether the rest of a build is short enough to be staged rather than flushed: fewer than
-    `flush_steps` steps to play, which at the rate so far (played / elapsed) take under
-    `flush_seconds`. Staged episodes skip the part file and the master of a flush (90-125 ms of the
-    writer's time each near the end of a 200k MinAtar build; measured) but stay at risk until the
-    final rename, so a crash loses at most what a flush would have bounded: a flush's steps and
-    flush_seconds of play."""
-    return to_play < flush_steps and to_play * elapsed < flush_seconds * played
-
-
 def _reset_in_thread(pool: ThreadPoolExecutor, env: VectorEnv, seed: int) -> Future:
     """`env.reset(seed)` in `pool`'s thread, returning once that thread has let go of the GIL: the
     caller gets the GIL back only when the reset is under way (in ale-py's C++), not before the
@@ -344,6 +334,16 @@ def _reset_in_thread(pool: ThreadPoolExecutor, env: VectorEnv, seed: int) -> Fut
     future = pool.submit(reset)
     under_way.wait()
     return future
+
+
+def _is_last_stretch(to_play: int, flush_steps: int, flush_seconds: float, played: int, elapsed: float) -> bool:
+    """Whether the rest of a build is short enough to be staged rather than flushed: fewer than
+    `flush_steps` steps to play, which at the rate so far (played / elapsed) take under
+    `flush_seconds`. Staged episodes skip the part file and the master of a flush (90-125 ms of the
+    writer's time each near the end of a 200k MinAtar build; measured) but stay at risk until the
+    final rename, so a crash loses at most what a flush would have bounded: a flush's steps and
+    flush_seconds of play."""
+    return to_play < flush_steps and to_play * elapsed < flush_seconds * played
 
 
 def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writer: DatasetWriter | BackgroundWriter,
@@ -372,10 +372,6 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
     # over the lanes' running episodes at every vector step (2% of a MinAtar build's caller; py-spy).
     played = 0
     tail = False  # staging the last stretch (see below)
-
-    def recorded() -> int:
-        return before + played
-
     for k in itertools.count():
         lane = play[k % len(play)]
         done = lane.step(teacher, epsilon, observe)
@@ -385,7 +381,7 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
             pending_steps += ep.length
             returns.append(float(ep.reward.sum()))
         bar.update(lane.n, postfix=f"return {sum(returns[-20:]) / len(returns[-20:]):.1f}" if done else None)
-        to_play = steps - recorded()
+        to_play = steps - before - played
         if to_play <= 0:
             break  # before any flush: the last vector step's episodes must stay cuttable
         # The last stretch is staged, not flushed (see _is_last_stretch), whenever as much is
@@ -398,7 +394,7 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
             flush(stage=tail)
 
     # ---- Phase 3: cut the running episodes to land on exactly `steps`, flush, consolidate --------
-    excess = recorded() - steps
+    excess = before + played - steps
     running = [[lane, i, int(length)] for lane in play for i, length in enumerate(lane.running())]
     for entry in reversed(running):  # trim running episodes from the last env backwards
         cut = min(excess, entry[2])

@@ -18,9 +18,9 @@ never writes into a file that readers rely on:
      unfinished flush), writes the root attributes and renames; the staging file is never read by
      anyone and a crash simply leaves it to be rebuilt (it is deleted on resume).
      A build's last stretch (less than one flush of steps and of seconds to go) may `stage`
-     episodes instead of flushing them: appended to the staging file only, no part file, no master. They become durable
-     with the final rename, like the last episodes; a crash loses them as it loses episodes still
-     pending a flush. After a `stage` only `stage` and `finalize` may follow (the parts no longer
+     episodes instead of flushing them: appended to the staging file only, no part file, no
+     master. They become durable with the final rename, like the last episodes; a crash loses
+     them as it loses episodes still pending a flush. After a `stage` only `stage` and `finalize` may follow (the parts no longer
      describe the staging file's rows).
 `BackgroundWriter` runs all of this in a child process, so that compression and HDF5 writes
 overlap the teacher's play; a flush is durable when the next flush (or finalize) returns. Part
@@ -239,7 +239,8 @@ def _concat_episodes(episodes: Sequence[Episode], step0: int, episode0: int, fra
     """
     if not episodes:
         return Packed({k: np.zeros((0,), dtype) for k, (dtype, _, _) in STEP_FIELDS.items()},
-                      {k: np.zeros((0,), dtype) for k, (dtype, _, _) in EPISODE_FIELDS.items()}, np.zeros((0,), np.uint8))
+                      {k: np.zeros((0,), dtype) for k, (dtype, _, _) in EPISODE_FIELDS.items()},
+                      np.zeros((0,), np.uint8) if join_frames else [])
     length = np.array([ep.length for ep in episodes], dtype=np.int64)
     num_frames = np.array([len(ep.frames) for ep in episodes], dtype=np.int64)
     first_step = step0 + np.cumsum(length) - length
@@ -448,12 +449,16 @@ class DatasetWriter(_Sizes):
         """`stage` of episodes already packed."""
         if attrs_update:
             self.attrs.update(attrs_update)
-        self._stage_parts(upto=len(self.parts))
+        self._append_staged(packed)
+        self._staged_only = True
+
+    def _append_staged(self, packed: Packed) -> None:
+        """Parts not staged yet (resumed builds), then `packed`, into the staging file; counted."""
+        self._stage_parts(upto=len(self.parts))  # opens the staging file if needed
         if len(packed.frames):
             self._check_finite(packed)
             self._staging.append(_flat(packed))
             self._count(packed)
-        self._staged_only = True
 
     def _stage_parts(self, upto: int) -> None:
         """Open the staging file if needed and append parts [staged, upto) read back from disk."""
@@ -505,11 +510,7 @@ class DatasetWriter(_Sizes):
         """`finalize` of episodes already packed."""
         if attrs_update:
             self.attrs.update(attrs_update)
-        self._stage_parts(upto=len(self.parts))  # opens the staging file; parts not staged yet (resumes)
-        if len(packed.frames):
-            self._check_finite(packed)
-            self._staging.append(_flat(packed))
-            self._count(packed)
+        self._append_staged(packed)
         self._staging.commit(self.path, self.attrs)
         self._staging = None
         self._durable_steps = self.num_steps
@@ -573,7 +574,7 @@ class BackgroundWriter(_Sizes):
     def _hand_over(self, op: str, episodes: Sequence[Episode], attrs_update: dict[str, Any] | None) -> None:
         """Once the previous operation is durable, pack here and send from a thread; count at once."""
         self._wait()
-        packed = self.pack(episodes, join_frames=False)  # the child joins the frames
+        packed = self.pack(episodes, join_frames=False)  # the child receives them into one array
         self._sender = threading.Thread(target=self._send, args=(op, packed, attrs_update),
                                         name="writer hand-off", daemon=True)
         self._sender.start()
@@ -644,7 +645,7 @@ def _send_packed(conn, op: str, packed: Packed | None, attrs_update: dict[str, A
     if packed is None:
         _send_out_of_band(conn, (op, None, attrs_update, [], None))
         return
-    pieces = packed.frames if isinstance(packed.frames, list) else [packed.frames]
+    pieces = packed.frames  # the episodes' frame arrays (`pack(..., join_frames=False)`)
     row = pieces[0].shape[1:] if pieces else ()
     _send_out_of_band(conn, (op, packed._replace(frames=None), attrs_update, [len(p) for p in pieces], row))
     for p in pieces:
