@@ -319,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--out", type=Path, help="output file (default: datasets/<suite>/<Game>.h5)")
     db.add_argument("--seed", type=int, default=0, help="env streams are seeded seed + i (+7919 per resume)")
     db.add_argument("--num-envs", type=int, help="parallel envs in all lanes (default: 32 Atari, 256 MinAtar)")
-    db.add_argument("--lanes", type=int, default=2, help="env groups played in turn: the teacher (in a helper "
-                    "process) works on one while the others step (default 2; 1 plays without overlap; "
-                    "games built in parallel with --games use one lane each)")
+    db.add_argument("--lanes", type=int, default=2, help="env groups, each played by the teacher in its own "
+                    "process, about one per core (default 2; 1 plays in this process alone; games built in "
+                    "parallel with --games use one lane each)")
     db.add_argument("--resume", action="store_true", help="continue the dataset at --out up to --steps (starts one if there is none)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     db.add_argument("--workers", type=int, default=2, help="processes for --games (default 2)")

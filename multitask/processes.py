@@ -1,9 +1,9 @@
 """Helper processes that live and die with the process that started them.
 
-The recorder runs its dataset writer and its teacher (`inference`) in forked children, so that
-compression, HDF5 writes and forward passes use other cores than the envs' play. A child must never
-outlive its parent: a build killed with
-SIGKILL would otherwise leave a writer that races the `--resume` that follows. Linux's
+The recorder runs its dataset writer and all but one of its lanes (`lanes`: envs played by the
+teacher) in forked children, so that compression, HDF5 writes and the lanes' play use all the
+cores. A child must never outlive its parent: a build killed with SIGKILL would otherwise leave a
+writer that races the `--resume` that follows. Linux's
 PR_SET_PDEATHSIG does exactly that; elsewhere `background_supported()` is false and callers stay
 in-process.
 """

@@ -1,9 +1,10 @@
 """`multitask dataset build`: a teacher plays, every step goes into the game's HDF5 dataset.
 
 The teacher acts epsilon-greedily (0.05, Rusu et al. 2016) on batches of observations; its raw
-outputs for the observation it acted on are stored with the step. The envs play in two lanes: the
-teacher runs in a helper process (`inference`) on one lane's observations while the caller steps the
-other lane and keeps its books, so envs and teacher share the cores instead of taking turns.
+outputs for the observation it acted on are stored with the step. The envs play in lanes (two by
+default), each in its own process (`lanes`): the caller plays the first and a helper each other one,
+every lane alternating the teacher's forward pass and its env step, so that the cores stay busy; the
+caller reads the helpers' turns in order and keeps the books of every lane.
 Per vector step a lane only appends whole arrays to a time log; an env's episode is cut out of the
 log when it ends, so bookkeeping costs O(1) numpy calls per vector step whatever the number of envs.
 Completed episodes are flushed to disk in the background (see `storage` for the crash-safety
@@ -17,9 +18,8 @@ import gc
 import itertools
 import json
 import multiprocessing
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,10 +31,10 @@ import multitask
 from multitask import config as configlib
 from multitask.checkpoints import Agent, load_teacher
 from multitask.dqn import epsilon_greedy
-from multitask.envs import GameSpec, VectorEnv, get_game, make_vector_env
+from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
 from multitask.framestack import newest_frame, split_frames
-from multitask.inference import LocalNet, RemoteNet
+from multitask.lanes import LocalLane, RemoteLane, cores
 from multitask.progress import Progress
 from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
                                bytes_per_step, dataset_exists, now_iso, remove_dataset)
@@ -42,13 +42,11 @@ from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Epi
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
 # In all lanes. MinAtar: 128 envs per lane amortise the per-vector-step Python work (200k Breakout
 # steps on one core: 6.9 s with 32 envs, 5.0 s with 128; measured). Atari: 16 per lane, because the
-# teacher's one-thread forward pass is the pipeline's bottleneck and costs less per observation in
-# batches of 16 (2,500 vs 1,900 per second at 8): 40k Breakout steps ran at 1,057-1,219 steps/s
-# after start-up vs 982-1,026 with 16 envs, for ~3.5 s more start-up (ROM loading; measured).
+# teacher's one-thread forward pass costs less per observation in batches of 16 than of 8 (2,500 vs
+# 1,900 per second; measured).
 DEFAULT_NUM_ENVS = {"atari": 32, "minatar": 256}
-# Two lanes: the teacher (in a helper process) works on one while the other steps, so that envs and
-# teacher overlap instead of taking turns on the CPU (200k MinAtar steps: ~3.2 s vs ~4.8 s in one
-# lane; a 3rd lane gained nothing; measured on the 2-core dev machine).
+# Two lanes, one per core of the 2-core dev machine: each lane's process keeps one core busy with
+# its forward passes and env steps (on more cores, pass more lanes: each gets cores / lanes threads).
 DEFAULT_LANES = 2
 
 # Completed episodes are flushed once they hold this much (or every flush_seconds): MinAtar's
@@ -236,32 +234,27 @@ def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, eps
 
 
 class _Lane:
-    """One lane's play: its vector env and the bookkeeping of its running episodes.
+    """One lane's books: its running episodes and the time log they are cut from.
 
-    Env i of the lane is env `first + i` of the build (seed stream_seed + first + i); the lane's
-    exploration comes from its own generator (`rng`, drawn from by the teacher's `act`, in the helper
-    process if there is one), so a build is a function of its seeds alone.
+    Env i of the lane is env `first + i` of the build (seed stream_seed + first + i); its turns come
+    from `player`, in this process or in a helper (`lanes`), and are a function of the seeds alone.
     """
 
-    def __init__(self, index: int, env: VectorEnv, obs: np.ndarray, first: int, stream_seed: int, c: int):
-        self.index, self.env, self.n, self.c = index, env, env.num_envs, c
+    def __init__(self, index: int, player: LocalLane | RemoteLane, first: int, stream_seed: int, c: int):
+        self.index, self.player, self.n, self.c = index, player, player.num_envs, c
         self.env_seeds = stream_seed + first + np.arange(self.n)
-        self.rng = np.random.default_rng([stream_seed + 1_000_003, first])
-        self.obs = obs  # from env.reset(stream_seed + first)
+        self.obs = player.first_obs()  # what the teacher acts on next
         self.log = _TimeLog()
         self.t = 0  # vector steps played
         self.start = np.zeros(self.n, dtype=np.int64)  # vector step at which each env's episode began
         self.start_frames = [split_frames(self.obs[i], c) for i in range(self.n)]  # pads + s_0
         self.env_episode = np.zeros(self.n, dtype=np.int64)
 
-    def step(self, teacher: RemoteNet | LocalNet, epsilon: float, observe: Observer | None) -> list[Episode]:
-        """Take the teacher's actions for the lane's observations, hand it the next ones at once
-        (it works while this lane keeps its books), log the step; return the episodes it ended."""
+    def step(self, epsilon: float, observe: Observer | None) -> list[Episode]:
+        """Log the lane's next turn; return the episodes it ended."""
         if observe is not None:
             observe(self.obs, self.env_seeds, self.env_episode, self.running())
-        q, actions = teacher.result(self.index)
-        step = self.env.step(actions)
-        teacher.submit(self.index, step.obs)
+        q, actions, step = self.player.turn()
         self.log.append((q, actions, step.reward, step.terminated, step.truncated, step.life_lost,
                          newest_frame(step.next_obs, self.c)))
         self.t += 1
@@ -286,54 +279,32 @@ class _Lane:
 def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float,
             n: int, lanes: int, stream_seed: int, builds: list, flush_steps: int, flush_seconds: float,
             show_progress: bool, observe: Observer | None) -> BuildResult:
-    # ---- Phase 2: play: the teacher's helper works on one lane while the other steps -----------
+    # ---- Phase 2: play: each lane in its own process, the first in this one ---------------------
     sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
     firsts = [int(f) for f in np.cumsum([0, *sizes[:-1]])]
-    envs: list[VectorEnv] = []
-    remote: RemoteNet | LocalNet | None = None
-    # Each lane's reset runs in a thread while the next lane's envs are built: ale-py's seeded reset
-    # reloads every ROM (0.8 s for 8 envs) in its own threads without the GIL, while building holds
-    # it (1.6 s for 8 envs). MinAtar's resets hold the GIL: no overlap, no harm.
+    head = teacher.net.head_index(game.name)
+    # Each lane's process alternates a forward pass and an env step, so the cores are shared out
+    # between lanes: one torch thread per lane on 2 cores, and the envs' threads (ale-py) likewise.
+    share = max(1, cores() // lanes)
+    torch_threads = torch.get_num_threads()
+    players: list[LocalLane | RemoteLane] = []
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="reset") as resets:
-            started = []
-            for size, first in zip(sizes, firsts):
-                envs.append(make_vector_env(game, size))
-                started.append(_reset_in_thread(resets, envs[-1], stream_seed + first))
-            first_obs = [reset.result() for reset in started]
-        play = [_Lane(k, env, obs, first, stream_seed, game.frame_shape[0])
-                for k, (env, obs, first) in enumerate(zip(envs, first_obs, firsts))]
-        rngs = [lane.rng for lane in play]
+        torch.set_num_threads(share if lanes == 1 else 1)  # helpers run one thread (see lanes._serve)
+        for k in reversed(range(lanes)):  # helpers first: they build their envs while this process builds its own
+            # each lane draws its exploration from its own generator, in the process that plays it
+            rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
 
-        def act(k: int, q: np.ndarray) -> np.ndarray:  # runs where q is computed: the helper, if any
-            return epsilon_greedy(q, epsilon, rngs[k])
-        head = teacher.net.head_index(game.name)  # the helper forks after the reset thread has ended
-        remote = RemoteNet.start(teacher.net, head, sizes, game.obs_shape, game.num_actions, act) if lanes > 1 else \
-            LocalNet(teacher.net, head, 1, act)  # one lane: nothing to overlap with
-        for lane in play:
-            remote.submit(lane.index, lane.obs)
-        return _play(game, play, remote, writer, steps, epsilon, builds, flush_steps, flush_seconds,
-                     show_progress, observe)
+            def act(q: np.ndarray, rng: np.random.Generator = rng) -> np.ndarray:
+                return epsilon_greedy(q, epsilon, rng)
+            start = LocalLane if k == 0 else RemoteLane.start
+            players.insert(0, start(game, sizes[k], stream_seed + firsts[k], teacher.net, head, act, share))
+        play = [_Lane(k, player, first, stream_seed, game.frame_shape[0])
+                for k, (player, first) in enumerate(zip(players, firsts))]
+        return _play(game, play, writer, steps, epsilon, builds, flush_steps, flush_seconds, show_progress, observe)
     finally:
-        if remote is not None:
-            remote.close()
-        for env in envs:
-            env.close()
-
-
-def _reset_in_thread(pool: ThreadPoolExecutor, env: VectorEnv, seed: int) -> Future:
-    """`env.reset(seed)` in `pool`'s thread, returning once that thread has let go of the GIL: the
-    caller gets the GIL back only when the reset is under way (in ale-py's C++), not before the
-    thread has even started it (a reset that had not started by the time the next env's build took
-    the GIL waited for the whole build; measured)."""
-    under_way = threading.Event()
-
-    def reset() -> np.ndarray:
-        under_way.set()
-        return env.reset(seed)
-    future = pool.submit(reset)
-    under_way.wait()
-    return future
+        for player in players:
+            player.close()
+        torch.set_num_threads(torch_threads)
 
 
 def _is_last_stretch(to_play: int, flush_steps: int, flush_seconds: float, played: int, elapsed: float) -> bool:
@@ -346,8 +317,8 @@ def _is_last_stretch(to_play: int, flush_steps: int, flush_seconds: float, playe
     return to_play < flush_steps and to_play * elapsed < flush_seconds * played
 
 
-def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writer: DatasetWriter | BackgroundWriter,
-          steps: int, epsilon: float, builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
+def _play(game: GameSpec, play: list[_Lane], writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float,
+          builds: list, flush_steps: int, flush_seconds: float, show_progress: bool,
           observe: Observer | None) -> BuildResult:
     pending: list[Episode] = []
     pending_steps, before = 0, writer.num_steps
@@ -374,7 +345,7 @@ def _play(game: GameSpec, play: list[_Lane], teacher: RemoteNet | LocalNet, writ
     tail = False  # staging the last stretch (see below)
     for k in itertools.count():
         lane = play[k % len(play)]
-        done = lane.step(teacher, epsilon, observe)
+        done = lane.step(epsilon, observe)
         played += lane.n
         for ep in done:
             pending.append(ep)
