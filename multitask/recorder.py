@@ -284,12 +284,14 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
     firsts = [int(f) for f in np.cumsum([0, *sizes[:-1]])]
     head = teacher.net.head_index(game.name)
     # Each lane's process alternates a forward pass and an env step, so the cores are shared out
-    # between lanes: one torch thread per lane on 2 cores, and the envs' threads (ale-py) likewise.
+    # between lanes: the envs' threads (ale-py) get cores / lanes each, and each lane's forward pass
+    # one torch thread (a forked helper must run one; see lanes._serve). One lane keeps the caller's.
     share = max(1, cores() // lanes)
     torch_threads = torch.get_num_threads()
     players: list[LocalLane | RemoteLane] = []
     try:
-        torch.set_num_threads(share if lanes == 1 else 1)  # helpers run one thread (see lanes._serve)
+        if lanes > 1:
+            torch.set_num_threads(1)
         for k in reversed(range(lanes)):  # helpers first: they build their envs while this process builds its own
             # each lane draws its exploration from its own generator, in the process that plays it
             rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
