@@ -258,7 +258,7 @@ def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
         time.sleep(rng.uniform(2.0, 6.0))
         if proc.poll() is not None:
             break
-        helpers = _children(proc.pid)  # the background writer and the teacher's helper
+        helpers = _children(proc.pid)  # the background writer and the lane's helper
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
