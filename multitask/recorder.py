@@ -240,8 +240,8 @@ class _Lane:
     from `player`, in this process or in a helper (`lanes`), and are a function of the seeds alone.
     """
 
-    def __init__(self, index: int, player: LocalLane | RemoteLane, first: int, stream_seed: int, c: int):
-        self.index, self.player, self.n, self.c = index, player, player.num_envs, c
+    def __init__(self, player: LocalLane | RemoteLane, first: int, stream_seed: int, c: int):
+        self.player, self.n, self.c = player, player.num_envs, c
         self.env_seeds = stream_seed + first + np.arange(self.n)
         self.obs = player.first_obs()  # what the teacher acts on next
         self.log = _TimeLog()
@@ -292,16 +292,16 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
     try:
         if lanes > 1:
             torch.set_num_threads(1)
-        for k in reversed(range(lanes)):  # helpers first: they build their envs while this process builds its own
+
+        def lane(k: int, start: Callable[..., LocalLane | RemoteLane]) -> LocalLane | RemoteLane:
             # each lane draws its exploration from its own generator, in the process that plays it
             rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
-
-            def act(q: np.ndarray, rng: np.random.Generator = rng) -> np.ndarray:
-                return epsilon_greedy(q, epsilon, rng)
-            start = LocalLane if k == 0 else RemoteLane.start
-            players.insert(0, start(game, sizes[k], stream_seed + firsts[k], teacher.net, head, act, share))
-        play = [_Lane(k, player, first, stream_seed, game.frame_shape[0])
-                for k, (player, first) in enumerate(zip(players, firsts))]
+            return start(game, sizes[k], stream_seed + firsts[k], teacher.net, head,
+                         lambda q: epsilon_greedy(q, epsilon, rng), share)
+        # helpers first: they build their envs while this process builds its own
+        players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))
+        players.insert(0, lane(0, LocalLane))
+        play = [_Lane(player, first, stream_seed, game.frame_shape[0]) for player, first in zip(players, firsts)]
         return _play(game, play, writer, steps, epsilon, builds, flush_steps, flush_seconds, show_progress, observe)
     finally:
         for player in players:
