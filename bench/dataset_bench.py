@@ -34,11 +34,11 @@ import h5py
 import numpy as np
 import torch
 
-from multitask.checkpoints import load_teacher, save_agent
+from multitask.agents.checkpoints import load_teacher, save_agent
 from multitask.envs import get_game, make_vector_env
-from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.recorder import DEFAULT_LANES, DEFAULT_NUM_ENVS, build_dataset
-from multitask.storage import DatasetReader, disk_bytes
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
+from multitask.data.recorder import DEFAULT_LANES, DEFAULT_NUM_ENVS, build_dataset
+from multitask.data.storage import DatasetReader, disk_bytes
 
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 STEPS = {"minatar": 200_000, "atari": 60_000}  # Atari: ~1 min; real builds run longer, so start-up weighs less there

@@ -4,7 +4,7 @@ For MinAtar and Atari sizes it trains the same student (100% of a teacher) with 
 size for the same time, twice:
   in-memory  all stacked observations and teacher outputs preloaded as torch tensors, batches by
              indexing them (the limit: no I/O, no decompression, no stacking);
-  HDF5       the project's loader (`multitask.loader`) reading the dataset file, batches prepared in
+  HDF5       the project's loader (`multitask.data.loader`) reading the dataset file, batches prepared in
              a background worker process;
 and prints samples/s of both and their ratio (goal >= 0.9). Then it runs the loader with a memory
 budget of a quarter of the dataset's frames (chunk windows) and prints samples/s and the peak
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitask.checkpoints import save_agent
+from multitask.agents.checkpoints import save_agent
 from multitask.envs import get_game
-from multitask.loader import LoaderSpec, make_loader
-from multitask.losses import kl_loss
-from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.recorder import build_dataset
-from multitask.storage import DatasetReader
+from multitask.data.loader import LoaderSpec, make_loader
+from multitask.training.losses import kl_loss
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
+from multitask.data.recorder import build_dataset
+from multitask.data.storage import DatasetReader
 
 SETTINGS = {  # game, dataset steps, batch size
     "minatar": ("minatar/Breakout", 100_000, 256),

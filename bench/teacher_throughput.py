@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitask.dqn import DQNLearner
+from multitask.agents.dqn import DQNLearner
 from multitask.envs import get_game, make_vector_env
-from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.replay import ReplayMemory
-from multitask.teacher import load_config, train_teacher
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
+from multitask.agents.replay import ReplayMemory
+from multitask.training.teacher import load_config, train_teacher
 
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from multitask.checkpoints import card_path, check_agent_game, file_sha256, load_agent, load_teacher, save_agent
+from multitask.agents.checkpoints import card_path, check_agent_game, load_agent, load_teacher, save_agent
+from multitask.files import file_sha256
 from multitask.envs import get_game
 from multitask.errors import UserError
-from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import torch
 
 from multitask import config as configlib
 from multitask.errors import UserError
-from multitask.teacher import TeacherConfig, load_config
+from multitask.training.teacher import TeacherConfig, load_config
 
 
 def test_unknown_game_exits_2_and_lists_known_games(run_cli, tmp_path):

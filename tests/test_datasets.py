@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from multitask.checkpoints import load_agent, load_teacher, save_agent
+from multitask.agents.checkpoints import load_agent, load_teacher, save_agent
 from multitask.envs import get_game
-from multitask.networks import MultiHeadNet, teacher_network_spec
-from multitask.recorder import (
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
+from multitask.data.recorder import (
     _is_last_stretch,
     _root_attrs,
     _TimeLog,
     build_dataset,
     check_teacher_outputs,
 )
-from multitask.storage import (
+from multitask.data.storage import (
     BackgroundWriter,
     Compression,
     DatasetReader,
@@ -223,7 +223,7 @@ def test_a_build_is_a_function_of_its_seed(tmp_path, monkeypatch):
     for name in ("a.h5", "b.h5", "c.h5"):
         with monkeypatch.context() as m:
             if name == "b.h5":
-                m.setattr("multitask.lanes.background_supported", lambda: False)
+                m.setattr("multitask.data.lanes.background_supported", lambda: False)
             build_dataset("minatar/Freeway", teacher, 900, tmp_path / name, num_envs=6,
                           seed=1 if name != "c.h5" else 2, epsilon=0.3, show_progress=False)
         with DatasetReader(tmp_path / name) as d:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from multitask.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule, td_loss, td_targets
-from multitask.networks import MultiHeadNet, NetworkSpec, TrunkSpec
-from multitask.replay import ReplayBatch
+from multitask.agents.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule, td_loss, td_targets
+from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkSpec
+from multitask.agents.replay import ReplayBatch
 
 
 def test_double_dqn_target_uses_online_argmax_and_target_value():

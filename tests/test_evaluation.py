@@ -3,8 +3,8 @@
 import torch
 
 from multitask.envs import get_game
-from multitask.evaluation import evaluate_game, quotas
-from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.evaluation.protocol import evaluate_game, quotas
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 
 
 def _net(game):

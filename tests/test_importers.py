@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from multitask.checkpoints import load_teacher
+from multitask.agents.checkpoints import load_teacher
 from multitask.envs import get_game, make_vector_env
 from multitask.errors import UserError
-from multitask.importers import import_teacher
+from multitask.agents.importers import import_teacher
 
 
 def _real_observations(game, n=16):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from multitask.envs import get_game
-from multitask.lanes import RING, LocalLane, RemoteLane
-from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.data.lanes import RING, LocalLane, RemoteLane
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 
 
 def _random_policy(seed: int):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from multitask.losses import distillation_loss, kl_loss, mse_loss, nll_loss
+from multitask.training.losses import distillation_loss, kl_loss, mse_loss, nll_loss
 
 
 def test_kl_by_hand_with_teacher_side_temperature():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from multitask.envs import get_game, make_vector_env
-from multitask.replay import ReplayMemory
+from multitask.agents.replay import ReplayMemory
 
 
 @pytest.mark.parametrize("name,capacity", [("atari/Breakout", 600), ("minatar/Breakout", 300)])

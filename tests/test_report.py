@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from multitask.report import geomean, pct_of_teacher, run_table, sweep_table, teacher_manifest
+from multitask.evaluation.report import geomean, pct_of_teacher, run_table, sweep_table, teacher_manifest
 
 
 def summary(game, loss, size, score, teacher, frac=1.0):

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from multitask import config as configlib
-from multitask.checkpoints import load_agent
+from multitask.agents.checkpoints import load_agent
 from multitask.errors import UserError
-from multitask.loader import LoaderSpec, make_loader, plan
-from multitask.recorder import build_dataset
-from multitask.storage import DatasetReader
-from multitask.report import pct_of_teacher
-from multitask.student import StudentConfig, student_network, train_student
+from multitask.data.loader import LoaderSpec, make_loader, plan
+from multitask.data.recorder import build_dataset
+from multitask.data.storage import DatasetReader
+from multitask.evaluation.report import pct_of_teacher
+from multitask.training.student import StudentConfig, student_network, train_student
 from multitask.envs import get_game
 
 from test_datasets import make_teacher

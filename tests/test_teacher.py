@@ -10,10 +10,11 @@ import time
 import pytest
 
 from multitask import config as configlib
-from multitask.checkpoints import file_sha256, load_teacher
+from multitask.agents.checkpoints import load_teacher
+from multitask.files import file_sha256
 from multitask.envs import get_game
-from multitask.evaluation import evaluate_game
-from multitask.teacher import TeacherConfig, load_config, train_teacher
+from multitask.evaluation.protocol import evaluate_game
+from multitask.training.teacher import TeacherConfig, load_config, train_teacher
 
 # A short, fast-learning setting (measured: ~8 points on Breakout after 40k steps, random ~0.5).
 FAST = ["total_steps=30000", "learning_starts=2000", "eps_decay_steps=15000", "replay_capacity=20000",

@@ -21,18 +21,19 @@ import numpy as np
 import torch
 
 from multitask import config as configlib
-from multitask.checkpoints import atomic_torch_save, atomic_write_text, save_agent
+from multitask.agents.checkpoints import save_agent
+from multitask.files import atomic_torch_save, atomic_write_text
 from multitask.config import option
-from multitask.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule
+from multitask.agents.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule
 from multitask.envs import get_game, make_vector_env
 from multitask.errors import UserError
-from multitask.evaluation import evaluate_game
-from multitask.networks import MultiHeadNet, count_parameters, teacher_network_spec
+from multitask.evaluation.protocol import evaluate_game
+from multitask.agents.networks import MultiHeadNet, count_parameters, teacher_network_spec
 from multitask.progress import Progress
-from multitask.replay import ReplayMemory
-from multitask.tracking import Tracker, WandbMode
+from multitask.agents.replay import ReplayMemory
+from multitask.training.tracking import Tracker, WandbMode
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ from typing import Literal
 
 import torch
 
-from multitask.checkpoints import file_sha256, save_agent
+from multitask.agents.checkpoints import save_agent
+from multitask.files import file_sha256
 from multitask.envs import GameSpec
 from multitask.errors import UserError
-from multitask.evaluation import evaluate_game
-from multitask.networks import MultiHeadNet, teacher_network_spec
+from multitask.evaluation.protocol import evaluate_game
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 
 # source key prefix -> our key prefix
 CLEANRL_KEYS = {"network.0.": "trunk.convs.0.", "network.2.": "trunk.convs.2.",

@@ -27,19 +27,20 @@ import torch
 import torch.distributed as dist
 
 from multitask import config as configlib
-from multitask.checkpoints import atomic_torch_save, atomic_write_text, load_agent, save_agent
+from multitask.agents.checkpoints import load_agent, save_agent
+from multitask.files import atomic_torch_save, atomic_write_text
 from multitask.config import option
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
-from multitask.evaluation import evaluate_games
-from multitask.loader import LoaderSpec, make_loader
-from multitask.losses import LossName, distillation_loss
-from multitask.networks import (MultiHeadNet, NetworkSpec, parameter_count,
+from multitask.evaluation.protocol import evaluate_games
+from multitask.data.loader import LoaderSpec, make_loader
+from multitask.training.losses import LossName, distillation_loss
+from multitask.agents.networks import (MultiHeadNet, NetworkSpec, parameter_count,
                                 teacher_network_spec, width_for_fraction)
 from multitask.progress import Progress
-from multitask.report import pct_of_teacher, run_table
-from multitask.storage import DatasetReader, has_teacher_outputs
-from multitask.tracking import Tracker, WandbMode
+from multitask.evaluation.report import pct_of_teacher, run_table
+from multitask.data.storage import DatasetReader, has_teacher_outputs
+from multitask.training.tracking import Tracker, WandbMode
 
 SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
 SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}

@@ -1,6 +1,6 @@
 """DQN learning: targets and loss as pure functions, and a learner that owns the networks.
 
-Shared by single-game teacher training (`multitask.teacher`) and, with one head per game, the
+Shared by single-game teacher training (`multitask.training.teacher`) and, with one head per game, the
 multi-task DQN baseline. The learner knows nothing of envs; it updates on `ReplayBatch`es.
 """
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from multitask.config import option
-from multitask.networks import MultiHeadNet
-from multitask.replay import ReplayBatch
+from multitask.agents.networks import MultiHeadNet
+from multitask.agents.replay import ReplayBatch
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from multitask.envs import GameSpec, Step, VectorEnv, make_vector_env
-from multitask.processes import background_supported, become_helper, fork_context
+from multitask.data.processes import background_supported, become_helper, fork_context
 
 SPIN_SECONDS = 200e-6  # yield-spin this long before napping: covers MinAtar's gaps between turns
 NAP_SECONDS = 50e-6

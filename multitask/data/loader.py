@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitask.framestack import stack_indices
-from multitask.storage import DatasetReader
+from multitask.envs.framestack import stack_indices
+from multitask.data.storage import DatasetReader
 
 BatchMode = Literal["per_game", "mixed"]
 GROUP_BATCHES = 32  # batches per hand-over at most

@@ -14,9 +14,7 @@ command.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -28,7 +26,8 @@ import torch
 import multitask
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
-from multitask.networks import MultiHeadNet, NetworkSpec
+from multitask.files import atomic_torch_save, atomic_write_text, file_sha256
+from multitask.agents.networks import MultiHeadNet, NetworkSpec
 
 FORMAT = "multitask-agent"
 FORMAT_VERSION = 1
@@ -42,36 +41,6 @@ class Agent:
     card: dict[str, Any]
     path: Path
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and rename, so no reader ever sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
 def card_path(path: Path) -> Path:

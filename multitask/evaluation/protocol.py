@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from multitask.dqn import epsilon_greedy
+from multitask.agents.dqn import epsilon_greedy
 from multitask.envs import GameSpec, get_game, make_vector_env
-from multitask.networks import MultiHeadNet, NetworkSpec
+from multitask.agents.networks import MultiHeadNet, NetworkSpec
 from multitask.progress import Progress
 
 EVAL_EPSILON = 0.05  # Mnih et al. 2015; Rusu et al. 2016

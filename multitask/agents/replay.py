@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from multitask.framestack import newest_frame, split_frames
+from multitask.envs.framestack import newest_frame, split_frames
 
 
 class ReplayBatch(NamedTuple):

@@ -29,14 +29,14 @@ import torch
 
 import multitask
 from multitask import config as configlib
-from multitask.checkpoints import Agent, load_teacher
-from multitask.dqn import epsilon_greedy
+from multitask.agents.checkpoints import Agent, load_teacher
+from multitask.agents.dqn import epsilon_greedy
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
-from multitask.framestack import newest_frame, split_frames
-from multitask.lanes import LocalLane, RemoteLane, cores
+from multitask.envs.framestack import newest_frame, split_frames
+from multitask.data.lanes import LocalLane, RemoteLane, cores
 from multitask.progress import Progress
-from multitask.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
+from multitask.data.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
                                bytes_per_step, dataset_exists, now_iso, remove_dataset)
 
 DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
@@ -434,7 +434,7 @@ def build_many(jobs: Sequence[dict], workers: int) -> list[BuildResult]:
 
 def check_teacher_outputs(reader, teacher: Agent, sample: int = 1000, seed: int = 0) -> list[str]:
     """Stored outputs must equal teacher(observation) on a random sample of steps."""
-    from multitask.checkpoints import check_agent_game
+    from multitask.agents.checkpoints import check_agent_game
 
     game = get_game(reader.game)
     head = check_agent_game(teacher, game)

@@ -46,8 +46,8 @@ import h5py
 import numpy as np
 
 from multitask.errors import UserError
-from multitask.framestack import stack_indices
-from multitask.processes import background_supported, become_helper, fork_context
+from multitask.envs.framestack import stack_indices
+from multitask.data.processes import background_supported, become_helper, fork_context
 
 SCHEMA = "multitask-teacher-dataset"
 SCHEMA_VERSION = 1

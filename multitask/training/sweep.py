@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multitask import config as configlib
-from multitask.checkpoints import atomic_write_text
+from multitask.files import atomic_write_text
 from multitask.config import option
 from multitask.errors import UserError
-from multitask.losses import LossName
-from multitask.report import sweep_table
-from multitask.student import SizePreset, StudentConfig, train_student
-from multitask.tracking import WandbMode
+from multitask.training.losses import LossName
+from multitask.evaluation.report import sweep_table
+from multitask.training.student import SizePreset, StudentConfig, train_student
+from multitask.training.tracking import WandbMode
 
 
 @dataclass(frozen=True)

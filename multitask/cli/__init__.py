@@ -1,0 +1,48 @@
+"""The `multitask` command: one subcommand per stage of the pipeline, one module per stage.
+
+Each module adds its subcommands to the parser (`add_commands`) and holds their thin `cmd_*`
+functions: parse, call the library, print. Every user mistake surfaces as a `UserError`, printed
+as one sentence with exit code 2 and no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from multitask import __version__
+from multitask.cli import catalog, dataset, evaluation, student, teacher
+from multitask.errors import UserError
+
+STAGES = (catalog, teacher, dataset, student, evaluation)  # in pipeline order, as `--help` lists them
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multitask", description="Multi-task policy distillation: "
+                                "teachers, datasets, students, evaluation.")
+    p.add_argument("--version", action="version", version=f"multitask {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        stage.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after flags (`train G --config c.toml lr=1e-3 --no-progress`); argparse
+    # stops filling a nargs="*" positional at the first flag, so leftover key=value words join it.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"multitask: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitask: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,45 @@
+"""`multitask student train | sweep`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from multitask.cli.common import add_no_progress, add_wandb
+from multitask.errors import UserError
+
+
+def cmd_student_train(args: argparse.Namespace) -> None:
+    from multitask import config as configlib
+    from multitask.training.student import StudentConfig, train_student
+
+    if args.config is None and not args.overrides:
+        raise UserError("give a config (--config configs/<name>.toml) or at least games=...")
+    cfg = configlib.load(StudentConfig, args.config, args.overrides)
+    train_student(cfg, run_dir=args.run_dir, wandb_mode=args.wandb, restart=args.restart,
+                  show_progress=not args.no_progress)
+
+
+def cmd_student_sweep(args: argparse.Namespace) -> None:
+    from multitask.training.sweep import run_sweep
+
+    run_sweep(args.sweep, args.overrides, args.wandb, show_progress=not args.no_progress)
+
+
+def add_commands(sub) -> None:
+    st = sub.add_parser("student", help="distil teachers' datasets into one multi-head student").add_subparsers(dest="action", required=True)
+    stt = st.add_parser("train", help="train a student offline on the games' datasets (runs under torchrun too)")
+    stt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. loss=nll size=25%% games=minatar/Breakout)")
+    stt.add_argument("--config", type=Path, help="TOML config, e.g. configs/student/minatar_multitask.toml")
+    stt.add_argument("--run-dir", type=Path, help="default: runs/student/<run name>")
+    stt.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
+    add_no_progress(stt)
+    add_wandb(stt)
+    stt.set_defaults(func=cmd_student_train)
+
+    sts = st.add_parser("sweep", help="a grid of single-game students (losses or sizes) and its table")
+    sts.add_argument("sweep", type=Path, help="sweep TOML, e.g. configs/sweeps/minatar_losses.toml")
+    sts.add_argument("overrides", nargs="*", help="sweep overrides key=value (e.g. seeds=0,1)")
+    add_no_progress(sts)
+    add_wandb(sts)
+    sts.set_defaults(func=cmd_student_sweep)
