@@ -63,6 +63,13 @@ class NetworkSpec:
         return NetworkSpec(TrunkSpec(**d["trunk"]), tuple(d["games"]), tuple(d["num_actions"]))
 
 
+def pad_channels(obs: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, c, H, W) -> (B, channels, H, W), zero channels appended: games of a suite with fewer
+    channels than the shared trunk takes (MinAtar: 4-10) enter it this way."""
+    missing = channels - obs.shape[1]
+    return F.pad(obs, (0, 0, 0, 0, 0, missing)) if missing > 0 else obs
+
+
 class Trunk(nn.Module):
     """Conv stack + hidden FC layers; maps uint8 (B, C, H, W) to features (B, hidden)."""
 
@@ -84,10 +91,7 @@ class Trunk(nn.Module):
         self.scale = 1.0 / 255.0 if spec.kind == "nature" else 1.0
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float() * self.scale  # (B, C, H, W)
-        missing = self.spec.in_channels - x.shape[1]
-        if missing > 0:
-            x = F.pad(x, (0, 0, 0, 0, 0, missing))  # zero channels for games with fewer
+        x = pad_channels(obs.float() * self.scale, self.spec.in_channels)  # (B, C, H, W)
         x = rearrange(self.convs(x), "b c h w -> b (c h w)")
         return self.fcs(x)  # (B, hidden)
 

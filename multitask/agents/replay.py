@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from multitask.envs.framestack import newest_frame, split_frames
+from multitask.envs.framestack import join_frames, newest_frame, split_frames
 
 
 class ReplayBatch(NamedTuple):
@@ -101,15 +101,14 @@ class ReplayMemory:
         idx = (slot_out[:, None] + offsets) % self.cap  # (B, k) frames of s_t
         nidx = (idx + 1) % self.cap  # frames of s_{t+1}
         e = env_out[:, None]
-        obs = self.frames[e, idx]  # (B, k, C, H, W)
-        nobs = self.frames[e, nidx]
-        shape = (batch_size, -1, *obs.shape[3:])
+        obs = join_frames(self.frames[e, idx])  # (B, k, C, H, W) -> (B, k*C, H, W)
+        nobs = join_frames(self.frames[e, nidx])
         return ReplayBatch(
-            obs=torch.from_numpy(obs.reshape(shape)),
+            obs=torch.from_numpy(obs),
             action=torch.from_numpy(self.action[env_out, slot_out]),
             reward=torch.from_numpy(self.reward[env_out, slot_out]),
             terminal=torch.from_numpy(self.terminal[env_out, slot_out].astype(np.float32)),
-            next_obs=torch.from_numpy(nobs.reshape(shape)),
+            next_obs=torch.from_numpy(nobs),
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from multitask.envs.framestack import stack_indices
+from multitask.envs.framestack import join_frames, stack_indices
+from multitask.agents.networks import pad_channels
 from multitask.data.storage import DatasetReader
 
 BatchMode = Literal["per_game", "mixed"]
@@ -146,8 +147,7 @@ class GameSource:
             pool = self._eligible if len(self._eligible) else np.arange(self.n)
             idx = pool[rng.integers(0, len(pool), n)]
             frames = self._window_frames(stack_indices(self.frame_index[idx], self.stack))
-        b, k, c, h, w = frames.shape
-        return frames.reshape(b, k * c, h, w), self.teacher[idx]
+        return join_frames(frames), self.teacher[idx]
 
 
 class DistillationStream(IterableDataset):
@@ -169,14 +169,12 @@ class DistillationStream(IterableDataset):
         for g, n in plan(spec, k, len(sources)):
             window = (worker_batch // spec.window_batches, spec.seed, g * 1000 + spec.rank)
             obs, q = sources[g].sample(rng, n, window)
-            if obs.shape[1] < spec.channels:  # zero channels for games with fewer (shared trunk)
-                obs = np.concatenate([obs, np.zeros((n, spec.channels - obs.shape[1], *obs.shape[2:]), np.uint8)], 1)
-            obs_parts.append(obs)
+            obs_parts.append(pad_channels(torch.from_numpy(obs), spec.channels))  # mixed batches share one shape
             teacher.append(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)))
             groups.append((g, row, row + n))
             row += n
-        obs = obs_parts[0] if len(obs_parts) == 1 else np.concatenate(obs_parts)
-        return TrainBatch(torch.from_numpy(obs), tuple(groups), tuple(teacher), k)
+        obs = obs_parts[0] if len(obs_parts) == 1 else torch.cat(obs_parts)
+        return TrainBatch(obs, tuple(groups), tuple(teacher), k)
 
     def group_size(self, sources: Sequence[GameSource]) -> int:
         """Batches per hand-over: GROUP_BATCHES, fewer where batches are large (GROUP_BYTES)."""

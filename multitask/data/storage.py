@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from multitask.errors import UserError
-from multitask.envs.framestack import stack_indices
+from multitask.envs.framestack import join_frames, stack_indices
 from multitask.data.processes import background_supported, become_helper, fork_context
 
 SCHEMA = "multitask-teacher-dataset"
@@ -823,9 +823,7 @@ class DatasetReader:
         return block
 
     def _stacked(self, frame_index: np.ndarray) -> np.ndarray:
-        f = self.frames(stack_indices(frame_index, self.stack))  # (B, k, C, H, W)
-        b, k, c, h, w = f.shape
-        return f.reshape(b, k * c, h, w)
+        return join_frames(self.frames(stack_indices(frame_index, self.stack)))  # (B, k*C, H, W)
 
     def obs(self, idx) -> np.ndarray:
         """Stacked observations s_t for step indices (B,) -> (B, *obs_shape)."""

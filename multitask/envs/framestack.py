@@ -36,8 +36,8 @@ def stack_indices(frame_index: np.ndarray, stack: int) -> np.ndarray:
     return np.asarray(frame_index)[..., None] + np.arange(1 - stack, 1)
 
 
-def gather_stacks(frames: np.ndarray, frame_index: np.ndarray, stack: int) -> np.ndarray:
-    """frames (F, C, H, W), own-frame indices (B,) -> stacked observations (B, stack*C, H, W)."""
-    picked = frames[stack_indices(frame_index, stack)]  # (B, stack, C, H, W)
-    b, k, c, h, w = picked.shape
-    return picked.reshape(b, k * c, h, w)
+def join_frames(frames: np.ndarray) -> np.ndarray:
+    """(..., k, C, H, W) frames, oldest first -> (..., k*C, H, W) stacked observation(s); the inverse
+    of `split_frames`."""
+    *lead, k, c, h, w = frames.shape
+    return frames.reshape(*lead, k * c, h, w)
