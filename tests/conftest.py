@@ -1,7 +1,14 @@
+"""Fixtures shared by the test modules."""
+
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from multitask.agents.checkpoints import save_agent
+from multitask.agents.networks import MultiHeadNet, teacher_network_spec
+from multitask.envs import get_game
 
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)  # tests run on 2 cores beside other tests' emulators
@@ -21,3 +28,25 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+def _make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None,
+                  eval_mean: float | None = None) -> Path:
+    """A real (randomly initialised) teacher checkpoint; what it plays like does not matter here."""
+    torch.manual_seed(seed)
+    spec = teacher_network_spec(get_game(game))
+    if actions is not None:
+        spec = spec.__class__(spec.trunk, spec.games, (actions,))
+    net = MultiHeadNet(spec)
+    if nan:
+        with torch.no_grad():
+            net.heads[0].bias.fill_(float("nan"))
+    card = {"source": "test"} if eval_mean is None else {"source": "test", "eval": {"mean": eval_mean}}
+    save_agent(path, net, "teacher", card)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_teacher():
+    """make_teacher(path, game, seed=0, nan=False, actions=None, eval_mean=None) -> path of a real checkpoint."""
+    return _make_teacher

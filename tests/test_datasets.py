@@ -35,24 +35,8 @@ from multitask.data.storage import (
 )
 
 
-def make_teacher(path: Path, game: str, seed: int = 0, nan: bool = False, actions: int | None = None,
-                 eval_mean: float | None = None) -> Path:
-    """A real (randomly initialised) teacher checkpoint; what it plays like does not matter here."""
-    torch.manual_seed(seed)
-    spec = teacher_network_spec(get_game(game))
-    if actions is not None:
-        spec = spec.__class__(spec.trunk, spec.games, (actions,))
-    net = MultiHeadNet(spec)
-    if nan:
-        with torch.no_grad():
-            net.heads[0].bias.fill_(float("nan"))
-    card = {"source": "test"} if eval_mean is None else {"source": "test", "eval": {"mean": eval_mean}}
-    save_agent(path, net, "teacher", card)
-    return path
-
-
 @pytest.mark.parametrize("game,steps,envs", [("minatar/Breakout", 1500, 4), ("atari/Breakout", 1500, 3)])
-def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, steps, envs):
+def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, steps, envs, make_teacher):
     """Every stored step, episode starts included, rebuilds exactly what the teacher saw."""
     teacher = make_teacher(tmp_path / "t.pt", game)
     seen = {}
@@ -113,7 +97,7 @@ def _episode(rng: np.random.Generator, game, env_episode: int) -> Episode:
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_staged_episodes_reach_the_final_file_without_a_master(tmp_path, background):
+def test_staged_episodes_reach_the_final_file_without_a_master(tmp_path, background, make_teacher):
     """A build's last stretch is staged: not in the master on disk (a crash loses it, nothing claims
     it), no flush may follow, and finalize writes everything in order."""
     game = get_game("minatar/Breakout")
@@ -158,7 +142,7 @@ def test_only_a_short_last_stretch_is_staged():
     assert not _is_last_stretch(1, **{**fast, "flush_seconds": 0.0})
 
 
-def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
+def test_exact_step_count_cut_episodes_and_metadata(tmp_path, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Asterix")
     out = tmp_path / "a.h5"
     build_dataset("minatar/Asterix", teacher, 1001, out, num_envs=7, seed=5, show_progress=False)
@@ -183,7 +167,7 @@ def test_exact_step_count_cut_episodes_and_metadata(tmp_path):
         assert np.array_equal(single.obs, d.obs([17])[0]) and single.action == d.steps["action"][17]
 
 
-def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli):
+def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     out = tmp_path / "b.h5"
     args = ["dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 300, "--out", out, "--no-progress"]
@@ -197,7 +181,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli)
     assert info["steps"] == 300 and info["bytes_per_step"] > 0 and info["control"][0]["kind"] == "teacher"
 
 
-def test_resume_continues_to_exactly_n(tmp_path):
+def test_resume_continues_to_exactly_n(tmp_path, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     out = tmp_path / "b.h5"
     first_build = build_dataset("minatar/Breakout", teacher, 400, out, num_envs=4, show_progress=False)
@@ -215,7 +199,7 @@ def test_resume_continues_to_exactly_n(tmp_path):
         assert len(builds) == 2 and builds[1]["env_seeds"][0] != builds[0]["env_seeds"][0]
 
 
-def test_a_build_is_a_function_of_its_seed(tmp_path, monkeypatch):
+def test_a_build_is_a_function_of_its_seed(tmp_path, monkeypatch, make_teacher):
     """Two lanes, one played in a helper process: timing never changes what is recorded, and the
     build equals one whose lanes all play in this process."""
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Freeway")
@@ -240,7 +224,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
+def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path, make_teacher):
     """SIGKILL a real build at random instants; each time the file must open with plain h5py,
     verify, and still hold every episode it held before; --resume then finishes at exactly N."""
     teacher = make_teacher(tmp_path / "t.pt", "minatar/SpaceInvaders")
@@ -287,7 +271,7 @@ def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path):
     assert not parts_dir(out).exists()
 
 
-def test_teacher_for_another_game_or_action_count_is_refused(tmp_path, run_cli):
+def test_teacher_for_another_game_or_action_count_is_refused(tmp_path, run_cli, make_teacher):
     other = make_teacher(tmp_path / "asterix.pt", "minatar/Asterix")
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", other, "--steps", 10,
                            "--out", tmp_path / "x.h5")
@@ -298,7 +282,7 @@ def test_teacher_for_another_game_or_action_count_is_refused(tmp_path, run_cli):
     assert code == 2 and "6 actions" in err and not (tmp_path / "x.h5").exists()
 
 
-def test_unwritable_output_is_refused(tmp_path, run_cli):
+def test_unwritable_output_is_refused(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
@@ -307,7 +291,7 @@ def test_unwritable_output_is_refused(tmp_path, run_cli):
     assert code == 2 and "cannot write" in err
 
 
-def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli):
+def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout", nan=True)
     out = tmp_path / "n.h5"
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,
@@ -316,7 +300,7 @@ def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli):
     assert not out.exists() and not parts_dir(out).exists()
 
 
-def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli):
+def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     good = tmp_path / "good.h5"
     build_dataset("minatar/Breakout", teacher, 300, good, num_envs=4, show_progress=False)
@@ -338,7 +322,7 @@ def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli):
             assert code == 2 and message in err and str(path) in err and "Traceback" not in err, (cmd, path, err)
 
 
-def test_verify_catches_tampering(tmp_path, run_cli):
+def test_verify_catches_tampering(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     path = tmp_path / "v.h5"
     build_dataset("minatar/Breakout", teacher, 500, path, num_envs=4, show_progress=False)
@@ -360,7 +344,7 @@ def test_verify_catches_tampering(tmp_path, run_cli):
     assert code == 2 and "differ from the teacher" in err
 
 
-def test_several_games_build_in_parallel_processes(tmp_path, run_cli, monkeypatch):
+def test_several_games_build_in_parallel_processes(tmp_path, run_cli, monkeypatch, make_teacher):
     """`--games` with the default teacher and output paths, one process per game."""
     monkeypatch.chdir(tmp_path)
     for game in ("minatar/Breakout", "minatar/Asterix"):

@@ -23,13 +23,11 @@ from multitask.evaluation.report import pct_of_teacher
 from multitask.training.student import StudentConfig, student_network, train_student
 from multitask.envs import get_game
 
-from test_datasets import make_teacher
-
 GAMES = ("minatar/Breakout", "minatar/Freeway")  # 4 and 7 channels: the trunk pads to 7
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, make_teacher):
     tmp = tmp_path_factory.mktemp("student")
     paths, teachers = [], []
     for i, game in enumerate(GAMES):
