@@ -37,8 +37,9 @@ import torch
 from multitask.agents.checkpoints import load_teacher, save_agent
 from multitask.envs import get_game, make_vector_env
 from multitask.agents.networks import MultiHeadNet, teacher_network_spec
-from multitask.data.recorder import DEFAULT_LANES, DEFAULT_NUM_ENVS, build_dataset
-from multitask.data.storage import DatasetReader, disk_bytes
+from multitask.data.build import build_dataset
+from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
+from multitask.data.reader import DatasetReader, disk_bytes
 
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 STEPS = {"minatar": 200_000, "atari": 60_000}  # Atari: ~1 min; real builds run longer, so start-up weighs less there
@@ -71,7 +72,7 @@ def timed_build(game_name: str, teacher_path: Path, steps: int, out: Path, n: in
     emulator is imported first: importing MinAtar (seaborn, scipy) takes seconds, once per process."""
     make_vector_env(game_name, 1).close()
     t0 = time.perf_counter()
-    res = build_dataset(game_name, teacher_path, steps, out, num_envs=n, show_progress=False)
+    res = build_dataset(game_name, teacher_path, out, DatasetConfig(steps=steps, num_envs=n), show_progress=False)
     return time.perf_counter() - t0, res
 
 
@@ -86,8 +87,8 @@ def gather_in_memory(frames, frame_index, q, action, idx, stack):
 
 def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float, num_rounds: int) -> None:
     game = get_game(GAMES[suite])
-    n = DEFAULT_NUM_ENVS[suite]
-    batch = n // DEFAULT_LANES  # the teacher's batch: one lane
+    n, lanes = SUITE_NUM_ENVS[suite], DatasetConfig().lanes
+    batch = n // lanes  # the teacher's batch: one lane
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
         teacher_path, teacher_note = teacher_for(game.name, teacher_arg, tmp)
@@ -128,7 +129,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         ratios = [rec / limit for _, _, limit, rec, _, _ in rounds]
 
         print(f"\n== {game.name}: {teacher_note}")
-        print(f"recording ({n} envs in {DEFAULT_LANES} lanes, teacher batch {batch}, {steps:,} steps per build; "
+        print(f"recording ({n} envs in {lanes} lanes, teacher batch {batch}, {steps:,} steps per build; "
               f"E and I with torch threads {torch.get_num_threads()}):")
         print("  round  raw vector env E  raw teacher I  limit 1/(1/E+1/I)  recorder (steps/s)  ratio"
               "   (after start-up: steps/s, ratio)")
@@ -144,7 +145,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         # reading: random batches of 256
         with DatasetReader(out) as d:
             s = d.steps
-            frames = d._frames_ds[:]
+            frames = d.read_frames()  # from disk, leaving the reader's cache cold
 
             def from_disk():
                 d.batch(rng.integers(0, len(d), 256))

@@ -30,8 +30,9 @@ from multitask.envs import get_game
 from multitask.data.loader import LoaderSpec, make_loader
 from multitask.training.losses import kl_loss
 from multitask.agents.networks import MultiHeadNet, teacher_network_spec
-from multitask.data.recorder import build_dataset
-from multitask.data.storage import DatasetReader
+from multitask.data.build import build_dataset
+from multitask.data.build_config import DatasetConfig
+from multitask.data.reader import DatasetReader
 
 SETTINGS = {  # game, dataset steps, batch size
     "minatar": ("minatar/Breakout", 100_000, 256),
@@ -113,7 +114,7 @@ def bench_suite(suite: str, seconds: float) -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
         path = tmp / "d.h5"
-        build_dataset(game_name, teacher_path(game_name, tmp), steps, path, show_progress=False)
+        build_dataset(game_name, teacher_path(game_name, tmp), path, DatasetConfig(steps=steps), show_progress=False)
         with DatasetReader(path) as d:
             frames_bytes = d.frames_nbytes
             all_obs = torch.from_numpy(d.obs(np.arange(len(d))))  # (N, C, H, W) uint8: the in-memory limit

@@ -63,3 +63,16 @@ def test_missing_corrupt_truncated_and_foreign_files(teacher, tmp_path):
     torch.save({"network.0.weight": torch.zeros(3)}, foreign)
     with pytest.raises(UserError, match="not a multitask agent checkpoint"):
         load_agent(foreign)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 5.7e36])
+def test_checkpoint_with_non_finite_or_absurd_weights_is_refused(tmp_path, value):
+    """A NaN, an infinity or a weight no training produces (5.7e36: what random bytes decode to)."""
+    torch.manual_seed(0)
+    net = MultiHeadNet(teacher_network_spec(get_game("minatar/Breakout")))
+    with torch.no_grad():
+        net.trunk.fcs[0].weight[3, 5] = value
+    path = tmp_path / "bad.pt"
+    save_agent(path, net, "teacher", {})
+    with pytest.raises(UserError, match=r"bad\.pt holds .*trunk\.fcs\.0\.weight.*retrain"):
+        load_agent(path)

@@ -12,30 +12,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from multitask.agents.checkpoints import load_agent, load_teacher, save_agent
+from multitask.agents.checkpoints import load_agent, load_teacher
 from multitask.envs import get_game
-from multitask.agents.networks import MultiHeadNet, teacher_network_spec
-from multitask.data.recorder import (
-    _is_last_stretch,
-    _root_attrs,
-    _TimeLog,
-    build_dataset,
-    check_teacher_outputs,
-)
-from multitask.data.storage import (
-    BackgroundWriter,
-    Compression,
-    DatasetReader,
-    DatasetWriter,
-    Episode,
-    parts_dir,
-    verify_invariants,
-)
+from multitask.data.background import BackgroundWriter
+from multitask.data.build import build_dataset, dataset_attrs
+from multitask.data.build_config import DatasetConfig
+from multitask.data.reader import DatasetReader
+from multitask.data.recorder import _is_last_stretch, _TimeLog
+from multitask.data.schema import Episode, parts_dir
+from multitask.data.verify import check_teacher_outputs, verify_invariants
+from multitask.data.writer import DatasetWriter
 
 
-@pytest.mark.parametrize("game,steps,envs", [("minatar/Breakout", 1500, 4), ("atari/Breakout", 1500, 3)])
+@pytest.mark.parametrize("game,steps,envs", [("minatar/Breakout", 1500, 4),
+                                             pytest.param("atari/Breakout", 1500, 3, marks=pytest.mark.slow)])
 def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, steps, envs, make_teacher):
     """Every stored step, episode starts included, rebuilds exactly what the teacher saw."""
     teacher = make_teacher(tmp_path / "t.pt", game)
@@ -46,7 +37,7 @@ def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, st
             seen[(int(env_seed[i]), int(env_episode[i]), int(t[i]))] = obs[i].copy()
 
     out = tmp_path / "d.h5"
-    build_dataset(game, teacher, steps, out, epsilon=0.5, num_envs=envs, flush_steps=200,
+    build_dataset(game, teacher, out, DatasetConfig(steps=steps, epsilon=0.5, num_envs=envs, flush_steps=200),
                   show_progress=False, observe=observe)
     with DatasetReader(out) as d:
         assert len(d) == steps and d.info.status == "complete"
@@ -103,7 +94,7 @@ def test_staged_episodes_reach_the_final_file_without_a_master(tmp_path, backgro
     game = get_game("minatar/Breakout")
     teacher, _ = load_teacher(make_teacher(tmp_path / "t.pt", game.name), game)
     out = tmp_path / "s.h5"
-    writer = DatasetWriter.create(out, _root_attrs(game, teacher, 100), Compression())
+    writer = DatasetWriter.create(out, dataset_attrs(game, teacher, 100), DatasetConfig().compression_settings())
     writer = BackgroundWriter.start(writer) if background else writer
     rng = np.random.default_rng(0)
     episodes = [_episode(rng, game, k) for k in range(6)]
@@ -145,7 +136,7 @@ def test_only_a_short_last_stretch_is_staged():
 def test_exact_step_count_cut_episodes_and_metadata(tmp_path, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Asterix")
     out = tmp_path / "a.h5"
-    build_dataset("minatar/Asterix", teacher, 1001, out, num_envs=7, seed=5, show_progress=False)
+    build_dataset("minatar/Asterix", teacher, out, DatasetConfig(steps=1001, num_envs=7, seed=5), show_progress=False)
     with h5py.File(out) as f:  # plain h5py users see a normal, self-describing file
         assert f.attrs["schema"] == "multitask-teacher-dataset" and f.attrs["schema_version"] == 1
         assert f.attrs["status"] == "complete" and not parts_dir(out).exists()
@@ -184,12 +175,12 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli,
 def test_resume_continues_to_exactly_n(tmp_path, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     out = tmp_path / "b.h5"
-    first_build = build_dataset("minatar/Breakout", teacher, 400, out, num_envs=4, show_progress=False)
+    first_build = build_dataset("minatar/Breakout", teacher, out, DatasetConfig(steps=400, num_envs=4), show_progress=False)
     assert (first_build.steps, first_build.added_steps) == (400, 400)
     with DatasetReader(out) as d:
         first = d.batch(np.arange(400))
-    resumed = build_dataset("minatar/Breakout", teacher, 1000, out, num_envs=4, lanes=1, resume=True,
-                            show_progress=False)  # one lane: the teacher in-process, no overlap
+    resumed = build_dataset("minatar/Breakout", teacher, out, DatasetConfig(steps=1000, num_envs=4, lanes=1),
+                            resume=True, show_progress=False)  # one lane: the teacher in-process, no overlap
     assert (resumed.steps, resumed.added_steps) == (1000, 600)
     with DatasetReader(out) as d:
         assert len(d) == 1000 and verify_invariants(d) == []
@@ -208,8 +199,8 @@ def test_a_build_is_a_function_of_its_seed(tmp_path, monkeypatch, make_teacher):
         with monkeypatch.context() as m:
             if name == "b.h5":
                 m.setattr("multitask.data.lanes.background_supported", lambda: False)
-            build_dataset("minatar/Freeway", teacher, 900, tmp_path / name, num_envs=6,
-                          seed=1 if name != "c.h5" else 2, epsilon=0.3, show_progress=False)
+            cfg = DatasetConfig(steps=900, num_envs=6, seed=1 if name != "c.h5" else 2, epsilon=0.3)
+            build_dataset("minatar/Freeway", teacher, tmp_path / name, cfg, show_progress=False)
         with DatasetReader(tmp_path / name) as d:
             steps.append({k: d.steps[k][:] for k in ("action", "reward", "teacher_outputs", "frame_index")})
     assert all(np.array_equal(steps[0][k], steps[1][k]) for k in steps[0])
@@ -224,6 +215,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_killed_builds_leave_valid_files_and_resume_to_exactly_n(tmp_path, make_teacher):
     """SIGKILL a real build at random instants; each time the file must open with plain h5py,
     verify, and still hold every episode it held before; --resume then finishes at exactly N."""
@@ -303,7 +295,7 @@ def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli, make_teache
 def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     good = tmp_path / "good.h5"
-    build_dataset("minatar/Breakout", teacher, 300, good, num_envs=4, show_progress=False)
+    build_dataset("minatar/Breakout", teacher, good, DatasetConfig(steps=300, num_envs=4), show_progress=False)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.h5"
@@ -325,7 +317,7 @@ def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli, ma
 def test_verify_catches_tampering(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     path = tmp_path / "v.h5"
-    build_dataset("minatar/Breakout", teacher, 500, path, num_envs=4, show_progress=False)
+    build_dataset("minatar/Breakout", teacher, path, DatasetConfig(steps=500, num_envs=4), show_progress=False)
     assert run_cli("dataset", "verify", path, "--teacher", teacher)[0] == 0
     with h5py.File(path, "a") as f:
         f["steps/reward"][3] = 100.0  # returns no longer match
@@ -344,6 +336,7 @@ def test_verify_catches_tampering(tmp_path, run_cli, make_teacher):
     assert code == 2 and "differ from the teacher" in err
 
 
+@pytest.mark.slow
 def test_several_games_build_in_parallel_processes(tmp_path, run_cli, monkeypatch, make_teacher):
     """`--games` with the default teacher and output paths, one process per game."""
     monkeypatch.chdir(tmp_path)

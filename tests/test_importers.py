@@ -88,3 +88,21 @@ def test_import_refuses_wrong_action_count_and_foreign_files(tmp_path):
     with pytest.raises(UserError, match="not a CleanRL Nature-DQN checkpoint"):
         import_teacher("cleanrl", other, get_game("atari/Pong"), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("corruption", ["random", "ones"])
+def test_corrupted_cleanrl_file_is_refused_and_nothing_is_written(tmp_path, run_cli, corruption):
+    """2,000 overwritten bytes inside the weights: random ones decode to floats up to ~1e38, all-ones
+    bytes to NaN. Either way the import stops with one sentence and writes no teacher."""
+    torch.manual_seed(0)
+    path = tmp_path / "dqn_atari.cleanrl_model"
+    torch.save(CleanRLQNetwork(6).state_dict(), path)
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2  # inside network.7.weight (3136 x 512 floats, most of the file)
+    noise = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    data[start:start + 2000] = noise if corruption == "random" else b"\xff" * 2000
+    path.write_bytes(bytes(data))
+    out = tmp_path / "Pong.pt"
+    code, _, err = run_cli("teacher", "import", "cleanrl", path, "--game", "atari/Pong", "--out", out)
+    assert code == 2 and str(path) in err and "network.7.weight" in err and err.count("\n") == 1, err
+    assert not out.exists() and not out.with_suffix(".json").exists()

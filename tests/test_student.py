@@ -1,5 +1,7 @@
 """Offline distillation end to end on real datasets: loader, student, resume, DDP, bad input."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,10 +19,12 @@ from multitask import config as configlib
 from multitask.agents.checkpoints import load_agent
 from multitask.errors import UserError
 from multitask.data.loader import LoaderSpec, make_loader, plan
-from multitask.data.recorder import build_dataset
-from multitask.data.storage import DatasetReader
+from multitask.data.build import build_dataset
+from multitask.data.build_config import DatasetConfig
+from multitask.data.reader import DatasetReader
 from multitask.evaluation.report import pct_of_teacher
-from multitask.training.student import StudentConfig, student_network, train_student
+from multitask.agents.sizes import sized_network
+from multitask.training.student import StudentConfig, cosine_lr, train_student
 from multitask.envs import get_game
 
 GAMES = ("minatar/Breakout", "minatar/Freeway")  # 4 and 7 channels: the trunk pads to 7
@@ -33,7 +37,7 @@ def data(tmp_path_factory, make_teacher):
     for i, game in enumerate(GAMES):
         teacher = make_teacher(tmp / f"{game.split('/')[1]}.pt", game, seed=i, eval_mean=2.0)
         out = tmp / f"{game.split('/')[1]}.h5"
-        build_dataset(game, teacher, 3000 + 1000 * i, out, num_envs=8, show_progress=False)
+        build_dataset(game, teacher, out, DatasetConfig(steps=3000 + 1000 * i, num_envs=8), show_progress=False)
         paths.append(str(out))
         teachers.append(str(teacher))
     return tmp, paths, teachers
@@ -81,11 +85,21 @@ def test_worker_processes_and_chunk_windows_give_the_same_kind_of_data(data):
     assert seen == 12 * 64
 
 
-def test_student_trains_writes_checkpoints_summary_and_wandb(data):
+@pytest.fixture(scope="module")
+def multitask_run(data):
+    """One multi-task-sized student, mixed batches, evaluated at updates 30 and 60; its stderr kept."""
     tmp, _, _ = data
     run = tmp / "run-mt"
-    summary = train_student(config(data, batch_mode="mixed", size="multitask"), run, wandb_mode="offline",
-                            show_progress=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        summary = train_student(config(data, batch_mode="mixed", size="multitask"), run, wandb_mode="offline",
+                                show_progress=False)
+    return run, summary, err.getvalue()
+
+
+@pytest.mark.slow
+def test_student_trains_writes_checkpoints_summary_and_wandb(multitask_run):
+    run, summary, _ = multitask_run
     assert set(summary["scores"]) == set(GAMES)
     assert summary["teacher_card_scores"] == {g: 2.0 for g in GAMES}  # what the cards say
     measured = summary["teacher_scores"]  # the teachers re-scored on the student's final episodes
@@ -106,6 +120,38 @@ def test_student_trains_writes_checkpoints_summary_and_wandb(data):
     assert saved.batch_mode == "mixed" and saved.loss == "kl"
 
 
+@pytest.mark.slow
+def test_every_evaluation_prints_one_line_with_scores_and_geomean(multitask_run):
+    _, summary, err = multitask_run
+    lines = [line for line in err.splitlines() if line.startswith("eval ")]
+    assert len(lines) == len(summary["history"]) == 2, err
+    for line, entry in zip(lines, summary["history"]):
+        assert f"update {entry['update']}" in line and "geometric mean" in line
+        assert all(f"{g.split('/')[1]} {entry['scores'][g]:.2f}" in line for g in GAMES), line
+        assert all(f"({entry['pct_teacher'][g]:.0f}%)" in line for g in GAMES), line
+
+
+@pytest.mark.slow
+def test_final_evaluation_is_logged_like_the_periodic_ones(multitask_run):
+    run, summary, _ = multitask_run
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in logged if "eval/minatar/Breakout/score" in x]
+    assert [x["updates"] for x in evals] == [h["update"] for h in summary["history"]] == [30, 60]
+    assert all("eval/geomean_pct_teacher" in x and "eval/minatar/Freeway/pct_teacher" in x for x in evals)
+
+
+@pytest.mark.slow
+def test_saved_config_is_the_architecture_built(multitask_run):
+    run, summary, _ = multitask_run
+    trunk = load_agent(run / "best.pt").net.spec.trunk
+    saved = configlib.load(StudentConfig, run / "config.toml")
+    assert saved.size == "multitask" and (saved.width, saved.extra_fc) == (trunk.width, trunk.extra_fc)
+    assert trunk.width > 1.5 and trunk.extra_fc == 1
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    card = json.loads((run / "best.json").read_text())
+    assert state["config"] == card["config"] == summary["config"] == configlib.to_dict(saved)
+
+
 def test_evaluate_cli_scores_a_student(data, run_cli):
     tmp, _, _ = data
     run = tmp / "run-eval"
@@ -118,11 +164,17 @@ def test_evaluate_cli_scores_a_student(data, run_cli):
 def test_size_presets_hit_their_parameter_fractions():
     games = [get_game("minatar/Breakout")]
     for size, frac in (("100%", 1.0), ("25%", 0.25), ("7%", 0.07), ("4%", 0.04)):
-        spec, counts = student_network(StudentConfig(games=("minatar/Breakout",), size=size), games)
-        assert counts["fraction_of_teacher"] == pytest.approx(frac, rel=0.06), size
-    atari = [get_game("atari/Pong")]
-    spec, counts = student_network(StudentConfig(games=("atari/Pong",), size="7%"), atari)
-    assert counts["fraction_of_teacher"] == pytest.approx(0.07, rel=0.03) and spec.trunk.kind == "nature"
+        spec, sized = sized_network(size, games)
+        assert sized.fraction_of_teacher == pytest.approx(frac, rel=0.06), size
+    spec, sized = sized_network("7%", [get_game("atari/Pong")])
+    assert sized.fraction_of_teacher == pytest.approx(0.07, rel=0.03) and spec.trunk.kind == "nature"
+
+
+def test_cosine_schedule_by_hand():
+    assert cosine_lr(1e-3, 0, 100) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 50, 100) == pytest.approx(5e-4)  # (1 + cos(pi / 2)) / 2 = 1/2
+    assert cosine_lr(1e-3, 25, 100) == pytest.approx(1e-3 * (1 + 2 ** -0.5) / 2)  # cos(pi / 4) = 1/sqrt(2)
+    assert cosine_lr(1e-3, 100, 100) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_pct_of_teacher_and_geomean():
@@ -140,6 +192,7 @@ def _train_cmd(data, run, updates):
             "--run-dir", str(run), "--wandb", "off", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(data):
     tmp, _, _ = data
     straight = subprocess.run(_train_cmd(data, tmp / "straight", 150), capture_output=True, text=True, timeout=600)
@@ -160,6 +213,7 @@ def test_killed_run_resumes_to_the_same_weights(data):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_keep_identical_replicas(data):
     tmp, _, _ = data
     run = tmp / "ddp"
@@ -192,13 +246,27 @@ def test_bad_inputs(data, run_cli, tmp_path):
     assert code == 2 and "holds minatar/Freeway" in err
 
 
-def test_resume_with_another_architecture_is_refused(data, tmp_path):
+@pytest.mark.slow
+def test_rerun_resumes_a_preset_run_and_another_architecture_is_refused(data, tmp_path, capsys):
+    """The saved config holds the width the preset built; the same command again compares like with
+    like, and so does a run saved before (its config said width 1.0)."""
     run = tmp_path / "arch"
-    train_student(config(data, updates=20, eval_every=0), run, wandb_mode="off", show_progress=False)
-    with pytest.raises(UserError, match="another architecture"):
-        train_student(config(data, updates=40, eval_every=0, size="25%"), run, wandb_mode="off", show_progress=False)
+    train_student(config(data, updates=20, eval_every=0, size="multitask"), run, wandb_mode="off", show_progress=False)
+    summary = train_student(config(data, updates=30, eval_every=0, size="multitask"), run, wandb_mode="off",
+                            show_progress=False)
+    assert "resuming" in capsys.readouterr().err and summary["updates"] == 30
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["config"].update(width=1.0, extra_fc=0)  # what a multitask run saved before the fix
+    torch.save(state, run / "state.pt")
+    summary = train_student(config(data, updates=40, eval_every=0, size="multitask"), run, wandb_mode="off",
+                            show_progress=False)
+    assert "resuming" in capsys.readouterr().err and summary["updates"] == 40
+    with pytest.raises(UserError, match=r"other settings \(size 'multitask' then, '25%' now; "
+                                        r"network\.trunk\.width 1\.9"):
+        train_student(config(data, updates=50, eval_every=0, size="25%"), run, wandb_mode="off", show_progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_grid_and_writes_its_table(data, tmp_path, monkeypatch, run_cli):
     _, paths, teachers = data
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,8 @@ from multitask.envs import get_game
 from multitask.evaluation.protocol import evaluate_game
 from multitask.training.teacher import TeacherConfig, load_config, train_teacher
 
+pytestmark = pytest.mark.slow  # every test trains a teacher (30-60 s on 2 cores)
+
 # A short, fast-learning setting (measured: ~8 points on Breakout after 40k steps, random ~0.5).
 FAST = ["total_steps=30000", "learning_starts=2000", "eps_decay_steps=15000", "replay_capacity=20000",
         "eval_every=10000", "eval_episodes=5", "final_eval_episodes=20", "checkpoint_every=10000",
@@ -98,8 +100,8 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     steps_logged_before = [json.loads(x)["env_steps"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "resuming minatar/Breakout" in done.stderr
-    resumed_at = int(done.stderr.split("at env step ")[1].split()[0].replace(",", ""))
+    assert f"resuming {tmp_path / 'run'} after " in done.stderr
+    resumed_at = int(done.stderr.split(" after ")[1].split()[0].replace(",", ""))
     assert resumed_at >= 4000
     card = json.loads((tmp_path / "B.json").read_text())
     assert card["resumes"] == 1 and card["env_steps"] == 16000

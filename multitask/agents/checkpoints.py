@@ -32,6 +32,13 @@ from multitask.agents.networks import MultiHeadNet, NetworkSpec
 FORMAT = "multitask-agent"
 FORMAT_VERSION = 1
 KINDS = ("teacher", "student", "multitask-dqn")
+# No trained network has weights near 1e6: PyTorch initialises every layer with |w| <= 1/sqrt(fan_in)
+# <= 1, and a DQN's targets are bounded by r_max / (1 - gamma) = 100 (rewards clipped to [-1, 1],
+# gamma 0.99; Mnih et al. 2015), so its weights stay O(1) (the largest in teachers/minatar: 3.2);
+# a weight of 1e6 turns a [0, 1] input into a pre-activation of 1e6. Random bytes decode as
+# float32 to |x| > 1e6 about 42% of the time (exponents 2^20..2^127: 108 of 256 codes) but to NaN
+# or inf 1 time in 256, so this bound, more than the NaN check, catches a few corrupted bytes.
+MAX_ABS_WEIGHT = 1e6
 
 
 @dataclass
@@ -59,6 +66,21 @@ def save_agent(path: Path, net: MultiHeadNet, kind: str, card: dict[str, Any]) -
     digest = file_sha256(path)
     atomic_write_text(card_path(path), json.dumps({**card, "sha256": digest}, indent=2) + "\n")
     return digest
+
+
+def weights_problem(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """What no trained network holds, named with its tensor (None: nothing found): a NaN or an
+    infinity, or a weight beyond MAX_ABS_WEIGHT in magnitude. Integer tensors are not weights."""
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            return f"{bad} NaN or infinite weight(s) in {name}"
+        peak = float(tensor.abs().max())
+        if peak > MAX_ABS_WEIGHT:
+            return f"a weight of {peak:.2g} in {name}, beyond any trained network's {MAX_ABS_WEIGHT:.0e}"
+    return None
 
 
 def _reason(e: Exception) -> str:
@@ -99,6 +121,10 @@ def load_agent(path: Path) -> Agent:
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise UserError(f"checkpoint {path} is damaged: its weights do not match its network "
                         f"description ({str(e).splitlines()[0][:120]}); retrain or re-import it") from None
+    problem = weights_problem(payload["state_dict"])
+    if problem:
+        raise UserError(f"checkpoint {path} holds {problem} (a corrupt file or a diverged training); "
+                        f"re-download, re-import or retrain it")
     net.eval()
     return Agent(net=net, kind=payload["kind"], card=payload.get("card", {}), path=path,
                  sha256=file_sha256(path))

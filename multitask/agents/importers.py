@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from multitask.agents.checkpoints import save_agent
+from multitask.agents.checkpoints import save_agent, weights_problem
 from multitask.files import file_sha256
 from multitask.envs import GameSpec
 from multitask.errors import UserError
@@ -50,15 +50,19 @@ def _torch_load(data: bytes | Path, what: str) -> dict:
 
 
 def _remap(source: dict, mapping: dict[str, str], what: str, fmt: str) -> dict:
-    out = {}
+    """Our state_dict from the source's, after checking that every tensor is there and sane."""
+    renamed = {}
     for src_prefix, dst_prefix in mapping.items():
         for suffix in ("weight", "bias"):
             key = src_prefix + suffix
             if key not in source:
                 raise UserError(f"{what} is not a {fmt} Nature-DQN checkpoint (it has no '{key}'); "
                                 f"check the file and the format argument")
-            out[dst_prefix + suffix] = source[key]
-    return out
+            renamed[key] = dst_prefix + suffix
+    problem = weights_problem({key: source[key] for key in renamed})
+    if problem:
+        raise UserError(f"{what} holds {problem}, so the file is corrupt; download or export it again")
+    return {ours: source[key] for key, ours in renamed.items()}
 
 
 def read_cleanrl(path: Path) -> dict:

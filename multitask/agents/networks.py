@@ -12,8 +12,7 @@ have fewer channels than the trunk expects are zero-padded on the channel axis (
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -132,34 +131,6 @@ class MultiHeadNet(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def parameter_count(trunk: TrunkSpec, num_actions: Sequence[int]) -> int:
-    """Parameters of MultiHeadNet(trunk, heads of `num_actions`), computed without building it."""
-    convs, hidden = trunk.layer_sizes()
-    total, channels, size = 0, trunk.in_channels, trunk.in_size
-    for out, kernel, stride in convs:
-        total += out * (channels * kernel * kernel + 1)
-        channels, size = out, (size - kernel) // stride + 1
-    total += hidden * (channels * size * size + 1) + trunk.extra_fc * hidden * (hidden + 1)
-    return total + sum(n * (hidden + 1) for n in num_actions)
-
-
-def width_for_fraction(base: TrunkSpec, num_actions: int, fraction: float, extra_fc: int = 0) -> float:
-    """The width multiplier whose one-head network has `fraction` of base's parameters.
-
-    The count grows monotonically with width (step-wise, since layer sizes are rounded), so bisect
-    on it; the result is the smallest width reaching the target.
-    """
-    target = fraction * parameter_count(base, [num_actions])
-    lo, hi = 1e-3, 16.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if parameter_count(replace(base, width=mid, extra_fc=extra_fc), [num_actions]) < target:
-            lo = mid
-        else:
-            hi = mid
-    return math.ceil(hi * 1e4) / 1e4  # rounded up, so the target is still reached
 
 
 def teacher_network_spec(game: GameSpec, width: float = 1.0) -> NetworkSpec:

@@ -6,7 +6,7 @@ import argparse
 
 from multitask.errors import UserError
 
-CONFIGS = ("teacher", "student")
+CONFIGS = ("teacher", "dataset", "student")
 
 
 def cmd_games(args: argparse.Namespace) -> None:
@@ -33,6 +33,9 @@ def config_class(what: str):
     if what == "teacher":
         from multitask.training.teacher import TeacherConfig
         return TeacherConfig
+    if what == "dataset":
+        from multitask.data.build_config import DatasetConfig
+        return DatasetConfig
     if what == "student":
         from multitask.training.student import StudentConfig
         return StudentConfig

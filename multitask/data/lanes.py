@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from multitask.envs import GameSpec, Step, VectorEnv, make_vector_env
-from multitask.data.processes import background_supported, become_helper, fork_context
+from multitask.data.processes import background_supported, become_helper, fork_context, stop_process
 
 SPIN_SECONDS = 200e-6  # yield-spin this long before napping: covers MinAtar's gaps between turns
 NAP_SECONDS = 50e-6
@@ -189,10 +189,7 @@ class RemoteLane:
 
     def close(self) -> None:
         self._ring.seq[3] = 1
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
+        stop_process(self._proc, timeout=10)
         self._errors.close()
 
 

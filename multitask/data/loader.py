@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from multitask.envs.framestack import join_frames, stack_indices
 from multitask.agents.networks import pad_channels
-from multitask.data.storage import DatasetReader
+from multitask.data.reader import DatasetReader
 
 BatchMode = Literal["per_game", "mixed"]
 GROUP_BATCHES = 32  # batches per hand-over at most
@@ -74,7 +74,6 @@ class LoaderSpec:
     workers: int = 1
     window_batches: int = 500
     rank: int = 0
-    world_size: int = 1
 
 
 def batch_rng(seed: int, k: int, rank: int) -> np.random.Generator:
@@ -100,53 +99,39 @@ class GameSource:
         self.frame_index = self.reader.steps["frame_index"]
         self.teacher = self.reader.steps["teacher_outputs"]
         self.n = len(self.reader)
-        ds = self.reader._frames_ds
-        self.frames_shape = ds.shape  # (frames, C, H, W)
-        self.chunk = (ds.chunks or (4096,))[0]
-        self.num_chunks = -(-len(ds) // self.chunk)
-        chunk_bytes = self.chunk * int(np.prod(ds.shape[1:]))
+        self.frame_shape = self.reader.frame_shape  # (C, H, W)
+        chunk_bytes = self.reader.chunk_rows * int(np.prod(self.frame_shape))
         self.in_memory = self.reader.frames_nbytes <= budget
         self.window_chunks = max(2, budget // max(1, chunk_bytes))
         if self.in_memory:
             self.reader.load_frames()
-            self.frames = self.reader._frames
             self.reader.close()  # everything is in RAM now
         self._window_id = None
 
     def _load_window(self, window_id: int, seed: int, key: int) -> None:
+        num_chunks, chunk = self.reader.num_chunks, self.reader.chunk_rows
         rng = np.random.default_rng([seed, key, window_id, 0x3A1D0])
-        chosen = np.sort(rng.choice(self.num_chunks, size=min(self.window_chunks, self.num_chunks), replace=False))
-        ds = self.reader._frames_ds
-        blocks = {int(c): ds[c * self.chunk:(c + 1) * self.chunk] for c in chosen}
-        self._blocks, self._window_id = blocks, window_id
-        first = (self.frame_index - self.stack + 1) // self.chunk
-        last = self.frame_index // self.chunk
-        loaded = np.zeros(self.num_chunks, dtype=bool)
+        chosen = np.sort(rng.choice(num_chunks, size=min(self.window_chunks, num_chunks), replace=False))
+        self._blocks, self._window_id = self.reader.read_chunks(chosen), window_id
+        first = (self.frame_index - self.stack + 1) // chunk
+        last = self.frame_index // chunk
+        loaded = np.zeros(num_chunks, dtype=bool)
         loaded[chosen] = True
         self._eligible = np.flatnonzero(loaded[first] & loaded[last])
-
-    def _window_frames(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((rows.size, *self.reader._frames_ds.shape[1:]), dtype=np.uint8)
-        flat = rows.reshape(-1)
-        cid = flat // self.chunk
-        for c in np.unique(cid):
-            sel = cid == c
-            out[sel] = self._blocks[int(c)][flat[sel] - c * self.chunk]
-        return out.reshape(*rows.shape, *out.shape[1:])
 
     def sample(self, rng: np.random.Generator, n: int, window: tuple[int, int, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """n random steps -> stacked obs (n, k*C, H, W) uint8 and teacher outputs (n, A)."""
         if self.in_memory:
             idx = rng.integers(0, self.n, n)
-            frames = self.frames[stack_indices(self.frame_index[idx], self.stack)]
+            frames = self.reader.frames(stack_indices(self.frame_index[idx], self.stack))
         else:
             window_id, seed, key = window
             if window_id != self._window_id:
                 self._load_window(window_id, seed, key)
             pool = self._eligible if len(self._eligible) else np.arange(self.n)
             idx = pool[rng.integers(0, len(pool), n)]
-            frames = self._window_frames(stack_indices(self.frame_index[idx], self.stack))
+            frames = self.reader.gather(stack_indices(self.frame_index[idx], self.stack), self._blocks)
         return join_frames(frames), self.teacher[idx]
 
 
@@ -178,7 +163,7 @@ class DistillationStream(IterableDataset):
 
     def group_size(self, sources: Sequence[GameSource]) -> int:
         """Batches per hand-over: GROUP_BATCHES, fewer where batches are large (GROUP_BYTES)."""
-        obs_bytes = self.spec.batch_size * self.spec.channels * int(np.prod(sources[0].frames_shape[2:]))
+        obs_bytes = self.spec.batch_size * self.spec.channels * int(np.prod(sources[0].frame_shape[1:]))
         return int(np.clip(GROUP_BYTES // max(1, obs_bytes), 1, GROUP_BATCHES))
 
     def groups(self, workers: int = 1, worker: int = 0) -> Iterator[BatchGroup]:

@@ -5,7 +5,7 @@ teacher) in forked children, so that compression, HDF5 writes and the lanes' pla
 cores. A child must never outlive its parent: a build killed with SIGKILL would otherwise leave a
 writer that races the `--resume` that follows. Linux's
 PR_SET_PDEATHSIG does exactly that; elsewhere `background_supported()` is false and callers stay
-in-process.
+in-process. A child asked to stop is given a while to finish, then killed (`stop_process`).
 """
 
 from __future__ import annotations
@@ -39,3 +39,11 @@ def become_helper(parent: int) -> bool:
     except (OSError, AttributeError):
         pass
     return os.getppid() == parent
+
+
+def stop_process(proc, timeout: float) -> None:
+    """Wait up to `timeout` seconds for a child asked to stop, then kill it: none is left behind."""
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()

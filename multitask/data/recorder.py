@@ -1,59 +1,40 @@
-"""`multitask dataset build`: a teacher plays, every step goes into the game's HDF5 dataset.
+"""Recording: the teacher plays and every step it acts on becomes part of an episode for the writer.
 
-The teacher acts epsilon-greedily (0.05, Rusu et al. 2016) on batches of observations; its raw
-outputs for the observation it acted on are stored with the step. The envs play in lanes (two by
-default), each in its own process (`lanes`): the caller plays the first and a helper each other one,
-every lane alternating the teacher's forward pass and its env step, so that the cores stay busy; the
-caller reads the helpers' turns in order and keeps the books of every lane.
+The teacher acts epsilon-greedily on batches of observations; its raw outputs for the observation
+it acted on are stored with the step. The envs play in lanes (`lanes`), each in its own process:
+the caller plays the first and a helper each other one, every lane alternating the teacher's
+forward pass and its env step, so that the cores stay busy; the caller reads the helpers' turns in
+order and keeps the books of every lane (`_Lane`).
 Per vector step a lane only appends whole arrays to a time log; an env's episode is cut out of the
 log when it ends, so bookkeeping costs O(1) numpy calls per vector step whatever the number of envs.
-Completed episodes are flushed to disk in the background (see `storage` for the crash-safety
-protocol); a build stops at exactly `steps` steps by cutting the episodes still running at the end
-(stored with complete = false), and its last episodes go straight into the consolidated file.
+Completed episodes are flushed to disk in the background (`background`; see `writer` for the
+crash-safety protocol); a build stops at exactly `steps` steps by cutting the episodes still running
+at the end (stored with complete = false), and its last episodes go straight into the consolidated
+file. `build` checks everything and opens the file before `record` starts.
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
-import multitask
-from multitask import config as configlib
-from multitask.agents.checkpoints import Agent, load_teacher
+from multitask.agents.checkpoints import Agent
 from multitask.agents.dqn import epsilon_greedy
-from multitask.envs import GameSpec, get_game
-from multitask.errors import UserError
-from multitask.envs.framestack import newest_frame, split_frames
+from multitask.data.background import BackgroundWriter
+from multitask.data.build_config import DatasetConfig
 from multitask.data.lanes import LocalLane, RemoteLane, cores
+from multitask.data.schema import Episode, now_iso
+from multitask.data.writer import DatasetWriter
+from multitask.envs import GameSpec
+from multitask.envs.framestack import newest_frame, split_frames
 from multitask.progress import Progress
-from multitask.data.storage import (BackgroundWriter, Compression, DatasetWriter, Episode, _check_schema, _open_h5,
-                               bytes_per_step, dataset_exists, now_iso, remove_dataset)
-
-DEFAULT_EPSILON = 0.05  # Rusu et al. 2016: the teacher plays epsilon-greedy with 0.05
-# In all lanes. MinAtar: 128 envs per lane amortise the per-vector-step Python work (200k Breakout
-# steps on one core: 6.9 s with 32 envs, 5.0 s with 128; measured). Atari: 16 per lane, because the
-# teacher's one-thread forward pass costs less per observation in batches of 16 than of 8 (2,500 vs
-# 1,900 per second; measured).
-DEFAULT_NUM_ENVS = {"atari": 32, "minatar": 256}
-# Two lanes, one per core of the 2-core dev machine: each lane's process keeps one core busy with
-# its forward passes and env steps (on more cores, pass more lanes: each gets cores / lanes threads).
-DEFAULT_LANES = 2
-
-# Completed episodes are flushed once they hold this much (or every flush_seconds): MinAtar's
-# ~440-byte steps flush every ~75k steps, Atari's ~7 KB steps every ~4.7k. Each flush costs the
-# writer a part file and a new master whatever its size (MinAtar: 0.58 CPU-s per 200k steps in 3
-# flushes vs 1.11 in 10; measured), and a crash loses at most what is pending.
-FLUSH_BYTES = 32 << 20
 
 # observe(obs, env_seed, env_episode, step_in_episode): sees every observation the teacher acts on
 Observer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
@@ -130,109 +111,6 @@ def _cut(log: _TimeLog, env: int, start: int, stop: int, start_frames: np.ndarra
                    env_seed=env_seed, env_episode=env_episode)
 
 
-def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overwrite: bool) -> None:
-    """All checks that must pass before anything is written."""
-    if resume and overwrite:
-        raise UserError("pass either --resume or --overwrite, not both")
-    if resume and Path(out).exists():
-        with _open_h5(out) as f:
-            _check_schema(f, out)
-            if f"{f.attrs['suite']}/{f.attrs['game']}" != game.name:
-                raise UserError(f"cannot resume {out}: it holds {f.attrs['suite']}/{f.attrs['game']}, not {game.name}")
-            sha = json.loads(f.attrs["teacher"])["sha256"]
-            if sha != teacher.sha256:
-                raise UserError(f"cannot resume {out} with a different teacher (sha256 {teacher.sha256[:12]} "
-                                f"vs {sha[:12]}); use the teacher it was built with, or --overwrite")
-    elif not resume and dataset_exists(out) and not overwrite:
-        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        probe = Path(out).with_name(f".{Path(out).name}.probe")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}); choose a writable --out") from None
-
-
-def _root_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict:
-    card = teacher.card
-    teacher_info = {
-        "path": str(teacher.path), "sha256": teacher.sha256, "kind": teacher.kind,
-        "source": card.get("source"), "import": card.get("import"),
-        "eval_mean": (card.get("eval") or {}).get("mean"), "env_steps": card.get("env_steps"),
-        "network": teacher.net.spec.to_dict(),
-    }
-    return {
-        "schema": "multitask-teacher-dataset", "schema_version": 1,
-        "suite": game.suite, "game": game.game, "env_id": game.env_id, "env": json.dumps(game.describe()),
-        "action_meanings": json.dumps(list(game.action_meanings)),
-        "frame_shape": json.dumps(list(game.frame_shape)), "stack": game.stack, "num_actions": game.num_actions,
-        "teacher": json.dumps(teacher_info), "teacher_output_kind": "q_values", "temperature": "none",
-        "policies": json.dumps([{"kind": "teacher", "sha256": teacher.sha256,
-                                 "action_selection": "epsilon-greedy on teacher outputs"}]),
-        "target_steps": steps, "builds": json.dumps([]),
-        "package_version": multitask.__version__, "created": now_iso(),
-    }
-
-
-def build_dataset(game_name: str, teacher_path: Path, steps: int, out: Path, epsilon: float = DEFAULT_EPSILON,
-                  seed: int = 0, num_envs: int | None = None, lanes: int = DEFAULT_LANES, resume: bool = False,
-                  overwrite: bool = False, flush_steps: int | None = None, flush_seconds: float = 60.0,
-                  compression: Compression | None = None,
-                  show_progress: bool = True, observe: Observer | None = None) -> BuildResult:
-    # ---- Phase 1: check everything, then open the output --------------------------------------
-    game = get_game(game_name)
-    teacher, _ = load_teacher(teacher_path, game)
-    out = Path(out)
-    if steps < 1:
-        raise UserError("--steps must be positive")
-    if not 0.0 <= epsilon <= 1.0:
-        raise UserError("--epsilon must be in [0, 1]")
-    n = num_envs or DEFAULT_NUM_ENVS[game.suite]
-    if n < 1 or lanes < 1:
-        raise UserError("--num-envs and --lanes must be positive")
-    lanes = min(lanes, n)
-    if flush_steps is None:
-        flush_steps = max(1, FLUSH_BYTES // bytes_per_step(game.frame_shape, game.num_actions))
-    elif flush_steps < 1:
-        raise UserError("--flush-steps must be positive")
-    _check_output(out, game, teacher, resume, overwrite)
-    if overwrite:
-        remove_dataset(out)
-    resume = resume and out.exists()  # --resume with nothing to resume starts a new dataset
-    created_here = not resume
-    if resume:
-        writer = DatasetWriter.resume(out)
-        writer.attrs["target_steps"] = steps
-        if writer.num_steps >= steps:
-            writer.finalize()
-            print(f"{out} already holds {writer.num_steps:,} steps (>= {steps:,}); nothing to add")
-            return BuildResult(out, game.name, writer.num_steps, writer.num_episodes, 0, 0.0, float("nan"))
-    else:
-        writer = DatasetWriter.create(out, _root_attrs(game, teacher, steps), compression or Compression())
-    builds = json.loads(writer.attrs["builds"])
-    stream_seed = seed + 7919 * len(builds)  # each build/resume plays fresh, distinct env streams
-    builds.append({"command": configlib.command_line(), "seed": seed, "env_seeds": [stream_seed, stream_seed + n - 1],
-                   "epsilon": epsilon, "num_envs": n, "lanes": lanes, "started": now_iso(),
-                   "steps_before": writer.num_steps})
-
-    # The play loop allocates many small containers; without freezing, each full collection walks
-    # the ~280k objects that torch and MinAtar's imports leave behind (0.13 s each, 0.4 s per
-    # 200k-step MinAtar build; measured). Frozen before the helpers fork, so they inherit it.
-    gc.freeze()
-    writer = BackgroundWriter.start(writer)  # compression and HDF5 writes overlap the teacher's play
-    try:
-        return _record(game, teacher, writer, steps, epsilon, n, lanes, stream_seed, builds, flush_steps,
-                       flush_seconds, show_progress, observe)
-    except BaseException:
-        writer.close()
-        if created_here and writer.durable_steps == 0:
-            remove_dataset(out)  # nothing recorded: leave nothing that looks like a dataset
-        raise
-    finally:
-        gc.unfreeze()
-
-
 class _Lane:
     """One lane's books: its running episodes and the time log they are cut from.
 
@@ -276,10 +154,12 @@ class _Lane:
                     self.env_seeds[i], self.env_episode[i])
 
 
-def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, steps: int, epsilon: float,
-            n: int, lanes: int, stream_seed: int, builds: list, flush_steps: int, flush_seconds: float,
-            show_progress: bool, observe: Observer | None) -> BuildResult:
-    # ---- Phase 2: play: each lane in its own process, the first in this one ---------------------
+def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, cfg: DatasetConfig,
+           stream_seed: int, builds: list, show_progress: bool, observe: Observer | None) -> BuildResult:
+    """Play `cfg` (resolved: num_envs, lanes, flush_steps filled in) until the dataset holds cfg.steps steps,
+    then finalize it; `builds` (with this build's entry last) goes into the file at every flush."""
+    steps, epsilon, n, lanes = cfg.steps, cfg.epsilon, cfg.num_envs, cfg.lanes
+    # ---- Play: each lane in its own process, the first in this one --------------------------------
     sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
     firsts = [int(f) for f in np.cumsum([0, *sizes[:-1]])]
     head = teacher.net.head_index(game.name)
@@ -302,7 +182,8 @@ def _record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWr
         players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))
         players.insert(0, lane(0, LocalLane))
         play = [_Lane(player, first, stream_seed, game.frame_shape[0]) for player, first in zip(players, firsts)]
-        return _play(game, play, writer, steps, epsilon, builds, flush_steps, flush_seconds, show_progress, observe)
+        return _play(game, play, writer, steps, epsilon, builds, cfg.flush_steps, cfg.flush_seconds, show_progress,
+                     observe)
     finally:
         for player in players:
             player.close()
@@ -366,7 +247,7 @@ def _play(game: GameSpec, play: list[_Lane], writer: DatasetWriter | BackgroundW
         if pending_steps >= due or (pending and time.perf_counter() - last_flush > flush_seconds):
             flush(stage=tail)
 
-    # ---- Phase 3: cut the running episodes to land on exactly `steps`, flush, consolidate --------
+    # ---- End: cut the running episodes to land on exactly `steps`, flush, consolidate -----------
     excess = before + played - steps
     running = [[lane, i, int(length)] for lane in play for i, length in enumerate(lane.running())]
     for entry in reversed(running):  # trim running episodes from the last env backwards
@@ -406,51 +287,3 @@ def _shorten(ep: Episode, keep: int) -> Episode:
     return Episode(ep.frames[: len(ep.frames) - (ep.length - keep)], ep.teacher_outputs[:keep], ep.action[:keep],
                    ep.reward[:keep], np.zeros(keep, dtype=bool), truncated, ep.life_lost[:keep], False,
                    ep.policy, ep.epsilon, ep.env_seed, ep.env_episode)
-
-
-def _build_in_worker(kwargs: dict) -> BuildResult:
-    torch.set_num_threads(1)
-    # Parallel games already use the cores: one lane each, no teacher helper. No bars: they would interleave.
-    return build_dataset(**{**kwargs, "lanes": 1, "show_progress": False})
-
-
-def build_many(jobs: Sequence[dict], workers: int) -> list[BuildResult]:
-    """One process per game; a failing game does not stop the others. Raises after all finished."""
-    if len(jobs) == 1:
-        return [build_dataset(**jobs[0])]
-    ctx = multiprocessing.get_context("spawn")
-    results, errors = [], []
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = [(job["game_name"], pool.submit(_build_in_worker, job)) for job in jobs]
-        for game, fut in futures:
-            try:
-                results.append(fut.result())
-            except UserError as e:
-                errors.append(f"{game}: {e}")
-    if errors:
-        raise UserError("; ".join(errors))
-    return results
-
-
-def check_teacher_outputs(reader, teacher: Agent, sample: int = 1000, seed: int = 0) -> list[str]:
-    """Stored outputs must equal teacher(observation) on a random sample of steps."""
-    from multitask.agents.checkpoints import check_agent_game
-
-    game = get_game(reader.game)
-    head = check_agent_game(teacher, game)
-    problems = []
-    if teacher.sha256 != reader.info.teacher.get("sha256"):
-        problems.append(f"the dataset was labelled by teacher sha256 {reader.info.teacher.get('sha256', '?')[:12]}, "
-                        f"not {teacher.path} ({teacher.sha256[:12]})")
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(reader), size=min(sample, len(reader)), replace=False))
-    worst = 0.0
-    for chunk in np.array_split(idx, max(1, len(idx) // 256)):
-        with torch.inference_mode():
-            q = teacher.net(torch.from_numpy(reader.obs(chunk)), head).numpy()
-        stored = reader.steps["teacher_outputs"][chunk]
-        worst = max(worst, float(np.max(np.abs(q - stored) / (1.0 + np.abs(q)))))
-    if worst > 1e-4:  # batched vs unbatched inference differ in the last bits only
-        problems.append(f"stored teacher outputs differ from the teacher's by up to {worst:.3g} (relative) "
-                        f"on {len(idx)} sampled steps")
-    return problems

@@ -1,51 +1,48 @@
 """`multitask student train`: offline policy distillation into one multi-head student.
 
-Reads top to bottom: resolve datasets and teachers -> build the student (size preset) -> resume ->
-distributed set-up -> (batch, loss per game, update, log, evaluate, checkpoint)* -> final
-evaluation and summary. Runs under `torchrun --nproc-per-node K` with DistributedDataParallel
-(NCCL on GPUs, gloo on CPUs); rank 0 evaluates, logs and writes checkpoints.
+Reads top to bottom: resolve datasets and teachers -> size the student -> resume -> distributed
+set-up -> (batch, loss per game, update, log, evaluate, checkpoint)* -> final evaluation of best.pt
+and summary. Runs under `torchrun --nproc-per-node K` with DistributedDataParallel (NCCL on GPUs,
+gloo on CPUs); rank 0 evaluates, logs and writes.
 
-Run directory (`runs/student/<name>/`): config.toml, state.pt (resume), best.pt / last.pt (agent
-checkpoints for `multitask evaluate`, with .json cards), metrics.jsonl, summary.json, wandb/.
+Run folder (`runs/student/<name>/`, the shared one of `multitask.training.run`): config.toml,
+state.pt (resume), best.pt / last.pt (agent checkpoints for `multitask evaluate`, with .json
+cards), metrics.jsonl, summary.json, table.md, wandb/.
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
 import json
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from multitask import config as configlib
-from multitask.agents.checkpoints import load_agent, save_agent
-from multitask.files import atomic_torch_save, atomic_write_text
+from multitask.agents.checkpoints import load_agent
+from multitask.agents.networks import MultiHeadNet, NetworkSpec
+from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
+from multitask.data.loader import LoaderSpec, TrainBatch, make_loader
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
-from multitask.evaluation.protocol import evaluate_games
-from multitask.data.loader import LoaderSpec, make_loader
-from multitask.training.losses import LossName, distillation_loss
-from multitask.agents.networks import (MultiHeadNet, NetworkSpec, parameter_count,
-                                teacher_network_spec, width_for_fraction)
+from multitask.evaluation.report import run_table
 from multitask.progress import Progress
-from multitask.evaluation.report import pct_of_teacher, run_table
-from multitask.data.storage import DatasetReader, has_teacher_outputs
-from multitask.training.tracking import Tracker, WandbMode
+from multitask.data.reader import DatasetReader, has_teacher_outputs
+from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
+from multitask.training.losses import LossName, distillation_loss
+from multitask.training.run import Every, Rate, Run
+from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
+                                        score_games, teacher_card_scores)
+from multitask.training.tracking import WandbMode
 
-SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
-SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}
-FINAL_EVAL_SEED = 777_777  # students and teachers meet the same env seeds in the final evaluation
-MULTITASK_FACTOR = 4.0  # Rusu et al. 2016: the multi-task student had ~4x a teacher's parameters
+# A killed run may be resumed with these changed. width and extra_fc are left to the network
+# check (the run's identity: the architecture built), which any change that matters fails; so a run
+# saved before configs held the built width (a preset's width 1.0) resumes too.
+RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc")
 
 
 @dataclass(frozen=True)
@@ -64,8 +61,8 @@ class StudentConfig:
     lr_schedule: Literal["constant", "cosine"] = option("constant", "constant, or cosine decay to 0 over `updates` (paper A: not stated)")
     updates: int = option(20_000, "gradient updates")
     size: SizePreset = option("100%", "student size relative to a teacher's parameters; multitask = ~4x plus one FC layer")
-    width: float = option(1.0, "width multiplier, used with size = custom")
-    extra_fc: int = option(0, "extra hidden FC layers, used with size = custom")
+    width: float = option(1.0, "trunk width multiplier for size = custom; a run's saved config holds the width its preset built")
+    extra_fc: int = option(0, "extra hidden FC layers for size = custom; a run's saved config holds what its preset built")
     eval_every: int = option(5_000, "updates between evaluations of every game (0: only at the end)")
     eval_episodes: int = option(10, "episodes per game in periodic evaluations")
     final_eval_episodes: int = option(100, "episodes per game in the final evaluation of best.pt and of the teachers")
@@ -97,9 +94,15 @@ class StudentConfig:
         return f"{self.games[0].split('/')[0]}-{games}-{self.loss}-{self.size.replace('%', 'pct')}-s{self.seed}"
 
 
-# ---- set-up helpers ------------------------------------------------------------------------
+class Inputs(NamedTuple):
+    games: list[GameSpec]
+    datasets: list[Path]
+    teachers: list[Path]
 
-def resolve_inputs(cfg: StudentConfig) -> tuple[list[GameSpec], list[Path], list[Path]]:
+
+# ---- set-up -------------------------------------------------------------------------------
+
+def resolve_inputs(cfg: StudentConfig) -> Inputs:
     """Games, datasets and teachers, checked: datasets exist, carry teacher outputs, share a trunk."""
     games = [get_game(g) for g in cfg.games]
     datasets = [Path(p) for p in cfg.datasets] or [Path("datasets") / g.suite / f"{g.game}.h5" for g in games]
@@ -125,304 +128,172 @@ def resolve_inputs(cfg: StudentConfig) -> tuple[list[GameSpec], list[Path], list
     shapes = {(g.frame_shape[1:], g.stack) for g in games}
     if len(shapes) > 1:
         raise UserError(f"observation shapes {sorted(shapes)} cannot share a trunk")
-    return games, datasets, teachers
-
-
-def student_network(cfg: StudentConfig, games: list[GameSpec]) -> tuple[NetworkSpec, dict]:
-    """The student's architecture from the size preset, and the parameter counts behind it."""
-    teacher_specs = [teacher_network_spec(g) for g in games]
-    teacher_params = [parameter_count(s.trunk, s.num_actions) for s in teacher_specs]
-    base = teacher_specs[0].trunk
-    channels = max(g.obs_shape[0] for g in games)
-    actions = tuple(g.num_actions for g in games)
-    if cfg.size in SIZE_FRACTIONS:
-        fraction = SIZE_FRACTIONS[cfg.size]
-        width = 1.0 if fraction == 1.0 else width_for_fraction(base, games[0].num_actions, fraction)
-        trunk = replace(base, in_channels=channels, width=width)
-    elif cfg.size == "multitask":
-        target = MULTITASK_FACTOR * float(np.mean(teacher_params))
-        lo, hi = 0.01, 16.0
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            t = replace(base, in_channels=channels, width=mid, extra_fc=1)
-            lo, hi = (mid, hi) if parameter_count(t, actions) < target else (lo, mid)
-        trunk = replace(base, in_channels=channels, width=math.ceil(hi * 1e4) / 1e4, extra_fc=1)
-    else:
-        trunk = replace(base, in_channels=channels, width=cfg.width, extra_fc=cfg.extra_fc)
-    spec = NetworkSpec(trunk, tuple(g.name for g in games), actions)
-    params = parameter_count(trunk, actions)
-    one_head = parameter_count(trunk, actions[:1])
-    counts = {"student": params, "student_one_head": one_head, "teacher": teacher_params[0],
-              "teachers": dict(zip([g.name for g in games], teacher_params)),
-              "fraction_of_teacher": one_head / teacher_params[0],
-              "fraction_of_mean_teacher": params / float(np.mean(teacher_params))}
-    return spec, counts
-
-
-def measured_teacher_scores(teachers: list[Path], games: list[GameSpec], episodes: int, seed: int,
-                            workers: int, cache_dir: Path) -> dict[str, float | None]:
-    """Each teacher scored by the same protocol, episodes and seed as the student's final evaluation.
-
-    Card scores come from 20 episodes, which is too few to divide by (Seaquest: 15.8 on its card,
-    11.9 over 100 episodes). Results are cached by teacher sha256, episodes and seed.
-    """
-    scores: dict[str, float | None] = {}
-    for g, path in zip(games, teachers):
-        if not path.exists():
-            scores[g.name] = None
-            continue
-        agent = load_agent(path)
-        cached = cache_dir / f"{agent.sha256[:16]}-{g.game}-{episodes}-{seed}.json"
-        if cached.exists():
-            scores[g.name] = json.loads(cached.read_text())["mean"]
-            continue
-        result = evaluate_games(agent.net, [g.name], episodes, seed, workers=workers)[g.name].to_dict()
-        atomic_write_text(cached, json.dumps({**result, "teacher": str(path), "sha256": agent.sha256}) + "\n")
-        scores[g.name] = result["mean"]
-    return scores
-
-
-def teacher_scores(teachers: list[Path], games: list[GameSpec]) -> dict[str, float | None]:
-    """Each teacher's evaluation score from its card (used for periodic evaluations)."""
-    scores = {}
-    for g, path in zip(games, teachers):
-        if not path.exists():
-            scores[g.name] = None
-            continue
-        card = load_agent(path).card
-        scores[g.name] = (card.get("eval") or {}).get("mean")
-    return scores
-
-
-# ---- distributed --------------------------------------------------------------------------
-
-def _distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # rank 0 evaluates whole games while the others wait in the next all-reduce: allow for it
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def _lr_at(lr: float, k: int, total: int) -> float:
-    """Cosine decay: lr * (1 + cos(pi * k / total)) / 2, from lr at k = 0 to 0 at k = total."""
-    return lr * 0.5 * (1.0 + math.cos(math.pi * k / total))
-
-
-def _checksum(net: torch.nn.Module) -> float:
-    return float(sum(p.detach().double().sum().item() * (i + 1) for i, p in enumerate(net.parameters())))
+    return Inputs(games, datasets, teachers)
 
 
 # ---- the trainer ----------------------------------------------------------------------------
 
+def cosine_lr(lr: float, k: int, total: int) -> float:
+    """Cosine decay (Loshchilov & Hutter 2017, no restarts): lr * (1 + cos(pi * k / total)) / 2,
+    from lr at update k = 0 through lr / 2 at k = total / 2 to 0 at k = total."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * k / total))
+
+
 def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",
                   restart: bool = False, show_progress: bool = True) -> dict:
-    # ---- Phase 1: inputs, architecture, run directory ------------------------------------------
-    games, dataset_paths, teacher_paths = resolve_inputs(cfg)
-    spec, counts = student_network(cfg, games)
-    rank, world, device = _distributed()
+    inputs = resolve_inputs(cfg)
+    spec, size = sized_network(cfg.size, inputs.games, cfg.width, cfg.extra_fc)
+    cfg = replace(cfg, width=spec.trunk.width, extra_fc=spec.trunk.extra_fc)  # the config as built
+    procs = start_processes()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    run_dir = Path(run_dir or Path("runs") / "student" / cfg.run_name)
-    main_rank = rank == 0
-    teacher_score = teacher_scores(teacher_paths, games)
-    cfg_dict = configlib.to_dict(cfg)
-    if main_rank:
-        print(f"student {spec.games}: {counts['student']:,} parameters ({counts['student_one_head']:,} with one "
-              f"head = {100 * counts['fraction_of_teacher']:.1f}% of a {counts['teacher']:,}-parameter teacher); "
-              f"trunk width {spec.trunk.width}, extra FC {spec.trunk.extra_fc}, loss {cfg.loss}"
-              f"{f' (tau {cfg.tau}, teacher side)' if cfg.loss == 'kl' else ''}, {cfg.batch_mode} batches",
-              file=sys.stderr)
+    run = Run(run_dir or Path("runs") / "student" / cfg.run_name, cfg, step_metric="updates",
+              identity={"network": spec.to_dict(), "world_size": procs.world}, writer=procs.main)
+    student = Student(spec, cfg, inputs, size.counts("student"), procs.device)
+    run.say(student.describe())
+    run.resume(student, restart, may_differ=RESUMABLE_CHANGES)
+    run.start(wandb_mode, name=f"student-{cfg.run_name}", job_type="student", group="students",
+              extra_config={"parameters": student.counts})
+    _distil(student, run, procs, show_progress)
+    checksums = gather(checksum(student.net))  # replicas must hold the same weights
+    summary = _final_evaluation(student, run, checksums) if procs.main else {}
+    stop()
+    return summary
 
-    # ---- Phase 2: network and optimiser, resumed if a checkpoint exists ------------------------
-    torch.manual_seed(cfg.seed)
-    net = MultiHeadNet(spec).to(device)
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
-    optimizer = opt_cls(net.parameters(), lr=cfg.lr)
-    schedule = _lr_at if cfg.lr_schedule == "cosine" else None
-    state_path = run_dir / "state.pt"
-    if restart and main_rank and state_path.exists():
-        state_path.unlink()
-    if world > 1:
-        dist.barrier()
-    start, best, history, wandb_id, wall_before = 0, {"geomean": -1.0, "update": 0}, [], None, 0.0
-    if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=True)
-        if saved["network"] != spec.to_dict():
-            raise UserError(f"checkpoint {state_path} is for another architecture ({saved['network']['trunk']}); "
-                            f"pass --restart or use another run name")
-        mismatch = [k for k in cfg_dict if k not in ("updates", "num_threads", "eval_workers")
-                    and saved["config"].get(k) != cfg_dict[k]]
-        if mismatch:
-            raise UserError(f"run {run_dir} was started with a different config ('{mismatch[0]}' differs); "
-                            f"pass --restart or use another run name")
-        if saved.get("world_size", 1) != world:
-            raise UserError(f"run {run_dir} was started with {saved.get('world_size', 1)} process(es); resume it "
-                            f"with the same number (each rank's batches depend on it)")
-        net.load_state_dict(saved["net"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start, best, history = saved["update"], saved["best"], saved["history"]
-        wandb_id, wall_before = saved["wandb_id"], saved["wall_time_s"]
-        if main_rank:
-            print(f"resuming {run_dir} at update {start:,}", file=sys.stderr)
-    model = net
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, find_unused_parameters=cfg.batch_mode == "per_game" and len(games) > 1)
 
-    # ---- Phase 3: data, tracking ----------------------------------------------------------------
-    loader = make_loader(LoaderSpec(
-        paths=tuple(str(p) for p in dataset_paths), batch_size=cfg.batch_size, mode=cfg.batch_mode,
-        seed=cfg.seed, channels=spec.trunk.in_channels, memory_budget=cfg.memory_budget_mb << 20,
-        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=rank, world_size=world),
-        start=start, stop=cfg.updates)
-    tracker = Tracker(wandb_mode if main_rank else "off", run_dir, name=f"student-{cfg.run_name}",
-                      job_type="student", config={**cfg_dict, "parameters": counts}, step_metric="updates",
-                      run_id=wandb_id, group="students")
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.toml", configlib.to_toml(cfg))
-    metrics_log = open(run_dir / "metrics.jsonl", "a") if main_rank else None
-    t_start = time.perf_counter()
+class Student:
+    """A student in training: network, optimiser, what it distils, and the update count, learning
+    curve and best evaluation that state.pt carries."""
 
-    def wall_time() -> float:
-        return wall_before + time.perf_counter() - t_start
+    def __init__(self, spec: NetworkSpec, cfg: StudentConfig, inputs: Inputs, counts: dict, device: torch.device):
+        self.spec, self.cfg, self.inputs, self.counts = spec, cfg, inputs, counts
+        self.teacher_scores = teacher_card_scores(inputs.teachers, inputs.games)  # for periodic % of teacher
+        torch.manual_seed(cfg.seed)
+        self.net = MultiHeadNet(spec).to(device)
+        optimizer = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
+        self.optimizer = optimizer(self.net.parameters(), lr=cfg.lr)
+        self.update = 0
+        self.history: list[dict] = []  # periodic evaluations: the learning curve
+        # best.pt's Scores.selection_score (under its historical key) and update
+        self.best = {"geomean": -float("inf"), "update": 0}
 
-    def log(metrics: dict, update: int) -> None:
-        if main_rank:
-            tracker.log(metrics, update)
-            metrics_log.write(json.dumps({"updates": update, **metrics}) + "\n")
-            metrics_log.flush()
+    def describe(self) -> str:
+        c, trunk, cfg = self.counts, self.spec.trunk, self.cfg
+        tau = f" (tau {cfg.tau}, teacher side)" if cfg.loss == "kl" else ""
+        return (f"student {self.spec.games}: {c['student']:,} parameters ({c['student_one_head']:,} with one head = "
+                f"{100 * c['fraction_of_teacher']:.1f}% of a {c['teacher']:,}-parameter teacher); trunk width "
+                f"{trunk.width}, extra FC {trunk.extra_fc}, loss {cfg.loss}{tau}, {cfg.batch_mode} batches")
 
-    def card(update: int, scores: dict | None) -> dict:
-        return {"source": "distilled", "config": cfg_dict, "updates": update, "parameters": counts,
-                "datasets": [str(p) for p in dataset_paths], "teachers": [str(p) for p in teacher_paths],
-                "teacher_scores": teacher_score, "eval": scores, "wall_time_s": round(wall_time(), 1),
-                "command": configlib.command_line(), "world_size": world}
-
-    def evaluate(episodes: int, seed: int) -> tuple[dict, dict, float | None]:
-        on_cpu = net if device.type == "cpu" else copy.deepcopy(net).cpu()
-        results = evaluate_games(on_cpu, list(spec.games), episodes, seed, workers=cfg.eval_workers)
-        scores = {g: r.mean for g, r in results.items()}
-        pct, geomean = pct_of_teacher(scores, teacher_score)
-        return {g: r.to_dict() for g, r in results.items()}, pct, geomean
-
-    def eval_metrics(scores: dict, pct: dict, geomean: float | None) -> dict:
-        m = {f"eval/{g}/score": s["mean"] for g, s in scores.items()}
-        m.update({f"eval/{g}/pct_teacher": p for g, p in pct.items()})
-        if geomean is not None:
-            m["eval/geomean_pct_teacher"] = geomean
-            m["eval/mean_pct_teacher"] = float(np.mean(list(pct.values())))
-        return m
-
-    def save_state(update: int) -> None:
-        atomic_torch_save({"network": spec.to_dict(), "config": cfg_dict, "net": net.state_dict(),
-                           "optimizer": optimizer.state_dict(), "update": update, "best": best,
-                           "history": history, "wandb_id": tracker.run_id, "wall_time_s": wall_time(),
-                           "world_size": world}, state_path)
-
-    # ---- Phase 4: distil -------------------------------------------------------------------------
-    bar = Progress(cfg.updates, f"student {cfg.run_name}", unit="updates", initial=start, enabled=show_progress and main_rank)
-    game_loss = {g: [] for g in spec.games}
-    samples, t_log, update = 0, time.perf_counter(), start
-    for batch in loader:
-        obs = batch.obs.to(device, non_blocking=True)
+    def learn(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[float, list[tuple[str, float]]]:
+        """One update on a batch grouped by game: one trunk pass, each game's head on its rows,
+        each game's loss weighing the same. The mean loss and (game, loss) per group."""
+        cfg, device = self.cfg, next(self.net.parameters()).device
         groups = [(g, slice(a, b)) for g, a, b in batch.groups]
-        outputs = model(obs, groups=groups)  # one trunk pass, then each game's head on its rows
-        losses = [distillation_loss(cfg.loss, out, q.to(device), cfg.tau)
-                  for out, q in zip(outputs, batch.teacher)]
-        loss = torch.stack(losses).mean()  # each game in the batch weighs the same
-        if schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = schedule(cfg.lr, batch.index, cfg.updates)
-        optimizer.zero_grad(set_to_none=True)
+        outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
+        losses = [distillation_loss(cfg.loss, out, q.to(device), cfg.tau) for out, q in zip(outputs, batch.teacher)]
+        loss = torch.stack(losses).mean()
+        if cfg.lr_schedule == "cosine":
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, batch.index, cfg.updates)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        update = batch.index + 1
-        samples += len(obs)
-        for (g, _), l in zip(groups, losses):
-            game_loss[spec.games[g]].append(l.item())
-        bar.update(1, postfix=f"loss {loss.item():.4f}")
+        self.optimizer.step()
+        self.update = batch.index + 1
+        return loss.item(), [(self.spec.games[g], l.item()) for (g, _), l in zip(groups, losses)]
 
-        if update % cfg.log_every == 0 or update == cfg.updates:
-            now = time.perf_counter()
-            m = {f"train/{g}/loss": float(np.mean(v)) for g, v in game_loss.items() if v}
-            m["train/samples_per_s"] = samples * world / (now - t_log)
-            log(m, update)
-            game_loss = {g: [] for g in spec.games}
-            samples, t_log = 0, now
+    def card(self, run: Run, scores: Scores | None) -> dict:
+        """The provenance written beside best.pt and last.pt."""
+        return {"source": "distilled", "config": run.config_dict, "updates": self.update, "parameters": self.counts,
+                "datasets": [str(p) for p in self.inputs.datasets], "teachers": [str(p) for p in self.inputs.teachers],
+                "teacher_scores": self.teacher_scores, "eval": scores.games if scores else None,
+                "wall_time_s": round(run.clock.wall(), 1), "command": configlib.command_line(),
+                "world_size": run.identity["world_size"]}
 
-        if main_rank and cfg.eval_every and update % cfg.eval_every == 0 and update < cfg.updates:
-            scores, pct, geomean = evaluate(cfg.eval_episodes, seed=10_000 + update)
-            history.append({"update": update, "scores": {g: s["mean"] for g, s in scores.items()},
-                            "pct_teacher": pct, "geomean_pct_teacher": geomean})
-            log(eval_metrics(scores, pct, geomean), update)
-            key = geomean if geomean is not None else float(np.mean([s["mean"] for s in scores.values()]))
-            if key >= best["geomean"]:
-                best = {"geomean": key, "update": update}
-                save_agent(run_dir / "best.pt", net, "student", card(update, scores))
+    @property
+    def step(self) -> int:
+        return self.update
 
-        if update % cfg.checkpoint_every == 0 or update == cfg.updates:
-            if main_rank:
-                save_state(update)
-            if world > 1:
-                dist.barrier()
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "update": self.update,
+                "best": self.best, "history": self.history}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.net.load_state_dict(saved["net"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.update, self.best, self.history = saved["update"], saved["best"], saved["history"]
+
+
+def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -> None:
+    """Update on every batch up to `updates`; log, evaluate and checkpoint on schedule and at the end."""
+    cfg, start = student.cfg, student.update
+    loader = make_loader(LoaderSpec(
+        paths=tuple(str(p) for p in student.inputs.datasets), batch_size=cfg.batch_size, mode=cfg.batch_mode,
+        seed=cfg.seed, channels=student.spec.trunk.in_channels, memory_budget=cfg.memory_budget_mb << 20,
+        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=procs.rank),
+        start=start, stop=cfg.updates)
+    # a per-game batch leaves the other games' heads without gradients: DDP must expect it
+    model = replicate(student.net, find_unused_parameters=cfg.batch_mode == "per_game" and len(student.spec.games) > 1)
+    log_due, eval_due = Every(cfg.log_every, start), Every(cfg.eval_every, start)
+    checkpoint_due = Every(cfg.checkpoint_every, start)
+    bar = Progress(cfg.updates, f"student {cfg.run_name}", unit="updates", initial=start,
+                   enabled=show_progress and procs.main)
+    game_losses: dict[str, list[float]] = {g: [] for g in student.spec.games}
+    samples, rate = 0, Rate()
+    for batch in loader:
+        loss, per_game = student.learn(model, batch)
+        samples += len(batch.obs)
+        for game, value in per_game:
+            game_losses[game].append(value)
+        bar.update(1, postfix=f"loss {loss:.4f}")
+        last = student.update == cfg.updates
+        if log_due(student.update) or last:
+            metrics = {f"train/{g}/loss": float(np.mean(v)) for g, v in game_losses.items() if v}
+            run.log({**metrics, "train/samples_per_s": rate(samples) * procs.world}, student.update)
+            game_losses = {g: [] for g in student.spec.games}
+        if (eval_due(student.update) or last) and procs.main:
+            _evaluate(student, run)
+        if checkpoint_due(student.update) or last:
+            run.save_state(student)
     bar.close()
     loader.close()
 
-    # ---- Phase 5: final evaluation, best/last checkpoints, summary --------------------------------
-    checksums = [_checksum(net)]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, checksums[0])
-        checksums = gathered
-    summary = {}
-    if main_rank:
-        save_agent(run_dir / "last.pt", net, "student", card(update, None))
-        scores, pct, geomean = evaluate(cfg.eval_episodes, seed=10_000 + update)
-        history.append({"update": update, "scores": {g: s["mean"] for g, s in scores.items()},
-                        "pct_teacher": pct, "geomean_pct_teacher": geomean})
-        key = geomean if geomean is not None else float(np.mean([s["mean"] for s in scores.values()]))
-        if key >= best["geomean"] or not (run_dir / "best.pt").exists():
-            best = {"geomean": key, "update": update}
-            save_agent(run_dir / "best.pt", net, "student", card(update, scores))
-        # the reported numbers: best.pt on fresh seeds, more episodes (no selection bias)
-        chosen = load_agent(run_dir / "best.pt")
-        final = evaluate_games(chosen.net, list(spec.games), cfg.final_eval_episodes, seed=FINAL_EVAL_SEED,
-                               workers=cfg.eval_workers)
-        final_scores = {g: r.mean for g, r in final.items()}
-        final_teacher = measured_teacher_scores(teacher_paths, games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
-                                                cfg.eval_workers, cache_dir=run_dir.parent / ".teacher_scores")
-        final_pct, final_geomean = pct_of_teacher(final_scores, final_teacher)
-        summary = {
-            "run": cfg.run_name, "run_dir": str(run_dir), "config": cfg_dict, "parameters": counts,
-            "updates": update, "best_update": best["update"], "teacher_scores": final_teacher,
-            "teacher_card_scores": teacher_score,
-            "scores": final_scores, "pct_teacher": final_pct, "geomean_pct_teacher": final_geomean,
-            "episodes": {g: r.to_dict() for g, r in final.items()}, "history": history,
-            "wall_time_s": round(wall_time(), 1), "world_size": world, "replica_checksums": checksums,
-            "replicas_identical": len(set(checksums)) == 1,
-        }
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(run_dir / "table.md", run_table(summary) + "\n")
-        log({f"final/{k}": v for k, v in eval_metrics(
-            {g: {"mean": s} for g, s in final_scores.items()}, final_pct, final_geomean).items()}, update)
-        tracker.summary({"geomean_pct_teacher": final_geomean, "best_update": best["update"]})
-        tracker.finish()
-        metrics_log.close()
-        table = ", ".join(f"{g.split('/')[1]} {final_scores[g]:.1f}"
-                          + (f" ({final_pct[g]:.0f}%)" if g in final_pct else "") for g in spec.games)
-        geo = f"; geometric mean {final_geomean:.0f}% of teachers" if final_geomean is not None else ""
-        print(f"student {cfg.run_name}: {table}{geo}; best update {best['update']:,}, "
-              f"{wall_time() / 60:.1f} min -> {run_dir} (table.md, summary.json)")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+
+def _evaluate(student: Student, run: Run) -> None:
+    """A periodic evaluation (the last one at the final update): logged, printed, added to the
+    learning curve; best.pt if it is the best so far."""
+    cfg = student.cfg
+    scores = score_games(student.net, student.spec.games, cfg.eval_episodes, PERIODIC_EVAL_SEED + student.update,
+                         cfg.eval_workers, student.teacher_scores)
+    student.history.append({"update": student.update, "scores": scores.means, "pct_teacher": scores.pct_teacher,
+                            "geomean_pct_teacher": scores.geomean_pct_teacher})
+    run.log(scores.metrics(), student.update)
+    run.say(f"eval at update {student.update:,}: {scores.line()}")
+    if scores.selection_score >= student.best["geomean"]:
+        student.best = {"geomean": scores.selection_score, "update": student.update}
+        run.save_agent("best", student.net, "student", student.card(run, scores))
+
+
+def _final_evaluation(student: Student, run: Run, checksums: list[float]) -> dict:
+    """last.pt; best.pt scored on fresh seeds with more episodes (no selection bias), beside the
+    teachers on the same seeds; summary.json, table.md and one line."""
+    cfg, inputs = student.cfg, student.inputs
+    run.save_agent("last", student.net, "student", student.card(run, None))
+    teachers = measured_teacher_scores(inputs.teachers, inputs.games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
+                                       cfg.eval_workers, cache_dir=run.folder.parent / ".teacher_scores")
+    best = load_agent(run.folder / "best.pt").net
+    final = score_games(best, student.spec.games, cfg.final_eval_episodes, FINAL_EVAL_SEED, cfg.eval_workers, teachers)
+    summary = {
+        "run": cfg.run_name, "run_dir": str(run.folder), "config": run.config_dict, "parameters": student.counts,
+        "updates": student.update, "best_update": student.best["update"], "teacher_scores": teachers,
+        "teacher_card_scores": student.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
+        "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": student.history,
+        "wall_time_s": round(run.clock.wall(), 1), "world_size": run.identity["world_size"],
+        "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
+    }
+    run.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+    run.write_text("table.md", run_table(summary) + "\n")
+    run.log({f"final/{k}": v for k, v in final.metrics().items()}, student.update)
+    run.finish({"geomean_pct_teacher": final.geomean_pct_teacher, "best_update": student.best["update"]})
+    print(f"student {cfg.run_name}: {final.line()}; best update {student.best['update']:,}, "
+          f"{run.clock.wall() / 60:.1f} min -> {run.folder} (table.md, summary.json)")
     return summary

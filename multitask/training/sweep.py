@@ -24,9 +24,10 @@ from multitask import config as configlib
 from multitask.files import atomic_write_text
 from multitask.config import option
 from multitask.errors import UserError
+from multitask.agents.sizes import SizePreset
 from multitask.training.losses import LossName
 from multitask.evaluation.report import sweep_table
-from multitask.training.student import SizePreset, StudentConfig, train_student
+from multitask.training.student import StudentConfig, train_student
 from multitask.training.tracking import WandbMode
 
 

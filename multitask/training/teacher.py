@@ -1,7 +1,8 @@
 """`multitask teacher train`: a DQN teacher for one game.
 
-Reads top to bottom: set up -> resume -> (act, step, store, learn, log, evaluate, checkpoint)* ->
-final evaluation -> write teachers/<suite>/<Game>.pt and its card.
+Reads top to bottom: set up -> resume -> (act, store, learn, log, evaluate, checkpoint)* -> pick
+the best or last weights -> final evaluation -> write teachers/<suite>/<Game>.pt and its card. The
+run folder (config, state.pt, metrics, W&B) is the shared one of `multitask.training.run`.
 
 Defaults are the Nature-DQN setting for Atari (each cites its source); `configs/teacher/<suite>.toml`
 holds the suite presets (MinAtar's are sized to train in ~30 minutes on 2 CPU cores).
@@ -9,10 +10,7 @@ holds the suite presets (MinAtar's are sized to train in ~30 minutes on 2 CPU co
 
 from __future__ import annotations
 
-import json
 import platform
-import sys
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +20,16 @@ import torch
 
 from multitask import config as configlib
 from multitask.agents.checkpoints import save_agent
-from multitask.files import atomic_torch_save, atomic_write_text
-from multitask.config import option
 from multitask.agents.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule
-from multitask.envs import get_game, make_vector_env
-from multitask.errors import UserError
-from multitask.evaluation.protocol import evaluate_game
 from multitask.agents.networks import MultiHeadNet, count_parameters, teacher_network_spec
-from multitask.progress import Progress
 from multitask.agents.replay import ReplayMemory
-from multitask.training.tracking import Tracker, WandbMode
+from multitask.config import option
+from multitask.envs import GameSpec, VectorEnv, get_game, make_vector_env
+from multitask.evaluation.protocol import evaluate_game
+from multitask.progress import Progress
+from multitask.training.run import Every, Rate, Run
+from multitask.training.scoring import PERIODIC_EVAL_SEED, score_games
+from multitask.training.tracking import WandbMode
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -74,181 +72,176 @@ def load_config(suite: str, path: Path | None, overrides: list[str]) -> TeacherC
     return configlib.load(TeacherConfig, path, overrides)
 
 
-def _resume_mismatch(saved: dict, current: dict) -> str | None:
-    """Name the first config key that differs (total_steps may grow on resume)."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, prefix + k + ".")
-            else:
-                yield prefix + k, v
-    s, c = dict(flat(saved)), dict(flat(current))
-    for key in sorted(set(s) | set(c)):
-        if key not in ("total_steps", "num_threads") and s.get(key) != c.get(key):
-            return key
-    return None
+RESUMABLE_CHANGES = ("total_steps", "num_threads")  # a killed run may be resumed with these changed
+RESUME_SEED_STRIDE = 7919  # a resumed run starts fresh episodes: env seeds seed + 7919 * resumes + i
+EVAL_SEED_STRIDE = 100  # periodic evaluation i plays env seeds seed + 10_000 + 100 i + (0..31 envs)
+FINAL_EVAL_SEED_OFFSET = 999_983  # the card's evaluation plays seeds no periodic evaluation played
+RECENT_EPISODES = 20  # the training return logged is the mean over the last 20 finished episodes
 
 
 def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
                   wandb_mode: WandbMode = "offline", restart: bool = False,
                   show_progress: bool = True) -> dict:
-    # ---- Phase 1: set up game, networks, learner, replay, envs -------------------------------
     game = get_game(game_name)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    net = MultiHeadNet(teacher_network_spec(game, cfg.width))
-    learner = DQNLearner(net, cfg.dqn)
-    memory = ReplayMemory(cfg.replay_capacity, cfg.num_envs, game.frame_shape, game.stack, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    cfg_dict = configlib.to_dict(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / "state.pt"
-    env_steps, episodes, resumes, wall_before, cpu_before = 0, 0, 0, 0.0, 0.0
-    recent = deque(maxlen=20)  # raw whole-game returns of the last finished episodes
-    history: list[dict] = []  # periodic evaluations: the learning curve
-    best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
-    wandb_id = None
+    teacher = Teacher(game, cfg)
+    run = Run(run_dir, cfg, step_metric="env_steps", identity={"game": game.name})
+    run.resume(teacher, restart, may_differ=RESUMABLE_CHANGES)
+    run.start(wandb_mode, name=f"teacher-{game.name}", job_type="teacher", group="teachers",
+              extra_config={"game": game.name})
+    _train(teacher, run, show_progress)
+    chosen = _pick_weights(teacher, run)
+    final = evaluate_game(teacher.net, game, cfg.final_eval_episodes, seed=cfg.seed + FINAL_EVAL_SEED_OFFSET,
+                          show_progress=show_progress)
+    card = _card(teacher, run, chosen, final.to_dict())
+    digest = save_agent(out, teacher.net, "teacher", card)
+    run.log({f"eval/{game.name}/final_score": final.mean}, teacher.env_steps)
+    run.finish({f"eval/{game.name}/final_score": final.mean, "teacher_sha256": digest})
+    print(f"teacher {game.name}: score {final.mean:.2f} +/- {np.std(final.returns):.2f} over "
+          f"{len(final.returns)} episodes, {teacher.env_steps:,} env steps, {run.clock.wall() / 60:.1f} min -> {out}")
+    return card
 
-    # ---- Phase 2: resume a killed run from its last checkpoint ---------------------------------
-    if state_path.exists() and restart:
-        state_path.unlink()
-    if state_path.exists():
-        try:
-            saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a torn file cannot happen (atomic writes) but a foreign one can
-            raise UserError(f"cannot read training checkpoint {state_path} ({type(e).__name__}); "
-                            f"pass --restart to start over") from None
-        if saved["game"] != game.name:
-            raise UserError(f"run dir {run_dir} holds a run for {saved['game']}, not {game.name}; "
-                            f"use another --run-dir")
-        key = _resume_mismatch(saved["config"], cfg_dict)
-        if key:
-            raise UserError(f"run dir {run_dir} holds a run with a different config (key '{key}' "
-                            f"differs); pass --restart to start over or use another --run-dir")
-        learner.load_state_dict(saved["learner"])
-        memory.load_state_dict(saved["replay"])
-        memory.rng.bit_generator.state = saved["replay_rng"]
-        rng.bit_generator.state = saved["action_rng"]
-        torch.set_rng_state(saved["torch_rng"])
-        env_steps, episodes = saved["env_steps"], saved["episodes"]
-        resumes, wall_before = saved["resumes"] + 1, saved["wall_time_s"]
-        cpu_before = saved.get("cpu_time_s", 0.0)
-        recent.extend(saved["recent_returns"])
-        history, best, wandb_id = saved["history"], saved["best"], saved["wandb_id"]
-        print(f"resuming {game.name} from {state_path} at env step {env_steps:,}", file=sys.stderr)
-    atomic_write_text(run_dir / "config.toml", configlib.to_toml(cfg))
-    tracker = Tracker(wandb_mode, run_dir, name=f"teacher-{game.name}", job_type="teacher",
-                      config={"game": game.name, **cfg_dict}, run_id=wandb_id, group="teachers")
-    metrics_log = open(run_dir / "metrics.jsonl", "a")
-    env = make_vector_env(game, cfg.num_envs)
-    obs = env.reset(cfg.seed + 7919 * resumes)  # a resumed run starts fresh episodes
-    memory.begin_episodes(obs)
-    ep_return = np.zeros(cfg.num_envs)
-    t_start, cpu_start = time.perf_counter(), time.process_time()
 
-    def wall_time() -> float:
-        return wall_before + time.perf_counter() - t_start
+class Teacher:
+    """A DQN teacher in training: network, learner, replay, exploration RNG, and the counts, recent
+    returns, learning curve and best snapshot that state.pt carries."""
 
-    def cpu_time() -> float:  # all threads of this process (evaluations included)
-        return cpu_before + time.process_time() - cpu_start
+    def __init__(self, game: GameSpec, cfg: TeacherConfig):
+        self.game, self.cfg = game, cfg
+        self.net = MultiHeadNet(teacher_network_spec(game, cfg.width))
+        self.learner = DQNLearner(self.net, cfg.dqn)
+        self.memory = ReplayMemory(cfg.replay_capacity, cfg.num_envs, game.frame_shape, game.stack, seed=cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed + 1)  # exploration
+        self.env_steps, self.episodes = 0, 0
+        self.recent: deque[float] = deque(maxlen=RECENT_EPISODES)  # raw whole-game returns
+        self.history: list[dict] = []  # periodic evaluations: the learning curve
+        self.best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
+        self.update_credit, self.last_loss = 0.0, float("nan")
+        self.episode_return = np.zeros(cfg.num_envs)
 
-    def save_state() -> None:
-        atomic_torch_save({
-            "game": game.name, "config": cfg_dict, "env_steps": env_steps, "episodes": episodes,
-            "resumes": resumes, "wall_time_s": wall_time(), "cpu_time_s": cpu_time(),
-            "learner": learner.state_dict(),
-            "replay": memory.state_dict(), "replay_rng": memory.rng.bit_generator.state,
-            "action_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "recent_returns": list(recent), "history": history, "best": best, "wandb_id": tracker.run_id,
-        }, state_path)
+    def begin(self, env: VectorEnv, seed: int) -> np.ndarray:
+        """Fresh episodes in every env; their first observations."""
+        obs = env.reset(seed)
+        self.memory.begin_episodes(obs)
+        self.episode_return[:] = 0.0
+        return obs
 
-    def log(metrics: dict) -> None:
-        tracker.log(metrics, env_steps)
-        metrics_log.write(json.dumps({"env_steps": env_steps, **metrics}) + "\n")
-        metrics_log.flush()
-
-    # ---- Phase 3: act, store, learn ---------------------------------------------------------
-    prefix = f"train/{game.name}"
-    bar = Progress(cfg.total_steps, f"teacher {game.name}", initial=env_steps, enabled=show_progress)
-    update_credit, last_loss, steps_at_log, time_at_log = 0.0, float("nan"), env_steps, time.perf_counter()
-    next_log = (env_steps // cfg.log_every + 1) * cfg.log_every
-    next_eval = (env_steps // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else None
-    next_ckpt = (env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    while env_steps < cfg.total_steps:
-        epsilon = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, env_steps)
+    def act(self, env: VectorEnv, obs: np.ndarray, epsilon: float) -> np.ndarray:
+        """Act epsilon-greedily in every env (one batched forward pass), store the transitions,
+        count finished episodes; the next observations."""
         with torch.no_grad():
-            q = net(torch.from_numpy(obs), 0)
-        actions = epsilon_greedy(q, epsilon, rng)
+            q = self.net(torch.from_numpy(obs), 0)
+        actions = epsilon_greedy(q, epsilon, self.rng)
         step = env.step(actions)
-        terminal = step.life_lost if cfg.life_loss_terminal else step.terminated
-        memory.add(actions, step.reward, terminal, step.next_obs, step.done, step.obs)
-        ep_return += step.reward
+        # a lost life ends the episode for bootstrapping only; the game (and its score) goes on
+        terminal = step.life_lost if self.cfg.life_loss_terminal else step.terminated
+        self.memory.add(actions, step.reward, terminal, step.next_obs, step.done, step.obs)
+        self.episode_return += step.reward
         for i in np.flatnonzero(step.done):
-            recent.append(float(ep_return[i]))
-            ep_return[i] = 0.0
-            episodes += 1
-        obs = step.obs
-        env_steps += cfg.num_envs
-        bar.update(cfg.num_envs, postfix=f"return {np.mean(recent) if recent else float('nan'):.1f} "
-                                         f"eps {epsilon:.2f} loss {last_loss:.4f}")
+            self.recent.append(float(self.episode_return[i]))
+            self.episode_return[i] = 0.0
+            self.episodes += 1
+        self.env_steps += self.cfg.num_envs
+        return step.obs
 
-        if env_steps >= cfg.learning_starts:
-            update_credit += cfg.num_envs * cfg.update_ratio
-            while update_credit >= 1.0:
-                last_loss = learner.update(memory.sample(cfg.dqn.batch_size))["loss"]
-                update_credit -= 1.0
+    def learn(self) -> None:
+        """update_ratio gradient updates per env step, once learning_starts steps are stored."""
+        if self.env_steps < self.cfg.learning_starts:
+            return
+        self.update_credit += self.cfg.num_envs * self.cfg.update_ratio
+        while self.update_credit >= 1.0:
+            self.last_loss = self.learner.update(self.memory.sample(self.cfg.dqn.batch_size))["loss"]
+            self.update_credit -= 1.0
 
-        if env_steps >= next_log:
-            next_log += cfg.log_every
-            now = time.perf_counter()
-            sps = (env_steps - steps_at_log) / (now - time_at_log)
-            steps_at_log, time_at_log = env_steps, now
-            log({f"{prefix}/episode_return": float(np.mean(recent)) if recent else float("nan"),
-                 f"{prefix}/loss": last_loss, f"{prefix}/epsilon": epsilon,
-                 f"{prefix}/updates": learner.updates, f"{prefix}/episodes": episodes,
-                 f"{prefix}/steps_per_s": sps})
+    @property
+    def step(self) -> int:
+        return self.env_steps
 
-        if next_eval is not None and env_steps >= next_eval:
-            next_eval += cfg.eval_every
-            scores = evaluate_game(net, game, cfg.eval_episodes, seed=cfg.seed + 10_000 + len(history) * 100)
-            history.append({"env_steps": env_steps, "mean": scores.mean, "wall_time_s": wall_time()})
-            log({f"eval/{game.name}/score": scores.mean})
-            if scores.mean >= best["score"]:
-                best = {"score": scores.mean, "env_steps": env_steps,
-                        "state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
+    def mean_return(self) -> float:
+        return float(np.mean(self.recent)) if self.recent else float("nan")
 
-        if env_steps >= next_ckpt or env_steps >= cfg.total_steps:
-            next_ckpt += cfg.checkpoint_every
-            save_state()
+    def state_dict(self) -> dict:
+        return {"env_steps": self.env_steps, "episodes": self.episodes, "learner": self.learner.state_dict(),
+                "replay": self.memory.state_dict(), "replay_rng": self.memory.rng.bit_generator.state,
+                "action_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "recent_returns": list(self.recent), "history": self.history, "best": self.best}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.learner.load_state_dict(saved["learner"])
+        self.memory.load_state_dict(saved["replay"])
+        self.memory.rng.bit_generator.state = saved["replay_rng"]
+        self.rng.bit_generator.state = saved["action_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        self.env_steps, self.episodes = saved["env_steps"], saved["episodes"]
+        self.recent.extend(saved["recent_returns"])
+        self.history, self.best = saved["history"], saved["best"]
+
+
+def _train(teacher: Teacher, run: Run, show_progress: bool) -> None:
+    """Act, store and learn until total_steps, logging, evaluating and checkpointing on schedule."""
+    cfg, game = teacher.cfg, teacher.game
+    env = make_vector_env(game, cfg.num_envs)
+    obs = teacher.begin(env, cfg.seed + RESUME_SEED_STRIDE * run.resumes)
+    log_due, eval_due = Every(cfg.log_every, teacher.env_steps), Every(cfg.eval_every, teacher.env_steps)
+    checkpoint_due, rate = Every(cfg.checkpoint_every, teacher.env_steps), Rate(teacher.env_steps)
+    bar = Progress(cfg.total_steps, f"teacher {game.name}", initial=teacher.env_steps, enabled=show_progress)
+    while teacher.env_steps < cfg.total_steps:
+        epsilon = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, teacher.env_steps)
+        obs = teacher.act(env, obs, epsilon)
+        teacher.learn()
+        bar.update(cfg.num_envs, postfix=f"return {teacher.mean_return():.1f} eps {epsilon:.2f} "
+                                         f"loss {teacher.last_loss:.4f}")
+        if log_due(teacher.env_steps):
+            prefix = f"train/{game.name}"
+            run.log({f"{prefix}/episode_return": teacher.mean_return(), f"{prefix}/loss": teacher.last_loss,
+                     f"{prefix}/epsilon": epsilon, f"{prefix}/updates": teacher.learner.updates,
+                     f"{prefix}/episodes": teacher.episodes, f"{prefix}/steps_per_s": rate(teacher.env_steps)},
+                    teacher.env_steps)
+        if eval_due(teacher.env_steps):
+            _evaluate(teacher, run)
+        if checkpoint_due(teacher.env_steps) or teacher.env_steps >= cfg.total_steps:
+            run.save_state(teacher)
     bar.close()
     env.close()
 
-    # ---- Phase 4: pick the teacher, evaluate it once more, write it with its card -------------
-    final_state = {k: v.clone() for k, v in net.state_dict().items()}
-    chosen = "last"
-    if cfg.keep_best and best["state_dict"] is not None:
-        last = evaluate_game(net, game, cfg.eval_episodes, seed=cfg.seed + 10_000 + len(history) * 100)
-        history.append({"env_steps": env_steps, "mean": last.mean, "wall_time_s": wall_time()})
-        if best["score"] > last.mean:
-            net.load_state_dict(best["state_dict"])
-            chosen = f"best periodic evaluation (env step {best['env_steps']:,})"
-    final = evaluate_game(net, game, cfg.final_eval_episodes, seed=cfg.seed + 999_983, show_progress=show_progress)
-    card = {
-        "source": "trained", "game": game.describe(), "config": cfg_dict,
-        "command": configlib.command_line(), "env_steps": env_steps, "updates": learner.updates,
-        "episodes": episodes, "wall_time_s": round(wall_time(), 1), "cpu_time_s": round(cpu_time(), 1),
-        "resumes": resumes,
-        "weights": chosen, "parameters": count_parameters(net),
-        "eval": final.to_dict(), "learning_curve": history,
+
+def _evaluate(teacher: Teacher, run: Run) -> float:
+    """A periodic evaluation: logged, printed, added to the learning curve, kept if the best."""
+    cfg, game = teacher.cfg, teacher.game
+    seed = cfg.seed + PERIODIC_EVAL_SEED + EVAL_SEED_STRIDE * len(teacher.history)
+    scores = score_games(teacher.net, [game.name], cfg.eval_episodes, seed, workers=1, teacher_scores={})
+    score = scores.means[game.name]
+    teacher.history.append({"env_steps": teacher.env_steps, "mean": score, "wall_time_s": run.clock.wall()})
+    run.log(scores.metrics(), teacher.env_steps)
+    run.say(f"eval at env step {teacher.env_steps:,}: {scores.line()}")
+    if score >= teacher.best["score"]:
+        teacher.best = {"score": score, "env_steps": teacher.env_steps,
+                        "state_dict": {k: v.clone() for k, v in teacher.net.state_dict().items()}}
+    return score
+
+
+def _pick_weights(teacher: Teacher, run: Run) -> str:
+    """Keep the last weights, or (keep_best) the best periodic snapshot if the last weights score
+    below it on one more evaluation: DQN's score oscillates. Says which."""
+    if not teacher.cfg.keep_best or teacher.best["state_dict"] is None:
+        return "last"
+    last = _evaluate(teacher, run)
+    if teacher.best["score"] <= last:
+        return "last"
+    teacher.net.load_state_dict(teacher.best["state_dict"])
+    return f"best periodic evaluation (env step {teacher.best['env_steps']:,})"
+
+
+def _card(teacher: Teacher, run: Run, weights: str, evaluation: dict) -> dict:
+    """The provenance written beside the teacher checkpoint."""
+    return {
+        "source": "trained", "game": teacher.game.describe(), "config": run.config_dict,
+        "command": configlib.command_line(), "env_steps": teacher.env_steps, "updates": teacher.learner.updates,
+        "episodes": teacher.episodes, "wall_time_s": round(run.clock.wall(), 1),
+        "cpu_time_s": round(run.clock.cpu(), 1), "resumes": run.resumes,
+        "weights": weights, "parameters": count_parameters(teacher.net),
+        "eval": evaluation, "learning_curve": teacher.history,
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
     }
-    digest = save_agent(out, net, "teacher", card)
-    net.load_state_dict(final_state)
-    tracker.summary({f"eval/{game.name}/final_score": final.mean, "teacher_sha256": digest})
-    log({f"eval/{game.name}/final_score": final.mean})
-    tracker.finish()
-    metrics_log.close()
-    print(f"teacher {game.name}: score {final.mean:.2f} +/- {np.std(final.returns):.2f} over "
-          f"{len(final.returns)} episodes, {env_steps:,} env steps, {wall_time() / 60:.1f} min -> {out}")
-    return card

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 WandbMode = Literal["off", "offline", "online"]
-WANDB_MODES = ("off", "offline", "online")
 
 
 class Tracker:
@@ -41,11 +40,6 @@ class Tracker:
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
-
-    @property
-    def run_path(self) -> str | None:
-        """Folder of the local run files (offline mode: what `wandb sync` uploads)."""
-        return str(Path(self.run.dir).parent) if self.run is not None else None
 
     def log(self, metrics: dict[str, float], step_value: int) -> None:
         if self.run is not None:

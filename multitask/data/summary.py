@@ -1,0 +1,102 @@
+"""What datasets hold, at a glance: one file's summary (`dataset info`) and a folder's manifest table
+(`dataset manifest`, written to `<folder>/MANIFEST.md`).
+
+Returns are of complete episodes only: episodes cut by a build's step budget are not whole games.
+A file of 0 steps (a build killed before its first flush) has no bytes per step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multitask.data.reader import DatasetReader, disk_bytes
+from multitask.errors import UserError
+from multitask.files import atomic_write_text
+
+MANIFEST = "MANIFEST.md"
+COLUMNS = ("file", "game", "steps", "complete episodes", "mean return", "teacher sha256", "size on disk",
+           "bytes/step", "status")
+
+
+def bytes_per_step_on_disk(size: int, steps: int) -> float | None:
+    """Bytes on disk per stored step; None without steps (the file's size is all overhead then)."""
+    return size / steps if steps else None
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """One dataset's steps, episodes, returns, teacher, control policies and size (`dataset info --json`)."""
+    with DatasetReader(path) as d:
+        info, e = d.info, d.episodes
+        complete = e["complete"]
+        ret = e["return"][complete]
+        size = disk_bytes(path)
+        return {
+            "file": str(path), "game": info.game, "status": info.status,
+            "schema_version": int(info.attrs["schema_version"]),
+            "steps": info.num_steps, "target_steps": info.target_steps,
+            "episodes": info.num_episodes, "complete_episodes": int(complete.sum()),
+            "return_mean": float(ret.mean()) if len(ret) else None,
+            "return_min": float(ret.min()) if len(ret) else None,
+            "return_max": float(ret.max()) if len(ret) else None,
+            "teacher": {k: info.teacher.get(k) for k in ("path", "sha256", "source", "eval_mean")},
+            "teacher_output_kind": info.attrs["teacher_output_kind"],
+            "control": [{**p, "episodes": int((e["policy"] == i).sum()),
+                         "epsilon": sorted(set(np.round(e["epsilon"][e["policy"] == i].astype(float), 4).tolist()))}
+                        for i, p in enumerate(info.policies)],
+            "size_bytes": size, "bytes_per_step": bytes_per_step_on_disk(size, info.num_steps),
+            "compression": json.loads(info.attrs["compression"]),
+        }
+
+
+def find_datasets(folder: Path) -> list[Path]:
+    """Every `*.h5` under `folder`, recursively, except the part files of builds in progress."""
+    return sorted(p for p in Path(folder).rglob("*.h5") if not p.parent.name.endswith(".parts"))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def manifest_row(path: Path, folder: Path) -> list[str]:
+    """One table row: a dataset's summary, or what keeps it from being read."""
+    name = f"`{path.relative_to(folder)}`"
+    try:
+        s = summarize(path)
+    except UserError as e:
+        return [name, "?", "-", "-", "-", "-", _cell(disk_bytes(path) / 2**20, ".2f") + " MiB", "-",
+                f"unreadable: {str(e).split(';')[0]}"]
+    status = s["status"] if s["status"] == "complete" else f"{s['status']} (target {s['target_steps']:,} steps)"
+    return [name, s["game"], f"{s['steps']:,}", f"{s['complete_episodes']:,}", _cell(s["return_mean"], ".2f"),
+            f"`{str(s['teacher']['sha256'])[:12]}`", f"{s['size_bytes'] / 2**20:.2f} MiB",
+            _cell(s["bytes_per_step"], ".1f"), status]
+
+
+def manifest_markdown(folder: Path) -> str:
+    """MANIFEST.md of the datasets under `folder`: a header and one table row per dataset."""
+    folder = Path(folder)
+    rows = [manifest_row(p, folder) for p in find_datasets(folder)]
+    lines = [f"# Datasets in {folder}", "",
+             f"Made by `multitask dataset manifest {folder}` from the files themselves. Mean return: raw "
+             f"whole-game score over complete episodes (episodes cut by a build's step budget are left out). "
+             f"Status `building`: a build stopped before its target; `multitask dataset build ... --resume` "
+             f"continues it. Schema: docs/datasets.md.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if not rows:
+        lines.append("| (no datasets) |" + " |" * (len(COLUMNS) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def write_manifest(folder: Path) -> Path:
+    """Write `<folder>/MANIFEST.md` (atomically); returns its path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; build datasets into it with `multitask dataset build` "
+                        f"or name the folder that holds them")
+    path = folder / MANIFEST
+    atomic_write_text(path, manifest_markdown(folder))
+    return path

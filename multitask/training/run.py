@@ -1,0 +1,223 @@
+"""The run folder every trainer writes, and the bookkeeping all trainers share.
+
+    <run folder>/config.toml    the config as built (fields a preset derives are filled in)
+                 state.pt       resumable training state, rewritten atomically at each checkpoint
+                 metrics.jsonl  a JSON line per `log`: {<step metric>: step, <metric>: value, ...}
+                 wandb/         the W&B run (offline by default; see tracking.py)
+                 best.pt ...    agent checkpoints and their .json cards (agents/checkpoints.py)
+
+A trainer keeps what it learns in one object (`Resumable`: its step, state_dict, load_state_dict),
+makes a `Run`, has the run `resume` that object from state.pt, opens the outputs (`start`), then
+`log`s, `save_state`s and `save_agent`s as it goes, and `finish`es. Started again with the same
+command, a killed run resumes: its config and identity (what the run is of beyond the config: a
+game, a network, a process count) must match, except keys the trainer names (a longer budget, more
+threads). Wall-clock and CPU seconds count across resumes (`clock`). Under torchrun every rank
+makes the same calls and only the writer (rank 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from multitask import config as configlib
+from multitask.agents.checkpoints import save_agent
+from multitask.errors import UserError
+from multitask.files import atomic_torch_save, atomic_write_text
+from multitask.training.distributed import barrier
+from multitask.training.tracking import Tracker, WandbMode
+
+
+def _flat(d: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def config_differences(saved: dict, current: dict, may_differ: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key whose values differ, nested tables compared
+    key by key under dotted names, in the current dict's order (then keys only `saved` has); keys
+    in `may_differ` are skipped. A key missing on one side counts as None there."""
+    s, c = dict(_flat(saved)), dict(_flat(current))
+    keys = [*c, *(k for k in s if k not in c)]
+    return [(k, s.get(k), c.get(k)) for k in keys if k not in may_differ and s.get(k) != c.get(k)]
+
+
+class Clock:
+    """Wall-clock and CPU seconds of a run, the runs it resumed included. CPU time is this
+    process's, all threads (evaluation worker processes are not counted)."""
+
+    def __init__(self, wall_before: float = 0.0, cpu_before: float = 0.0):
+        self._wall0 = time.perf_counter() - wall_before
+        self._cpu0 = time.process_time() - cpu_before
+
+    def wall(self) -> float:
+        return time.perf_counter() - self._wall0
+
+    def cpu(self) -> float:
+        return time.process_time() - self._cpu0
+
+    def state(self) -> dict[str, float]:
+        return {"wall_time_s": self.wall(), "cpu_time_s": self.cpu()}
+
+
+class Every:
+    """True once each time a growing step count reaches the next multiple of `period` (never for
+    period 0). Made at a resumed step, it continues the schedule a straight run would have had."""
+
+    def __init__(self, period: int, start: int = 0):
+        self.period = period
+        self.next = (start // period + 1) * period if period > 0 else None
+
+    def __call__(self, step: int) -> bool:
+        if self.next is None or step < self.next:
+            return False
+        self.next = (step // self.period + 1) * self.period
+        return True
+
+
+class Rate:
+    """Units per second of a growing count, between one reading and the next."""
+
+    def __init__(self, count: int = 0):
+        self.count, self.time = count, time.perf_counter()
+
+    def __call__(self, count: int) -> float:
+        now = time.perf_counter()
+        rate = (count - self.count) / max(now - self.time, 1e-9)
+        self.count, self.time = count, now
+        return rate
+
+
+class Resumable(Protocol):
+    """A trainer's learning state: how far it is (in the run's step metric) and what state.pt holds."""
+
+    @property
+    def step(self) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
+
+
+class Run:
+    """One training run's folder and all it writes there (on the writer process only)."""
+
+    def __init__(self, folder: Path, config: Any, step_metric: str, identity: dict[str, Any] | None = None,
+                 writer: bool = True):
+        self.folder = Path(folder)
+        self.config = config  # the config dataclass as built
+        self.config_dict = configlib.to_dict(config)
+        self.identity = dict(identity or {})
+        self.step_metric = step_metric  # the x-axis of metrics.jsonl and W&B: env_steps, updates, ...
+        self.writer = writer
+        self.state_path = self.folder / "state.pt"
+        self.resumes = 0
+        self.clock = Clock()
+        self._times_before = (0.0, 0.0)
+        self._wandb_id: str | None = None
+        self._tracker: Tracker | None = None
+        self._metrics = None
+
+    # ---- before training ------------------------------------------------------------------------
+
+    def resume(self, learning: Resumable, restart: bool, may_differ: Sequence[str] = ()) -> bool:
+        """Load state.pt into `learning` and say so; False (nothing loaded) when there is none or
+        `restart` discards it.
+
+        Refused with one sentence when the saved run differs in config or identity, except in the
+        keys `may_differ` names."""
+        if restart and self.writer:
+            self.state_path.unlink(missing_ok=True)
+        barrier()  # no process reads a state.pt that the writer is removing
+        if not self.state_path.exists():
+            return False
+        saved = self._read_state()
+        differences = config_differences({**saved.get("config", {}), **{k: saved.get(k) for k in self.identity}},
+                                         {**self.config_dict, **self.identity}, may_differ)
+        if differences:
+            shown = "; ".join(f"{k} {_short(a)} then, {_short(b)} now" for k, a, b in differences[:3])
+            more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+            raise UserError(f"run folder {self.folder} holds a run with other settings ({shown}{more}); rerun "
+                            f"with its settings to resume it, or pass --restart or another --run-dir to start over")
+        learning.load_state_dict(saved)
+        self.resumes = saved.get("resumes", 0) + 1
+        self._times_before = (saved.get("wall_time_s", 0.0), saved.get("cpu_time_s", 0.0))
+        self._wandb_id = saved.get("wandb_id")
+        self.say(f"resuming {self.folder} after {learning.step:,} {self.step_metric.replace('_', ' ')}")
+        return True
+
+    def _read_state(self) -> dict:
+        try:
+            return torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a torn file cannot happen (atomic writes) but a foreign one can
+            raise UserError(f"cannot read training checkpoint {self.state_path} ({type(e).__name__}); "
+                            f"pass --restart to start over") from None
+
+    def start(self, wandb_mode: WandbMode, name: str, job_type: str, group: str,
+              extra_config: dict[str, Any] | None = None) -> None:
+        """Write config.toml, open metrics.jsonl (appended to on a resume) and the W&B run (the
+        same one on a resume; `extra_config` joins the config there), and start the clock."""
+        if self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / "config.toml", configlib.to_toml(self.config))
+            self._metrics = open(self.folder / "metrics.jsonl", "a")
+        self._tracker = Tracker(wandb_mode if self.writer else "off", self.folder, name=name, job_type=job_type,
+                                config={**self.config_dict, **(extra_config or {})}, step_metric=self.step_metric,
+                                run_id=self._wandb_id, group=group)
+        self.clock = Clock(*self._times_before)
+
+    # ---- while training -------------------------------------------------------------------------
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """One point of every metric at `step`, to metrics.jsonl and W&B alike."""
+        if self.writer:
+            self._tracker.log(metrics, step)
+            self._metrics.write(json.dumps({self.step_metric: step, **metrics}) + "\n")
+            self._metrics.flush()
+
+    def say(self, line: str) -> None:
+        """One line to stderr, on a line of its own even while a progress bar is drawn there."""
+        if self.writer:
+            print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
+
+    def save_state(self, learning: Resumable) -> None:
+        """state.pt: `learning`'s state dict plus what `resume` reads back; every process waits
+        until it is written."""
+        if self.writer:
+            run_id = self._tracker.run_id if self._tracker else self._wandb_id
+            atomic_torch_save({**learning.state_dict(), "config": self.config_dict, **self.identity,
+                               "resumes": self.resumes, "wandb_id": run_id, **self.clock.state()}, self.state_path)
+        barrier()
+
+    def save_agent(self, name: str, net: nn.Module, kind: str, card: dict[str, Any]) -> str | None:
+        """<folder>/<name>.pt and its card; the file's sha256."""
+        return save_agent(self.folder / f"{name}.pt", net, kind, card) if self.writer else None
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.writer:
+            atomic_write_text(self.folder / name, text)
+
+    # ---- after training -------------------------------------------------------------------------
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Put `summary` on the W&B run and close the outputs."""
+        if self._tracker is not None:
+            self._tracker.summary(summary)
+            self._tracker.finish()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

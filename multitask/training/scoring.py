@@ -1,0 +1,102 @@
+"""Evaluations as trainers use them: a network scored on each of its games by the one protocol,
+as % of each game's teacher with their geometric mean, the metrics logged and the line printed;
+and the teachers' own scores to divide by.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from multitask.agents.checkpoints import load_agent
+from multitask.agents.networks import MultiHeadNet
+from multitask.envs import GameSpec
+from multitask.evaluation.protocol import evaluate_games
+from multitask.evaluation.report import pct_of_teacher
+from multitask.files import atomic_write_text
+
+PERIODIC_EVAL_SEED = 10_000  # periodic evaluations play env seeds from here on, apart from training's
+FINAL_EVAL_SEED = 777_777  # students and teachers meet the same env seeds in the final evaluation
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One evaluation of every game of a network."""
+    games: dict[str, dict]  # game -> GameScores.to_dict(): returns, mean, protocol, seeds
+    pct_teacher: dict[str, float]  # games with a teacher score only
+    geomean_pct_teacher: float | None  # None unless every game has a teacher score
+
+    @property
+    def means(self) -> dict[str, float]:
+        return {g: r["mean"] for g, r in self.games.items()}
+
+    @property
+    def selection_score(self) -> float:
+        """What the best checkpoint is chosen by: the geometric mean of % of teacher, or the mean
+        score over games when a teacher score is missing."""
+        if self.geomean_pct_teacher is not None:
+            return self.geomean_pct_teacher
+        return float(np.mean(list(self.means.values())))
+
+    def metrics(self) -> dict[str, float]:
+        """eval/<suite>/<Game>/{score,pct_teacher}, and the aggregates when every game has a teacher."""
+        m = {f"eval/{g}/score": s for g, s in self.means.items()}
+        m.update({f"eval/{g}/pct_teacher": p for g, p in self.pct_teacher.items()})
+        if self.geomean_pct_teacher is not None:
+            m["eval/geomean_pct_teacher"] = self.geomean_pct_teacher
+            m["eval/mean_pct_teacher"] = float(np.mean(list(self.pct_teacher.values())))
+        return m
+
+    def line(self) -> str:
+        """`Breakout 3.10 (82%), Freeway 21.00 (95%); geometric mean 88% of teachers`."""
+        pct = {g: f" ({p:.0f}%)" for g, p in self.pct_teacher.items()}
+        games = ", ".join(f"{g.split('/')[1]} {s:.2f}{pct.get(g, '')}" for g, s in self.means.items())
+        if self.geomean_pct_teacher is None:
+            return games
+        return f"{games}; geometric mean {self.geomean_pct_teacher:.0f}% of teachers"
+
+
+def score_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: int, workers: int,
+                teacher_scores: dict[str, float | None]) -> Scores:
+    """`episodes` whole games of each game (one process per game with workers > 1), on the CPU."""
+    on_cpu = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
+    results = evaluate_games(on_cpu, list(games), episodes, seed, workers=workers)
+    pct, geomean = pct_of_teacher({g: r.mean for g, r in results.items()}, teacher_scores)
+    return Scores({g: r.to_dict() for g, r in results.items()}, pct, geomean)
+
+
+def teacher_card_scores(teachers: Sequence[Path], games: Sequence[GameSpec]) -> dict[str, float | None]:
+    """Each teacher's evaluation score from its card (None: no teacher file or no score on it)."""
+    scores: dict[str, float | None] = {}
+    for g, path in zip(games, teachers):
+        card = load_agent(path).card if Path(path).exists() else {}
+        scores[g.name] = (card.get("eval") or {}).get("mean")
+    return scores
+
+
+def measured_teacher_scores(teachers: Sequence[Path], games: Sequence[GameSpec], episodes: int, seed: int,
+                            workers: int, cache_dir: Path) -> dict[str, float | None]:
+    """Each teacher scored by the same protocol, episodes and seed as a final evaluation.
+
+    Card scores come from 20 episodes, which is too few to divide by (Seaquest: 15.8 on its card,
+    11.9 over 100 episodes). Results are cached by teacher sha256, episodes and seed.
+    """
+    scores: dict[str, float | None] = {}
+    for g, path in zip(games, teachers):
+        if not Path(path).exists():
+            scores[g.name] = None
+            continue
+        agent = load_agent(path)
+        cached = cache_dir / f"{agent.sha256[:16]}-{g.game}-{episodes}-{seed}.json"
+        if cached.exists():
+            scores[g.name] = json.loads(cached.read_text())["mean"]
+            continue
+        result = evaluate_games(agent.net, [g.name], episodes, seed, workers=workers)[g.name].to_dict()
+        atomic_write_text(cached, json.dumps({**result, "teacher": str(path), "sha256": agent.sha256}) + "\n")
+        scores[g.name] = result["mean"]
+    return scores

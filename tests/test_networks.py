@@ -1,0 +1,60 @@
+"""The multi-head network and the size presets: grouped forward passes, parameter counts."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from multitask.agents.networks import MultiHeadNet, count_parameters
+from multitask.agents.sizes import (SIZE_FRACTIONS, parameter_count, sized_network, width_for_parameters)
+from multitask.envs import get_game
+
+PRESETS = (*SIZE_FRACTIONS, "multitask", "custom")
+GAME_SETS = (("minatar/Breakout",), ("minatar/Breakout", "minatar/Freeway", "minatar/Asterix"),
+             ("atari/Pong",), ("atari/Pong", "atari/Breakout"))
+
+
+def test_grouped_forward_equals_each_games_forward_on_its_rows():
+    games = [get_game(g) for g in ("minatar/Breakout", "minatar/Freeway", "minatar/Asterix")]
+    torch.manual_seed(0)
+    net = MultiHeadNet(sized_network("100%", games)[0])
+    obs = torch.randint(0, 2, (10, 7, 10, 10), dtype=torch.uint8)  # Freeway's 7 channels: the trunk's
+    groups = [(2, slice(0, 3)), (0, slice(3, 8)), (1, slice(8, 10))]  # heads in any order
+    with torch.no_grad():
+        grouped = net(obs, groups=groups)
+        for (head, rows), out in zip(groups, grouped):
+            alone = net(obs[rows], games[head].name)
+            assert out.shape == (rows.stop - rows.start, games[head].num_actions)
+            assert torch.allclose(out, alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("games", GAME_SETS, ids=lambda g: "+".join(x.split("/")[1] for x in g))
+def test_parameter_count_is_the_built_networks_for_every_preset(games):
+    specs = [get_game(g) for g in games]
+    for size in PRESETS:
+        spec, sized = sized_network(size, specs, width=0.7, extra_fc=2)  # width, extra_fc: custom only
+        net = MultiHeadNet(spec)
+        assert parameter_count(spec.trunk, spec.num_actions) == count_parameters(net) == sized.parameters, size
+        one_head = MultiHeadNet(replace(spec, games=spec.games[:1], num_actions=spec.num_actions[:1]))
+        assert sized.one_head == count_parameters(one_head), size
+        teacher = MultiHeadNet(sized_network("100%", specs[:1])[0])
+        assert sized.teachers[games[0]] == count_parameters(teacher)
+
+
+def test_presets_reach_their_targets_with_the_smallest_width():
+    games = [get_game(g) for g in ("minatar/Breakout", "minatar/Freeway")]
+    spec, sized = sized_network("multitask", games)
+    assert spec.trunk.extra_fc == 1 and sized.fraction_of_mean_teacher == pytest.approx(4.0, rel=0.01)
+    assert sized.fraction_of_mean_teacher >= 4.0
+    narrower = replace(spec.trunk, width=spec.trunk.width - 1e-4)
+    assert parameter_count(narrower, spec.num_actions) < 4.0 * sum(sized.teachers.values()) / 2
+    custom, _ = sized_network("custom", games, width=0.7, extra_fc=2)
+    assert (custom.trunk.width, custom.trunk.extra_fc, custom.trunk.in_channels) == (0.7, 2, 7)
+
+
+def test_width_for_parameters_is_the_smallest_width_reaching_the_target():
+    trunk = sized_network("100%", [get_game("atari/Pong")])[0].trunk
+    for target in (50_000, 400_000, 3_000_000):
+        w = width_for_parameters(trunk, [6], target)
+        assert parameter_count(replace(trunk, width=w), [6]) >= target
+        assert parameter_count(replace(trunk, width=w - 1e-4), [6]) < target

@@ -1,0 +1,135 @@
+"""The run scaffolding every trainer shares: resume and its one mismatch check, metrics, clock,
+schedules; and the scores trainers log."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from multitask import config as configlib
+from multitask.config import option
+from multitask.errors import UserError
+from multitask.training.run import Clock, Every, Run, config_differences
+from multitask.training.scoring import Scores
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = option(1e-3, "test")
+
+
+@dataclass(frozen=True)
+class Tiny:
+    steps: int = option(100, "test")
+    threads: int = option(0, "test")
+    inner: Inner = option(Inner(), "test")
+
+
+def test_config_differences_names_nested_keys_in_config_order_and_skips_allowed_ones():
+    saved = {"steps": 100, "threads": 1, "inner": {"lr": 1e-3}, "old": 5}
+    current = {"steps": 200, "threads": 2, "inner": {"lr": 3e-4}}
+    assert config_differences(saved, current) == [("steps", 100, 200), ("threads", 1, 2),
+                                                  ("inner.lr", 1e-3, 3e-4), ("old", 5, None)]
+    assert config_differences(saved, current, may_differ=("steps", "threads", "old")) == [("inner.lr", 1e-3, 3e-4)]
+    assert config_differences(current, current) == []
+
+
+def test_every_fires_once_per_multiple_and_continues_a_resumed_schedule():
+    due = Every(30)
+    assert [k for k in range(1, 100) if due(k)] == [30, 60, 90]
+    resumed = Every(30, start=40)  # a run resumed at step 40 next fires at 60, as a straight run would
+    assert [k for k in range(41, 100) if resumed(k)] == [60, 90]
+    jumping = Every(10)  # steps of 8 envs: fires at the first step past each multiple, once
+    assert [k for k in range(8, 100, 8) if jumping(k)] == [16, 24, 32, 40, 56, 64, 72, 80, 96]
+    never = Every(0)
+    assert not any(never(k) for k in range(100))
+
+
+def test_clock_counts_the_time_of_the_runs_it_resumed():
+    clock = Clock(wall_before=100.0, cpu_before=7.0)
+    assert 100.0 <= clock.wall() < 101.0 and 7.0 <= clock.cpu() < 8.0
+    assert set(clock.state()) == {"wall_time_s", "cpu_time_s"}
+
+
+class Learning:
+    """The smallest Resumable: a step count and one tensor."""
+
+    def __init__(self, step=0):
+        self.step, self.weights = step, torch.full((2,), float(step))
+
+    def state_dict(self):
+        return {"step": self.step, "weights": self.weights}
+
+    def load_state_dict(self, saved):
+        self.step, self.weights = saved["step"], saved["weights"]
+
+
+def _run(folder, cfg=Tiny(), writer=True):
+    return Run(folder, cfg, step_metric="updates", identity={"game": "minatar/Breakout"}, writer=writer)
+
+
+def test_run_writes_config_metrics_and_state_and_resumes_them(tmp_path, capsys):
+    run = _run(tmp_path)
+    assert not run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.log({"train/loss": 0.5}, 10)
+    run.save_state(Learning(10))
+    run.finish({})
+    assert configlib.load(Tiny, tmp_path / "config.toml") == Tiny()
+    wall = torch.load(tmp_path / "state.pt", weights_only=True)["wall_time_s"]
+
+    again, learning = _run(tmp_path, Tiny(steps=200, threads=4)), Learning()
+    assert again.resume(learning, restart=False, may_differ=("steps", "threads"))
+    assert learning.step == 10 and torch.equal(learning.weights, torch.full((2,), 10.0)) and again.resumes == 1
+    assert f"resuming {tmp_path} after 10 updates" in capsys.readouterr().err
+    again.start("off", name="t", job_type="test", group="tests")
+    assert again.clock.wall() >= wall
+    again.log({"train/loss": 0.25}, 20)
+    again.finish({})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"updates": 10, "train/loss": 0.5}, {"updates": 20, "train/loss": 0.25}]
+    assert configlib.load(Tiny, tmp_path / "config.toml").steps == 200  # the config this run was built with
+
+
+def test_resume_refuses_other_settings_in_one_sentence_unless_restarted(tmp_path):
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.save_state(Learning(5))
+    run.finish({})
+    with pytest.raises(UserError, match=r"holds a run with other settings \(inner\.lr 0\.001 then, 0\.01 now\); "
+                                        r"rerun with its settings .* pass --restart"):
+        _run(tmp_path, Tiny(inner=Inner(lr=1e-2))).resume(Learning(), restart=False)
+    other_game = Run(tmp_path, Tiny(), step_metric="updates", identity={"game": "minatar/Asterix"})
+    with pytest.raises(UserError, match="game 'minatar/Breakout' then, 'minatar/Asterix' now"):
+        other_game.resume(Learning(), restart=False)
+    assert not other_game.resume(Learning(), restart=True) and not (tmp_path / "state.pt").exists()
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read training checkpoint"):
+        _run(tmp_path).resume(Learning(), restart=False)
+
+
+def test_only_the_writer_writes(tmp_path):
+    run = _run(tmp_path / "rank1", writer=False)
+    run.resume(Learning(), restart=False)
+    run.start("offline", name="t", job_type="test", group="tests")  # no W&B run either
+    run.log({"x": 1.0}, 1)
+    run.save_state(Learning(1))
+    assert run.save_agent("best", torch.nn.Linear(1, 1), "student", {}) is None
+    run.finish({})
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_scores_metrics_line_and_selection():
+    games = {"minatar/Breakout": {"mean": 4.0}, "minatar/Freeway": {"mean": 30.0}}
+    full = Scores(games, {"minatar/Breakout": 40.0, "minatar/Freeway": 90.0}, 60.0)
+    assert full.metrics() == {"eval/minatar/Breakout/score": 4.0, "eval/minatar/Freeway/score": 30.0,
+                              "eval/minatar/Breakout/pct_teacher": 40.0, "eval/minatar/Freeway/pct_teacher": 90.0,
+                              "eval/geomean_pct_teacher": 60.0, "eval/mean_pct_teacher": 65.0}
+    assert full.line() == "Breakout 4.00 (40%), Freeway 30.00 (90%); geometric mean 60% of teachers"
+    assert full.selection_score == 60.0
+    partial = Scores(games, {"minatar/Freeway": 90.0}, None)  # Breakout's teacher has no score
+    assert "eval/geomean_pct_teacher" not in partial.metrics()
+    assert partial.line() == "Breakout 4.00, Freeway 30.00 (90%)" and partial.selection_score == 17.0
+
