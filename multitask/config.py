@@ -213,11 +213,18 @@ def command_line() -> str:
     """The command that is running, as a user would type it (`multitask ...`), for provenance."""
     import sys
 
-    args = sys.argv[1:]
-    prog = Path(sys.argv[0]).name if sys.argv else ""
-    if prog in ("multitask", "__main__.py") or prog.startswith("multitask"):
-        return " ".join(["multitask", *args])
-    return " ".join([prog, *args])
+    return as_typed(" ".join(sys.argv))
+
+
+def as_typed(command: str) -> str:
+    """A recorded command as a user types it: the program's path dropped (`/tmp/venv/bin/multitask
+    teacher train G` or `.../__main__.py ...` -> `multitask teacher train G`), so provenance does not
+    carry one machine's virtualenv."""
+    prog, _, args = command.partition(" ")
+    name = Path(prog).name
+    if name == "__main__.py" or name.startswith("multitask"):
+        name = "multitask"
+    return f"{name} {args}".strip()
 
 
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:

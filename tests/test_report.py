@@ -1,10 +1,13 @@
-"""Result tables: percentages of teacher, geometric means, sweep layout, teacher manifest."""
+"""Result tables: percentages of teacher, geometric means, sweep layout, teacher manifest, and
+`multitask report show | export | docs` (slim JSON, marked tables in Markdown, stale detection)."""
 
 import json
 
+import numpy as np
 import pytest
 
-from multitask.evaluation.report import geomean, pct_of_teacher, run_table, sweep_table, teacher_manifest
+from multitask.evaluation.report import (PER_EPISODE_KEYS, geomean, pct_of_teacher, results_table, run_table,
+                                         sweep_table, teacher_manifest)
 
 
 def summary(game, loss, size, score, teacher, frac=1.0):
@@ -28,6 +31,8 @@ def test_run_table_rows_and_geomean():
          "best_update": 80, "wall_time_s": 120.0}
     table = run_table(s)
     assert "| a/X | 10.00 | 5.00 | 50% |" in table and "| a/Y | 20.00 | 30.00 | 150% |" in table
+    s["episodes"] = {"a/X": {"stderr": 0.25}}
+    assert "| a/X | 10.00 | 5.00 ± 0.25 | 50% |" in run_table(s)
     assert "**87%**" in table  # sqrt(50 * 150) = 86.6
     assert "4.02x" in table
 
@@ -60,3 +65,132 @@ def test_teacher_manifest_marks_targets(tmp_path):
     assert "| minatar/Breakout | 12.50 ± 3.00 (20) ✓ | >= 10 | 1,500,000 | 30 min | 28 min |" in text
     assert "7.00 ± 1.00 (20) ✗ (missed)" in text
     assert "100k: 2.0" in text
+
+
+def full_summary(games=("a/X", "a/Y"), episodes=6, seed=0):
+    """A student run's summary.json as `student train` writes it, per-episode arrays included."""
+    rng = np.random.default_rng(seed)
+    returns = {g: rng.integers(0, 20, episodes).astype(float).tolist() for g in games}
+    scores = {g: float(np.mean(r)) for g, r in returns.items()}
+    teacher = {g: 10.0 + i for i, g in enumerate(games)}
+    pct, geo = pct_of_teacher(scores, teacher)
+    eps = {g: {"game": g, "returns": r, "lengths": [100] * episodes, "truncated": [False] * episodes,
+               "env_index": list(range(episodes)), "env_seed": 777777, "action_seed": 1778780,
+               "protocol": {"epsilon": 0.05}, "episodes": episodes, "mean": scores[g],
+               "std": float(np.std(r)), "min": min(r), "max": max(r),
+               "stderr": float(np.std(r, ddof=1) / np.sqrt(episodes))} for g, r in returns.items()}
+    return {"run": "mt", "run_dir": "runs/student/mt", "config": {"games": list(games), "loss": "kl", "size": "multitask",
+                                                                  "final_eval_episodes": episodes},
+            "parameters": {"student": 531521, "fraction_of_teacher": 4.0, "fraction_of_mean_teacher": 4.02},
+            "updates": 100, "best_update": 50, "teacher_scores": teacher, "scores": scores, "pct_teacher": pct,
+            "geomean_pct_teacher": geo, "episodes": eps, "history": [], "wall_time_s": 90.0}
+
+
+def write(path, data):
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def test_export_drops_per_episode_arrays_and_keeps_the_table(tmp_path, run_cli):
+    full = full_summary()
+    src, out = write(tmp_path / "summary.json", full), tmp_path / "docs" / "results" / "mt.json"
+    code, stdout, _ = run_cli("report", "export", src, "--out", out)
+    assert code == 0 and "exported 1 run(s)" in stdout
+    slim = json.loads(out.read_text())
+    for g, e in slim["episodes"].items():
+        assert not set(PER_EPISODE_KEYS) & set(e)
+        assert {k: e[k] for k in ("mean", "std", "stderr", "min", "max")} == {
+            k: full["episodes"][g][k] for k in ("mean", "std", "stderr", "min", "max")}
+    assert results_table(slim) == results_table(full)
+
+
+def test_export_of_several_runs_is_a_sweep(tmp_path, run_cli):
+    runs = [summary("a/X", "kl", "100%", 10, 10), summary("a/X", "mse", "100%", 5, 10)]
+    srcs = [write(tmp_path / f"{i}.json", r) for i, r in enumerate(runs)]
+    code, _, _ = run_cli("report", "export", *srcs, "--out", tmp_path / "sweep.json")
+    assert code == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert isinstance(sweep, list) and len(sweep) == 2
+    assert results_table(sweep) == sweep_table(runs, "loss", ["kl", "mse"])  # columns inferred, in run order
+
+
+def test_show_prints_run_and_sweep_tables(tmp_path, run_cli):
+    run = write(tmp_path / "summary.json", full_summary())
+    sweep = write(tmp_path / "sweep.json", [summary("a/X", "kl", "100%", 10, 10), summary("a/X", "kl", "7%", 9, 10, 0.07)])
+    code, out, _ = run_cli("report", "show", run, sweep)
+    assert code == 0
+    assert "mt (" in out and "| **geometric mean** |" in out
+    assert "100%: score (% of teacher)" in out and "sweep of 2 runs" in out
+
+
+def test_docs_tables_are_rewritten_and_stale_ones_detected(tmp_path, run_cli):
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    data = tmp_path / "docs" / "results" / "mt.json"
+    write(data, full_summary())
+    md = tmp_path / "docs" / "results.md"
+    md.write_text("# Results\n\n<!-- table: results/mt.json -->\nhand-typed\n<!-- end table -->\n\nafter\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table: docs/results/mt.json -->\n<!-- end table -->\n")
+
+    code, _, err = run_cli("report", "docs", md, readme, "--check")
+    assert code == 1 and "stale" in err and "results/mt.json" in err and str(md) in err
+    assert "hand-typed" in md.read_text()  # --check changes nothing
+
+    code, out, _ = run_cli("report", "docs", md, readme)
+    assert code == 0 and "rewritten" in out
+    table = results_table(json.loads(data.read_text()))
+    assert md.read_text() == f"# Results\n\n<!-- table: results/mt.json -->\n{table}\n<!-- end table -->\n\nafter\n"
+    assert table in readme.read_text()
+    assert run_cli("report", "docs", md, readme, "--check")[0] == 0
+
+    write(data, full_summary(seed=1))  # new results, old tables
+    code, _, err = run_cli("report", "docs", md, readme, "--check")
+    assert code == 1 and str(readme) in err and str(md) in err
+
+
+@pytest.mark.parametrize("case", ["missing", "not_json", "not_summary", "missing_table_json", "no_end_marker"])
+def test_report_user_errors_are_one_sentence(tmp_path, run_cli, case):
+    bad = tmp_path / "bad.json"
+    md = tmp_path / "results.md"
+    if case == "missing":
+        args = ("report", "show", tmp_path / "nothing.json")
+    elif case == "not_json":
+        bad.write_text("{not json")
+        args = ("report", "export", bad, "--out", tmp_path / "out.json")
+    elif case == "not_summary":
+        write(bad, {"games": {}})
+        args = ("report", "show", bad)
+    elif case == "missing_table_json":
+        md.write_text("<!-- table: results/none.json -->\n<!-- end table -->\n")
+        args = ("report", "docs", md)
+    else:
+        write(bad, full_summary())
+        md.write_text("<!-- table: bad.json -->\n| old |\n")
+        args = ("report", "docs", md)
+    code, _, err = run_cli(*args)
+    assert code == 2 and err.startswith("multitask: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("sub", [[], ["show"], ["export"], ["docs"]])
+def test_report_help(run_cli, sub):
+    code, out, _ = run_cli("report", *sub, "--help")
+    assert code == 0 and "usage: multitask report" in out
+
+
+def test_teacher_manifest_shows_commands_as_typed_not_with_a_virtualenv_path(tmp_path):
+    card = {"kind": "teacher", "game": {"name": "minatar/Seaquest"}, "sha256": "cd" * 32,
+            "eval": {"mean": 15.0, "std": 3.0, "episodes": 20}, "weights": "last",
+            "command": "/tmp/venv/bin/multitask teacher train minatar/Seaquest", "config": {"eval_episodes": 10}}
+    (tmp_path / "Seaquest.json").write_text(json.dumps(card))
+    text = teacher_manifest(tmp_path)
+    assert "| `multitask teacher train minatar/Seaquest` |" in text
+    assert "/tmp/venv" not in text
+
+
+def test_recorded_commands_drop_the_program_path():
+    from multitask.config import as_typed
+
+    assert as_typed("/x/.venv/bin/multitask dataset build g") == "multitask dataset build g"
+    assert as_typed("/repo/multitask/__main__.py student train") == "multitask student train"
+    assert as_typed("torchrun -m multitask student train") == "torchrun -m multitask student train"

@@ -1,9 +1,11 @@
-"""`multitask evaluate` (the one protocol, any agent) and `multitask report` (tables of runs)."""
+"""`multitask evaluate` (the one protocol, any agent) and `multitask report` (result tables:
+show, export, docs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +46,36 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           + (f" -> {args.out}" if args.out else ""))
 
 
-def cmd_report(args: argparse.Namespace) -> None:
-    from multitask.evaluation.report import load_summary, run_table
+def cmd_report_show(args: argparse.Namespace) -> None:
+    from multitask.evaluation.report import load_results, results_table
 
-    for path in args.summaries:
-        if not Path(path).is_file():
-            raise UserError(f"{path} does not exist; pass a run's summary.json")
-        try:
-            summary = load_summary(path)
-            print(f"{summary['run']}:\n{run_table(summary)}\n")
-        except (ValueError, KeyError):
-            raise UserError(f"{path} is not a student run summary (summary.json)") from None
+    for path in args.results:
+        results = load_results(path)
+        name = results["run"] if isinstance(results, dict) else f"sweep of {len(results)} runs"
+        print(f"{name} ({path}):\n{results_table(results)}\n")
+
+
+def cmd_report_export(args: argparse.Namespace) -> None:
+    from multitask.evaluation.report import export_results
+
+    data = export_results(args.results, args.out)
+    runs = len(data) if isinstance(data, list) else 1
+    print(f"exported {runs} run(s) without per-episode arrays -> {args.out} "
+          f"({args.out.stat().st_size / 1024:.1f} KiB)")
+
+
+def cmd_report_docs(args: argparse.Namespace) -> None:
+    from multitask.evaluation.report import update_docs
+
+    status = update_docs(args.files, check=args.check)
+    stale = [f"{f} ({', '.join(changed)})" for f, (_, changed) in status.items() if changed]
+    if args.check and stale:
+        print(f"multitask: error: stale result tables in {'; '.join(stale)}; "
+              f"run `multitask report docs {' '.join(map(str, args.files))}` to rewrite them", file=sys.stderr)
+        raise SystemExit(1)
+    for f, (tables, changed) in status.items():
+        what = "up to date" if not changed else ("rewritten: " + ", ".join(changed))
+        print(f"{f}: {tables} table(s), {what}")
 
 
 def add_commands(sub) -> None:
@@ -69,6 +90,21 @@ def add_commands(sub) -> None:
     add_no_progress(e)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="per-game table (teacher, student, %% of teacher, geometric mean) of student runs")
-    r.add_argument("summaries", nargs="+", type=Path, help="runs/student/<run>/summary.json")
-    r.set_defaults(func=cmd_report)
+    r = sub.add_parser("report", help="result tables (teacher, student, %% of teacher, geometric mean): "
+                       "print them, export slim JSON, rewrite the docs' tables")
+    rs = r.add_subparsers(dest="action", required=True)
+    show = rs.add_parser("show", help="print the per-game table of runs or sweeps")
+    show.add_argument("results", nargs="+", type=Path,
+                      help="runs/student/<run>/summary.json, results/<sweep>.json or an export of either")
+    show.set_defaults(func=cmd_report_show)
+    ex = rs.add_parser("export", help="write a result file without its per-episode arrays, for docs/results/")
+    ex.add_argument("results", nargs="+", type=Path,
+                    help="runs/student/<run>/summary.json or results/<sweep>.json; several become one list (a sweep)")
+    ex.add_argument("--out", type=Path, required=True, help="the slim JSON to write, e.g. docs/results/<name>.json")
+    ex.set_defaults(func=cmd_report_export)
+    docs = rs.add_parser("docs", help="rewrite every marked result table of Markdown files from the JSON it names")
+    docs.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("docs/results.md")],
+                      help="Markdown files (default: README.md docs/results.md)")
+    docs.add_argument("--check", action="store_true",
+                      help="change nothing; exit 1 naming every table that differs from its JSON")
+    docs.set_defaults(func=cmd_report_docs)

@@ -1,17 +1,31 @@
-"""Tables from run summaries: per game teacher score, student score, % of teacher, geometric mean.
+"""Tables from run summaries, and the documentation's result tables made from them.
 
 Scores are means over the final evaluation's episodes (best.pt, fresh seeds, the one protocol);
 percentages are 100 * student / teacher (Rusu et al. 2016); the geometric mean floors each
 percentage at 0.1% so that one zero score does not hide the others.
+
+Result tables in the docs are never typed: each sits between markers naming a committed JSON,
+    <!-- table: results/minatar-multitask.json -->
+    ...
+    <!-- end table -->
+(the path is relative to the Markdown file), and `update_docs` rewrites every marked table from its
+JSON. A JSON is a run's summary.json slimmed by `slim` (no per-episode arrays), or a list of them
+(a sweep).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from multitask.config import as_typed
+
+from multitask.errors import UserError
+from multitask.files import atomic_write_text, check_writable
 
 # Goals for the committed MinAtar teachers (mean of 20 evaluation episodes), set by the project
 # when it asked for teachers trained in ~30 CPU-minutes each; roughly the MinAtar paper's DQN
@@ -19,6 +33,13 @@ import numpy as np
 MINATAR_TEACHER_TARGETS = {"minatar/Asterix": 10, "minatar/Breakout": 10, "minatar/Freeway": 40,
                            "minatar/Seaquest": 8, "minatar/SpaceInvaders": 50}
 GEOMEAN_FLOOR = 0.1  # percent: one zero score would zero the geometric mean; floor it and say so
+SUMMARY_KEYS = ("config", "scores", "teacher_scores", "pct_teacher", "parameters")  # what a summary must hold
+PER_EPISODE_KEYS = ("returns", "lengths", "truncated", "env_index")  # dropped by `slim`
+TABLE_START = "<!-- table: "  # a marker is a line of its own: the start line, the table, the end line
+TABLE_STARTS = re.compile(r"^<!-- table: ", re.M)
+TABLE_MARKER = re.compile(r"^<!-- table: (?P<src>[^\s>]+) -->\n(?P<body>.*?)^<!-- end table -->$", re.S | re.M)
+
+Results = dict[str, Any] | list[dict[str, Any]]  # one run's summary, or a sweep's list of them
 
 
 def pct_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict, float | None]:
@@ -37,19 +58,25 @@ def geomean(values: Sequence[float]) -> float:
     return float(np.exp(np.mean(np.log(np.maximum(values, GEOMEAN_FLOOR)))))
 
 
+# ---- tables -------------------------------------------------------------------------------------
+
 def run_table(summary: dict) -> str:
     """One run (e.g. the multi-task student): a row per game plus the geometric mean."""
-    lines = ["| game | teacher | student | % of teacher |", "|---|---:|---:|---:|"]
+    episodes = summary.get("episodes") or {}
+    lines = ["| game | teacher | student (± s.e.) | % of teacher |", "|---|---:|---:|---:|"]
     for g, s in summary["scores"].items():
         t = summary["teacher_scores"].get(g)
         pct = summary["pct_teacher"].get(g)
-        lines.append(f"| {g} | {_num(t)} | {s:.2f} | {_pct(pct)} |")
+        err = (episodes.get(g) or {}).get("stderr")
+        lines.append(f"| {g} | {_num(t)} | {s:.2f}{'' if err is None else f' ± {err:.2f}'} | {_pct(pct)} |")
     lines.append(f"| **geometric mean** | | | **{_pct(summary.get('geomean_pct_teacher'))}** |")
     p = summary["parameters"]
+    n = (summary.get("config") or {}).get("final_eval_episodes")
     lines.append("")
     lines.append(f"Student: {p['student']:,} parameters ({p['fraction_of_mean_teacher']:.2f}x a mean teacher); "
                  f"{summary['updates']:,} updates, best at {summary['best_update']:,}; "
-                 f"{summary['wall_time_s'] / 60:.1f} min.")
+                 f"{summary['wall_time_s'] / 60:.1f} min."
+                 + (f" Scores: mean of {n} episodes per game, teacher and student on the same seeds." if n else ""))
     return "\n".join(lines)
 
 
@@ -91,6 +118,19 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     return "\n".join(lines)
 
 
+def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:
+    """What a sweep varied (loss, else size) and its values in the order the runs list them."""
+    key = "loss" if len({str(s["config"].get("loss")) for s in summaries}) > 1 else "size"
+    return key, list(dict.fromkeys(str(s["config"].get(key)) for s in summaries))
+
+
+def results_table(results: Results) -> str:
+    """The table of one run (a summary) or of a sweep (a list of summaries)."""
+    if isinstance(results, dict):
+        return run_table(results)
+    return sweep_table(results, *sweep_columns(results))
+
+
 def _num(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -99,6 +139,86 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.0f}%"
 
 
+# ---- result files -------------------------------------------------------------------------------
+
+def load_results(path: Path) -> Results:
+    """A run's summary.json, a sweep's results/<name>.json or a slim export of either."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a run's summary.json or a sweep's results/<name>.json")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    runs = data if isinstance(data, list) else [data]
+    if not runs or not all(isinstance(r, dict) and all(k in r for k in SUMMARY_KEYS) for r in runs):
+        raise UserError(f"{path} is not a student run's summary.json or a list of them; "
+                        "pass runs/student/<run>/summary.json or results/<sweep>.json")
+    return data
+
+
+def slim(results: Results) -> Results:
+    """The same results without the per-episode arrays (means, std, stderr, min and max stay)."""
+    if isinstance(results, list):
+        return [slim(r) for r in results]
+    out = dict(results)
+    if isinstance(out.get("episodes"), dict):
+        out["episodes"] = {g: {k: v for k, v in e.items() if k not in PER_EPISODE_KEYS}
+                           for g, e in out["episodes"].items()}
+    return out
+
+
+def export_results(sources: Sequence[Path], out: Path) -> Results:
+    """Write the slim JSON of one result file to `out`; several sources become one list (a sweep)."""
+    loaded = [load_results(p) for p in sources]
+    if len(loaded) == 1:
+        data = slim(loaded[0])
+    else:
+        data = [slim(r) for item in loaded for r in (item if isinstance(item, list) else [item])]
+    check_writable(out)
+    atomic_write_text(out, json.dumps(data, indent=2) + "\n")
+    return data
+
+
+# ---- tables in Markdown files -------------------------------------------------------------------
+
+def render_tables(text: str, base: Path, name: str = "the file") -> tuple[str, list[str]]:
+    """`text` with every marked table rebuilt from its JSON (paths relative to `base`), and the
+    JSON paths whose table changed."""
+    if len(TABLE_STARTS.findall(text)) != len(TABLE_MARKER.findall(text)):
+        raise UserError(f"{name} has a '{TABLE_START}...' marker without its '<!-- end table -->'; add the end marker")
+    changed: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        src = m.group("src")
+        path = base / src
+        if not path.is_file():
+            raise UserError(f"{name} names {path}, which does not exist; write it with "
+                            f"`multitask report export <summary.json> --out {path}`")
+        table = results_table(load_results(path)) + "\n"
+        if m.group("body") != table:
+            changed.append(src)
+        return f"{TABLE_START}{src} -->\n{table}<!-- end table -->"
+
+    return TABLE_MARKER.sub(fill, text), changed
+
+
+def update_docs(files: Sequence[Path], check: bool = False) -> dict[Path, tuple[int, list[str]]]:
+    """Rewrite (or with `check`, only compare) every marked table of each file; per file the number
+    of tables and the JSON paths whose table was out of date."""
+    status = {}
+    for f in map(Path, files):
+        if not f.is_file():
+            raise UserError(f"{f} does not exist; pass Markdown files with marked tables (README.md docs/results.md)")
+        text = f.read_text()
+        new, changed = render_tables(text, f.parent, str(f))
+        if changed and not check:
+            atomic_write_text(f, new)
+        status[f] = (len(TABLE_MARKER.findall(text)), changed)
+    return status
+
+
+# ---- teacher manifest ---------------------------------------------------------------------------
 def teacher_manifest(folder: Path, targets: dict[str, float] | None = None) -> str:
     """teachers/<suite>/MANIFEST.md: a row per teacher card, then each teacher's learning curve."""
     cards = sorted(Path(folder).glob("*.json"))
@@ -118,7 +238,7 @@ def teacher_manifest(folder: Path, targets: dict[str, float] | None = None) -> s
         wall = f"{card['wall_time_s'] / 60:.0f} min" if card.get("wall_time_s") else "-"
         cpu = f"{card['cpu_time_s'] / 60:.0f} min" if card.get("cpu_time_s") else "-"
         lines.append(f"| {game} | {score}{met} | {'-' if target is None else f'>= {target:g}'} | {steps} | {wall} | {cpu} | "
-                     f"{card.get('weights', card.get('source', '-'))} | `{card['sha256'][:12]}` | `{card.get('command', '-')}` |")
+                     f"{card.get('weights', card.get('source', '-'))} | `{card['sha256'][:12]}` | `{as_typed(card['command']) if card.get('command') else '-'}` |")
         curve = card.get("learning_curve") or []
         if curve:
             points = ", ".join(f"{p['env_steps'] // 1000}k: {p['mean']:.1f}" for p in curve)
