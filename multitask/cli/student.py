@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_no_progress, add_wandb
+from multitask.cli.common import add_no_progress, add_run_options, add_wandb
 from multitask.errors import UserError
 
 
@@ -31,10 +31,7 @@ def add_commands(sub) -> None:
     stt = st.add_parser("train", help="train a student offline on the games' datasets (runs under torchrun too)")
     stt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. loss=nll size=25%% games=minatar/Breakout)")
     stt.add_argument("--config", type=Path, help="TOML config, e.g. configs/student/minatar_multitask.toml")
-    stt.add_argument("--run-dir", type=Path, help="default: runs/student/<run name>")
-    stt.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
-    add_no_progress(stt)
-    add_wandb(stt)
+    add_run_options(stt, "runs/student/<run name>")
     stt.set_defaults(func=cmd_student_train)
 
     sts = st.add_parser("sweep", help="a grid of single-game students (losses or sizes) and its table")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_no_progress, add_wandb
+from multitask.cli.common import add_run_options
 from multitask.errors import UserError
 from multitask.files import check_writable
 
@@ -60,10 +60,7 @@ def add_commands(sub) -> None:
     tt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. total_steps=500000 dqn.lr=3e-4)")
     tt.add_argument("--config", type=Path, help="TOML config (default: configs/teacher/<suite>.toml)")
     tt.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/<suite>/<Game>.pt)")
-    tt.add_argument("--run-dir", type=Path, help="training state, metrics, W&B files (default: runs/teacher/<suite>/<Game>)")
-    tt.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
-    add_no_progress(tt)
-    add_wandb(tt)
+    add_run_options(tt, "runs/teacher/<suite>/<Game>")
     tt.set_defaults(func=cmd_teacher_train)
 
     ti = t.add_parser("import", help="convert a CleanRL or Stable-Baselines3 Atari DQN into a teacher")
