@@ -84,7 +84,7 @@ def add_commands(sub) -> None:
     e.add_argument("--games", nargs="+", help="games to evaluate (default: every game the agent plays)")
     e.add_argument("--episodes", type=int, default=20, help="whole games per game (default 20)")
     e.add_argument("--seed", type=int, default=12345, help="env i uses seed + i; actions use their own stream")
-    e.add_argument("--epsilon", type=float, help="epsilon-greedy evaluation (default: the protocol's, 0.05)")
+    e.add_argument("--epsilon", type=float, help="epsilon-greedy evaluation (default: the protocol's; docs/evaluation.md)")
     e.add_argument("--workers", type=int, default=2, help="processes evaluating games in parallel")
     e.add_argument("--out", type=Path, help="write per-episode returns, lengths, protocol and seeds as JSON")
     add_no_progress(e)

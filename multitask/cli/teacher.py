@@ -36,6 +36,7 @@ def cmd_teacher_import(args: argparse.Namespace) -> None:
 
 
 def cmd_teacher_manifest(args: argparse.Namespace) -> None:
+    from multitask.evaluation.protocol import EVAL_EPSILON
     from multitask.evaluation.report import MINATAR_TEACHER_TARGETS, teacher_manifest
     from multitask.files import atomic_write_text
 
@@ -45,7 +46,7 @@ def cmd_teacher_manifest(args: argparse.Namespace) -> None:
     table = teacher_manifest(folder, MINATAR_TEACHER_TARGETS)
     header = (f"# Teachers in {folder}\n\nMade by `multitask teacher manifest {folder}` from the cards "
               f"(`<Game>.json`) written by `multitask teacher train`. Scores: the one evaluation protocol "
-              f"(epsilon 0.05, whole games, raw score), fresh seeds, best periodic snapshot or last weights "
+              f"(epsilon {EVAL_EPSILON}, whole games, raw score), fresh seeds, best periodic snapshot or last weights "
               f"as the `weights` column says.\n\n")
     notes = folder / "NOTES.md"
     extra = "\n\n" + notes.read_text() if notes.exists() else ""

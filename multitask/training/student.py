@@ -33,7 +33,7 @@ from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
-from multitask.training.losses import LossName, distillation_loss
+from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss
 from multitask.training.run import Every, Rate, Run
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
                                         score_games, teacher_card_scores)
@@ -53,7 +53,7 @@ class StudentConfig:
     name: str = option("", "run name (default: derived from games, loss and size)")
     seed: int = option(0, "seeds the student's initialisation and every batch (batch k = f(seed, k, rank))")
     loss: LossName = option("kl", "kl (Rusu et al. 2016's best), nll on the teacher's greedy action, or mse on Q-values")
-    tau: float = option(0.01, "teacher-side softmax temperature for kl (Rusu et al. 2016: 0.01)")
+    tau: float = option(DEFAULT_TAU, "teacher-side softmax temperature for kl (Rusu et al. 2016: 0.01, the best of 1, 0.1, 0.01, 0.001)")
     batch_mode: Literal["per_game", "mixed"] = option("per_game", "per_game: each batch one game (paper A's appendix); mixed: B/G rows of every game")
     batch_size: int = option(256, "rows per batch and process (paper A: not stated)")
     optimizer: Literal["rmsprop", "adam"] = option("rmsprop", "paper A used RMSProp")
