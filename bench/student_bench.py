@@ -16,6 +16,7 @@ resident memory of the loader worker against the budget and the dataset size.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -67,6 +68,13 @@ def children_private_bytes() -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def wait_for_children(timeout: float = 30.0) -> None:
+    """Until this process has no child processes left (or `timeout` seconds)."""
+    end = time.perf_counter() + timeout
+    while multiprocessing.active_children() and time.perf_counter() < end:
+        time.sleep(0.05)
 
 
 class PeakMemory:
@@ -135,6 +143,7 @@ def bench_suite(suite: str, seconds: float) -> None:
                     yield b.obs, b.teacher[0]
             finally:
                 it.close()  # stop prefetching before the next measurement
+                wait_for_children()  # a worker still exiting would count in the next peak
 
         torch.manual_seed(0)
         net = MultiHeadNet(teacher_network_spec(game))
