@@ -292,6 +292,22 @@ def test_nan_teacher_outputs_leave_nothing_behind(tmp_path, run_cli, make_teache
     assert not out.exists() and not parts_dir(out).exists()
 
 
+def test_infinite_teacher_outputs_from_finite_weights_leave_nothing_behind(tmp_path, run_cli, make_teacher,
+                                                                           monkeypatch):
+    """Checkpoint loads refuse NaN weights, so the writer's own guard is reached only by a teacher
+    whose finite weights overflow: its outputs are made infinite here."""
+    from multitask.agents.networks import MultiHeadNet
+
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
+    forward = MultiHeadNet.forward
+    monkeypatch.setattr(MultiHeadNet, "forward", lambda self, *a, **k: forward(self, *a, **k) * float("inf"))
+    out = tmp_path / "inf.h5"
+    code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,
+                           "--out", out, "--lanes", 1, "--no-progress")
+    assert code == 2 and "NaN or infinite" in err
+    assert not out.exists() and not parts_dir(out).exists()
+
+
 def test_corrupt_truncated_foreign_and_other_version_files(tmp_path, run_cli, make_teacher):
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout")
     good = tmp_path / "good.h5"
