@@ -66,7 +66,7 @@ ROOT_ATTRS: dict[str, str] = {
     "policies": "JSON list of control policies (kind: teacher, student, mixture or uniform; identity)",
     "target_steps, status": "the build's requested size; 'building' or 'complete'",
     "num_steps, num_episodes, num_frames": "committed sizes",
-    "builds": "JSON list, one entry per build/resume: command, seed, env seeds, steps added, time",
+    "builds": "JSON list, one entry per build/resume: command, seed, env seeds, steps added, time, and the build settings used (`config`)",
     "package_version, created": "writer's multitask version; creation time (UTC, ISO 8601)",
     "compression": "JSON: HDF5 filter and chunk rows per dataset",
     "layout": "'single' (one self-contained file) or 'parts' (while building: virtual datasets over the files in NAME.h5.parts/)",
