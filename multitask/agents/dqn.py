@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,12 @@ def epsilon_greedy(q: torch.Tensor | np.ndarray, epsilon: float, rng: np.random.
     return actions
 
 
+def grouped_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(1/G) sum_g values_g: each game's (already row-averaged) loss weighs 1/G, however many rows
+    it had. Of one value, that value exactly (its gradient is multiplied by 1.0)."""
+    return torch.stack(list(values)).mean()
+
+
 def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
     """start -> end linearly over `duration` steps, then constant."""
     if duration <= 0:
@@ -86,14 +93,23 @@ class DQNLearner:
         self.updates = 0
 
     def update(self, batch: ReplayBatch, head: int = 0) -> dict[str, float]:
+        """One gradient step on a batch of one game, through its head."""
+        return self.update_grouped(batch, [(head, slice(None))])
+
+    def update_grouped(self, batch: ReplayBatch, groups: Sequence[tuple[int, slice]]) -> dict:
+        """One gradient step on a batch grouped by game (`groups`: head index, rows): one trunk pass,
+        each head on its own rows only, the loss `grouped_mean` of each group's td_loss, so that
+        every game weighs the same whatever its rows. One group is exactly `update`."""
         cfg = self.cfg
         reward = batch.reward.clamp(-1.0, 1.0) if cfg.reward_clip else batch.reward
         with torch.no_grad():
-            next_target = self.target(batch.next_obs, head)
-            next_online = self.net(batch.next_obs, head) if cfg.double else None
-            y = td_targets(reward, batch.terminal, next_target, next_online, cfg.gamma)
-        q = self.net(batch.obs, head)
-        loss = td_loss(q, batch.action, y, cfg.huber_delta)
+            next_target = self.target(batch.next_obs, groups=groups)
+            next_online = self.net(batch.next_obs, groups=groups) if cfg.double else [None] * len(groups)
+            ys = [td_targets(reward[rows], batch.terminal[rows], t, o, cfg.gamma)
+                  for (_, rows), t, o in zip(groups, next_target, next_online)]
+        qs = self.net(batch.obs, groups=groups)
+        losses = [td_loss(q, batch.action[rows], y, cfg.huber_delta) for (_, rows), q, y in zip(groups, qs, ys)]
+        loss = grouped_mean(losses)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -102,7 +118,8 @@ class DQNLearner:
         self.updates += 1
         if self.updates % cfg.target_update_every == 0:
             self.target.load_state_dict(self.net.state_dict())
-        return {"loss": loss.item(), "q_mean": q.detach().mean().item()}
+        return {"loss": loss.item(), "q_mean": grouped_mean([q.detach().mean() for q in qs]).item(),
+                "losses": [x.item() for x in losses] if len(losses) > 1 else [loss.item()]}
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "target": self.target.state_dict(),

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from multitask.agents.networks import pad_channels
 from multitask.envs.framestack import join_frames, newest_frame, split_frames
 
 
@@ -24,6 +25,31 @@ class ReplayBatch(NamedTuple):
     reward: torch.Tensor  # (B,) float32, raw game reward (the learner clips)
     terminal: torch.Tensor  # (B,) float32: 1 where the learner must not bootstrap
     next_obs: torch.Tensor  # (B, *obs_shape) uint8
+
+    def to(self, device: torch.device) -> "ReplayBatch":
+        """The batch on `device`, frames still uint8 (a quarter of float32's transfer)."""
+        return ReplayBatch(*(t.to(device, non_blocking=True) for t in self))
+
+
+def rows_per_game(batch_size: int, games: int) -> list[int]:
+    """A mixed batch's rows of each game: B // G each, the first B mod G games one more (17, 2 -> 9, 8)."""
+    base, extra = divmod(batch_size, games)
+    return [base + (1 if g < extra else 0) for g in range(games)]
+
+
+def join_batches(batches: list[ReplayBatch], channels: int) -> tuple[ReplayBatch, list[tuple[int, slice]]]:
+    """One batch of every game's rows in order, observations zero-padded to `channels` (games of a
+    suite differ in channels: MinAtar 4-10); and (game index, rows) of each group."""
+    groups, start = [], 0
+    for g, b in enumerate(batches):
+        groups.append((g, slice(start, start + len(b.action))))
+        start += len(b.action)
+    joined = ReplayBatch(
+        obs=torch.cat([pad_channels(b.obs, channels) for b in batches]),
+        action=torch.cat([b.action for b in batches]), reward=torch.cat([b.reward for b in batches]),
+        terminal=torch.cat([b.terminal for b in batches]),
+        next_obs=torch.cat([pad_channels(b.next_obs, channels) for b in batches]))
+    return joined, groups
 
 
 class ReplayMemory:

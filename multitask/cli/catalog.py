@@ -6,7 +6,7 @@ import argparse
 
 from multitask.errors import UserError
 
-CONFIGS = ("teacher", "dataset", "student")
+CONFIGS = ("teacher", "dataset", "student", "baseline")
 
 
 def cmd_games(args: argparse.Namespace) -> None:
@@ -39,6 +39,9 @@ def config_class(what: str):
     if what == "student":
         from multitask.training.student import StudentConfig
         return StudentConfig
+    if what == "baseline":
+        from multitask.training.baseline import BaselineConfig
+        return BaselineConfig
     raise UserError(f"no config named {what}")
 
 

@@ -61,9 +61,12 @@ def geomean(values: Sequence[float]) -> float:
 # ---- tables -------------------------------------------------------------------------------------
 
 def run_table(summary: dict) -> str:
-    """One run (e.g. the multi-task student): a row per game plus the geometric mean."""
+    """One run (the multi-task student, or a multi-task DQN: summary kind "multitask-dqn"): a row
+    per game plus the geometric mean, and a line on the network, its training and the episodes."""
+    dqn = summary.get("kind") == "multitask-dqn"
+    agent = "multi-task DQN" if dqn else "student"
     episodes = summary.get("episodes") or {}
-    lines = ["| game | teacher | student (± s.e.) | % of teacher |", "|---|---:|---:|---:|"]
+    lines = [f"| game | teacher | {agent} (± s.e.) | % of teacher |", "|---|---:|---:|---:|"]
     for g, s in summary["scores"].items():
         t = summary["teacher_scores"].get(g)
         pct = summary["pct_teacher"].get(g)
@@ -72,11 +75,16 @@ def run_table(summary: dict) -> str:
     lines.append(f"| **geometric mean** | | | **{_pct(summary.get('geomean_pct_teacher'))}** |")
     p = summary["parameters"]
     n = (summary.get("config") or {}).get("final_eval_episodes")
+    if dqn:
+        training = (f"Multi-task DQN: {p['network']:,} parameters ({p['fraction_of_mean_teacher']:.2f}x a mean "
+                    f"teacher); {summary['env_steps']:,} env steps per game, {summary['updates']:,} updates, best at "
+                    f"env step {summary['best_env_steps']:,}")
+    else:
+        training = (f"Student: {p['student']:,} parameters ({p['fraction_of_mean_teacher']:.2f}x a mean teacher); "
+                    f"{summary['updates']:,} updates, best at {summary['best_update']:,}")
     lines.append("")
-    lines.append(f"Student: {p['student']:,} parameters ({p['fraction_of_mean_teacher']:.2f}x a mean teacher); "
-                 f"{summary['updates']:,} updates, best at {summary['best_update']:,}; "
-                 f"{summary['wall_time_s'] / 60:.1f} min."
-                 + (f" Scores: mean of {n} episodes per game, teacher and student on the same seeds." if n else ""))
+    lines.append(f"{training}; {summary['wall_time_s'] / 60:.1f} min."
+                 + (f" Scores: mean of {n} episodes per game, teacher and {agent} on the same seeds." if n else ""))
     return "\n".join(lines)
 
 

@@ -1,10 +1,4 @@
-"""Trainers and what they share.
-
-- `run`: the run folder (config.toml, state.pt, metrics.jsonl, W&B, agent checkpoints), resume and
-  its one config check, the clock, schedules (`Every`) and rates: every trainer's scaffolding;
-- `distributed`: torchrun processes (rank 0 writes), barriers, gathers, DDP wrapping;
-- `scoring`: a network scored on its games, % of teacher, geometric mean, teachers' scores;
-- `tracking`: Weights & Biases (the only wandb importer);
-- `teacher`: DQN teachers online; `student`: students offline from datasets; `sweep`: grids of
-  students; `losses`: the distillation losses (pure).
-"""
+"""Trainers: DQN teachers online (`teacher`), students offline from datasets (`student`, `sweep`),
+the multi-task DQN baseline online on all games (`baseline`), and what they share: the run folder
+(`run`), per-game acting (`acting`), evaluation scoring (`scoring`), torchrun processes
+(`distributed`), losses and W&B tracking (`tracking`)."""

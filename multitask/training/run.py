@@ -51,6 +51,13 @@ def config_differences(saved: dict, current: dict, may_differ: Sequence[str] = (
     return [(k, s.get(k), c.get(k)) for k in keys if k not in may_differ and s.get(k) != c.get(k)]
 
 
+def default_run_name(games: Sequence[str], method: str, size: str, seed: int) -> str:
+    """A run's default folder name: `<suite>-<Game>[-<Game>]-<method>-<size>-s<seed>`, games counted
+    (`5games`) beyond two; e.g. `minatar-Breakout-kl-25pct-s0`."""
+    names = "-".join(g.split("/")[1] for g in games) if len(games) <= 2 else f"{len(games)}games"
+    return f"{games[0].split('/')[0]}-{names}-{method}-{size.replace('%', 'pct')}-s{seed}"
+
+
 class Clock:
     """Wall-clock and CPU seconds of a run, the runs it resumed included. CPU time is this
     process's, all threads (evaluation worker processes are not counted)."""
@@ -183,6 +190,12 @@ class Run:
             self._tracker.log(metrics, step)
             self._metrics.write(json.dumps({self.step_metric: step, **metrics}) + "\n")
             self._metrics.flush()
+
+    def report_evaluation(self, metrics: dict[str, float], line: str, step: int) -> None:
+        """A periodic evaluation: its metrics logged at `step` and one console line
+        (`eval at update 5,000: <line>`, `eval at env step 250,000: <line>`)."""
+        self.log(metrics, step)
+        self.say(f"eval at {self.step_metric.rstrip('s').replace('_', ' ')} {step:,}: {line}")
 
     def say(self, line: str) -> None:
         """One line to stderr, on a line of its own even while a progress bar is drawn there."""

@@ -43,6 +43,10 @@ class Scores:
             return self.geomean_pct_teacher
         return float(np.mean(list(self.means.values())))
 
+    def curve_point(self) -> dict:
+        """What a learning curve (a run's `history`) keeps of this evaluation, beside its step."""
+        return {"scores": self.means, "pct_teacher": self.pct_teacher, "geomean_pct_teacher": self.geomean_pct_teacher}
+
     def metrics(self) -> dict[str, float]:
         """eval/<suite>/<Game>/{score,pct_teacher}, and the aggregates when every game has a teacher."""
         m = {f"eval/{g}/score": s for g, s in self.means.items()}

@@ -34,7 +34,7 @@ from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss
-from multitask.training.run import Every, Rate, Run
+from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
                                         score_games, teacher_card_scores)
 from multitask.training.tracking import WandbMode
@@ -90,8 +90,7 @@ class StudentConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        games = "-".join(g.split("/")[1] for g in self.games) if len(self.games) <= 2 else f"{len(self.games)}games"
-        return f"{self.games[0].split('/')[0]}-{games}-{self.loss}-{self.size.replace('%', 'pct')}-s{self.seed}"
+        return default_run_name(self.games, self.loss, self.size, self.seed)
 
 
 class Inputs(NamedTuple):
@@ -264,10 +263,8 @@ def _evaluate(student: Student, run: Run) -> None:
     cfg = student.cfg
     scores = score_games(student.net, student.spec.games, cfg.eval_episodes, PERIODIC_EVAL_SEED + student.update,
                          cfg.eval_workers, student.teacher_scores)
-    student.history.append({"update": student.update, "scores": scores.means, "pct_teacher": scores.pct_teacher,
-                            "geomean_pct_teacher": scores.geomean_pct_teacher})
-    run.log(scores.metrics(), student.update)
-    run.say(f"eval at update {student.update:,}: {scores.line()}")
+    student.history.append({"update": student.update, **scores.curve_point()})
+    run.report_evaluation(scores.metrics(), scores.line(), student.update)
     if scores.selection_score >= student.best["geomean"]:
         student.best = {"geomean": scores.selection_score, "update": student.update}
         run.save_agent("best", student.net, "student", student.card(run, scores))

@@ -11,7 +11,6 @@ holds the suite presets (MinAtar's are sized to train in ~30 minutes on 2 CPU co
 from __future__ import annotations
 
 import platform
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import torch
 
 from multitask import config as configlib
 from multitask.agents.checkpoints import save_agent
-from multitask.agents.dqn import DQNConfig, DQNLearner, epsilon_greedy, linear_schedule
+from multitask.agents.dqn import DQNConfig, DQNLearner, linear_schedule
 from multitask.agents.networks import MultiHeadNet, count_parameters, teacher_network_spec
-from multitask.agents.replay import ReplayMemory
 from multitask.config import option
-from multitask.envs import GameSpec, VectorEnv, get_game, make_vector_env
+from multitask.envs import GameSpec, get_game
 from multitask.evaluation.protocol import evaluate_game
 from multitask.progress import Progress
+from multitask.training.acting import Acting
 from multitask.training.run import Every, Rate, Run
 from multitask.training.scoring import PERIODIC_EVAL_SEED, score_games
 from multitask.training.tracking import WandbMode
@@ -76,7 +75,6 @@ RESUMABLE_CHANGES = ("total_steps", "num_threads")  # a killed run may be resume
 RESUME_SEED_STRIDE = 7919  # a resumed run starts fresh episodes: env seeds seed + 7919 * resumes + i
 EVAL_SEED_STRIDE = 100  # periodic evaluation i plays env seeds seed + 10_000 + 100 i + (0..31 envs)
 FINAL_EVAL_SEED_OFFSET = 999_983  # the card's evaluation plays seeds no periodic evaluation played
-RECENT_EPISODES = 20  # the training return logged is the mean over the last 20 finished episodes
 
 
 def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
@@ -105,46 +103,17 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
 
 
 class Teacher:
-    """A DQN teacher in training: network, learner, replay, exploration RNG, and the counts, recent
-    returns, learning curve and best snapshot that state.pt carries."""
+    """A DQN teacher in training: network, learner, its game's acting (envs, replay, exploration;
+    `training/acting`), and the learning curve and best snapshot that state.pt carries."""
 
     def __init__(self, game: GameSpec, cfg: TeacherConfig):
         self.game, self.cfg = game, cfg
         self.net = MultiHeadNet(teacher_network_spec(game, cfg.width))
         self.learner = DQNLearner(self.net, cfg.dqn)
-        self.memory = ReplayMemory(cfg.replay_capacity, cfg.num_envs, game.frame_shape, game.stack, seed=cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed + 1)  # exploration
-        self.env_steps, self.episodes = 0, 0
-        self.recent: deque[float] = deque(maxlen=RECENT_EPISODES)  # raw whole-game returns
+        self.acting = Acting(game, cfg.num_envs, cfg.replay_capacity, cfg.seed, cfg.life_loss_terminal)
         self.history: list[dict] = []  # periodic evaluations: the learning curve
         self.best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
         self.update_credit, self.last_loss = 0.0, float("nan")
-        self.episode_return = np.zeros(cfg.num_envs)
-
-    def begin(self, env: VectorEnv, seed: int) -> np.ndarray:
-        """Fresh episodes in every env; their first observations."""
-        obs = env.reset(seed)
-        self.memory.begin_episodes(obs)
-        self.episode_return[:] = 0.0
-        return obs
-
-    def act(self, env: VectorEnv, obs: np.ndarray, epsilon: float) -> np.ndarray:
-        """Act epsilon-greedily in every env (one batched forward pass), store the transitions,
-        count finished episodes; the next observations."""
-        with torch.no_grad():
-            q = self.net(torch.from_numpy(obs), 0)
-        actions = epsilon_greedy(q, epsilon, self.rng)
-        step = env.step(actions)
-        # a lost life ends the episode for bootstrapping only; the game (and its score) goes on
-        terminal = step.life_lost if self.cfg.life_loss_terminal else step.terminated
-        self.memory.add(actions, step.reward, terminal, step.next_obs, step.done, step.obs)
-        self.episode_return += step.reward
-        for i in np.flatnonzero(step.done):
-            self.recent.append(float(self.episode_return[i]))
-            self.episode_return[i] = 0.0
-            self.episodes += 1
-        self.env_steps += self.cfg.num_envs
-        return step.obs
 
     def learn(self) -> None:
         """update_ratio gradient updates per env step, once learning_starts steps are stored."""
@@ -152,59 +121,54 @@ class Teacher:
             return
         self.update_credit += self.cfg.num_envs * self.cfg.update_ratio
         while self.update_credit >= 1.0:
-            self.last_loss = self.learner.update(self.memory.sample(self.cfg.dqn.batch_size))["loss"]
+            self.last_loss = self.learner.update(self.acting.memory.sample(self.cfg.dqn.batch_size))["loss"]
             self.update_credit -= 1.0
+
+    @property
+    def env_steps(self) -> int:
+        return self.acting.env_steps
 
     @property
     def step(self) -> int:
         return self.env_steps
 
-    def mean_return(self) -> float:
-        return float(np.mean(self.recent)) if self.recent else float("nan")
-
     def state_dict(self) -> dict:
-        return {"env_steps": self.env_steps, "episodes": self.episodes, "learner": self.learner.state_dict(),
-                "replay": self.memory.state_dict(), "replay_rng": self.memory.rng.bit_generator.state,
-                "action_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "recent_returns": list(self.recent), "history": self.history, "best": self.best}
+        return {**self.acting.state_dict(), "learner": self.learner.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": self.history, "best": self.best}
 
     def load_state_dict(self, saved: dict) -> None:
         self.learner.load_state_dict(saved["learner"])
-        self.memory.load_state_dict(saved["replay"])
-        self.memory.rng.bit_generator.state = saved["replay_rng"]
-        self.rng.bit_generator.state = saved["action_rng"]
+        self.acting.load_state_dict(saved)
         torch.set_rng_state(saved["torch_rng"])
-        self.env_steps, self.episodes = saved["env_steps"], saved["episodes"]
-        self.recent.extend(saved["recent_returns"])
         self.history, self.best = saved["history"], saved["best"]
 
 
 def _train(teacher: Teacher, run: Run, show_progress: bool) -> None:
     """Act, store and learn until total_steps, logging, evaluating and checkpointing on schedule."""
     cfg, game = teacher.cfg, teacher.game
-    env = make_vector_env(game, cfg.num_envs)
-    obs = teacher.begin(env, cfg.seed + RESUME_SEED_STRIDE * run.resumes)
+    acting = teacher.acting
+    acting.begin(cfg.seed + RESUME_SEED_STRIDE * run.resumes)
     log_due, eval_due = Every(cfg.log_every, teacher.env_steps), Every(cfg.eval_every, teacher.env_steps)
     checkpoint_due, rate = Every(cfg.checkpoint_every, teacher.env_steps), Rate(teacher.env_steps)
     bar = Progress(cfg.total_steps, f"teacher {game.name}", initial=teacher.env_steps, enabled=show_progress)
     while teacher.env_steps < cfg.total_steps:
         epsilon = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, teacher.env_steps)
-        obs = teacher.act(env, obs, epsilon)
+        acting.act(teacher.net, 0, epsilon)
         teacher.learn()
-        bar.update(cfg.num_envs, postfix=f"return {teacher.mean_return():.1f} eps {epsilon:.2f} "
+        bar.update(cfg.num_envs, postfix=f"return {acting.mean_return():.1f} eps {epsilon:.2f} "
                                          f"loss {teacher.last_loss:.4f}")
         if log_due(teacher.env_steps):
             prefix = f"train/{game.name}"
-            run.log({f"{prefix}/episode_return": teacher.mean_return(), f"{prefix}/loss": teacher.last_loss,
+            run.log({f"{prefix}/episode_return": acting.mean_return(), f"{prefix}/loss": teacher.last_loss,
                      f"{prefix}/epsilon": epsilon, f"{prefix}/updates": teacher.learner.updates,
-                     f"{prefix}/episodes": teacher.episodes, f"{prefix}/steps_per_s": rate(teacher.env_steps)},
+                     f"{prefix}/episodes": acting.episodes, f"{prefix}/steps_per_s": rate(teacher.env_steps)},
                     teacher.env_steps)
         if eval_due(teacher.env_steps):
             _evaluate(teacher, run)
         if checkpoint_due(teacher.env_steps) or teacher.env_steps >= cfg.total_steps:
             run.save_state(teacher)
     bar.close()
-    env.close()
+    acting.close()
 
 
 def _evaluate(teacher: Teacher, run: Run) -> float:
@@ -214,8 +178,7 @@ def _evaluate(teacher: Teacher, run: Run) -> float:
     scores = score_games(teacher.net, [game.name], cfg.eval_episodes, seed, workers=1, teacher_scores={})
     score = scores.means[game.name]
     teacher.history.append({"env_steps": teacher.env_steps, "mean": score, "wall_time_s": run.clock.wall()})
-    run.log(scores.metrics(), teacher.env_steps)
-    run.say(f"eval at env step {teacher.env_steps:,}: {scores.line()}")
+    run.report_evaluation(scores.metrics(), scores.line(), teacher.env_steps)
     if score >= teacher.best["score"]:
         teacher.best = {"score": score, "env_steps": teacher.env_steps,
                         "state_dict": {k: v.clone() for k, v in teacher.net.state_dict().items()}}
@@ -239,7 +202,7 @@ def _card(teacher: Teacher, run: Run, weights: str, evaluation: dict) -> dict:
     return {
         "source": "trained", "game": teacher.game.describe(), "config": run.config_dict,
         "command": configlib.command_line(), "env_steps": teacher.env_steps, "updates": teacher.learner.updates,
-        "episodes": teacher.episodes, "wall_time_s": round(run.clock.wall(), 1),
+        "episodes": teacher.acting.episodes, "wall_time_s": round(run.clock.wall(), 1),
         "cpu_time_s": round(run.clock.cpu(), 1), "resumes": run.resumes,
         "weights": weights, "parameters": count_parameters(teacher.net),
         "eval": evaluation, "learning_curve": teacher.history,
