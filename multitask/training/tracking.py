@@ -50,6 +50,20 @@ class Tracker:
             for k, v in values.items():
                 self.run.summary[k] = v
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]],
+              bar: tuple[str, str] | None = None, title: str | None = None) -> None:
+        """A `wandb.Table` under `key`; with `bar` (label column, value column) also a bar chart of
+        it under `<key>_bar` (`wandb.plot.bar`)."""
+        if self.run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        logged: dict[str, Any] = {key: table}
+        if bar is not None:
+            logged[f"{key}_bar"] = wandb.plot.bar(table, bar[0], bar[1], title=title or key)
+        self.run.log(logged)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

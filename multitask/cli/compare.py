@@ -1,0 +1,48 @@
+"""`multitask compare`: agents side by side on every game, one protocol, the same seeds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from multitask.cli.common import add_no_progress, add_wandb
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from multitask.evaluation.compare import compare
+
+    report = compare(args.agents, args.out, games=args.games, episodes=args.episodes, seed=args.seed,
+                     teachers=args.teachers, workers=args.workers, cache_dir=args.cache, reps=args.bootstrap_reps,
+                     wandb=args.wandb, show_progress=not args.no_progress)
+    for a in report["agents"]:
+        ag = a["aggregates"]
+        geo = ag["geomean_pct_teacher"]
+        iqm = ag["iqm_normalised"]
+        print(f"{a['label']:24s} {len(a['games'])} game(s)  geometric mean "
+              + ("-" if geo is None else f"{geo:.0f}%") + " of teacher  IQM normalised "
+              + ("-" if iqm is None else f"{iqm['value']:.2f} [{iqm['ci95'][0]:.2f}, {iqm['ci95'][1]:.2f}]"))
+    ev = report["evaluations"]
+    print(f"compared {len(report['inputs'])} agent(s) with the teachers on {len(report['games'])} game(s) "
+          f"({ev['evaluated']} evaluation(s) run, {ev['reused']} reused) -> {args.out}/report.md")
+
+
+def add_commands(sub) -> None:
+    c = sub.add_parser("compare", help="evaluate agents, teachers and a random policy on every game with the one "
+                       "protocol and the same seeds; write report.md, report.json and plots")
+    c.add_argument("agents", nargs="+", type=Path, metavar="run-or-checkpoint",
+                   help="agent checkpoints (*.pt) or run folders (their best.pt; metrics.jsonl gives learning curves)")
+    c.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json, the PNG plots, W&B")
+    c.add_argument("--games", nargs="+", help="games to compare (default: every game any agent plays); "
+                   "each agent plays those it has heads for")
+    c.add_argument("--episodes", type=int, default=100, help="whole games per agent and game (default 100)")
+    c.add_argument("--seed", type=int, default=777_777,
+                   help="env i uses seed + i, the same for every agent (default 777777, the final evaluations' seed)")
+    c.add_argument("--teachers", nargs="+", type=Path,
+                   help="teacher checkpoints, one per game (default: teachers/<suite>/<Game>.pt)")
+    c.add_argument("--workers", type=int, default=2, help="processes evaluating an agent's games in parallel")
+    c.add_argument("--cache", type=Path, help="folder of cached evaluations (default: <out>/evaluations)")
+    c.add_argument("--bootstrap-reps", type=int, default=10_000,
+                   help="bootstrap resamples for the 95%% intervals (default 10000)")
+    add_no_progress(c)
+    add_wandb(c)
+    c.set_defaults(func=cmd_compare)

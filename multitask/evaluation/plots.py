@@ -1,0 +1,116 @@
+"""The comparison's plots (the only module that imports matplotlib), made from report.json's content.
+
+Agg backend: files only, no display needed. Each function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+from multitask.files import atomic_write_bytes  # noqa: E402
+
+DPI = 120
+NORMAL_95 = 1.96  # half-width of a normal 95% interval in standard errors (raw-score error bars)
+
+
+def _short(game: str) -> str:
+    return game.split("/", 1)[1]
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    plt.close(fig)
+    return path.name
+
+
+def pct_of_teacher(report: dict[str, Any], path: Path) -> str | None:
+    """Grouped bars: per game, each agent's % of teacher with its 95% bootstrap interval."""
+    agents = [a for a in report["agents"] if a["kind"] != "teacher"]
+    games = report["games"]
+    if not agents:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(games) * max(1, len(agents)) / 2 + 3), 4))
+    width = 0.8 / len(agents)
+    x = np.arange(len(games))
+    for i, a in enumerate(agents):
+        values, low, high = [], [], []
+        for g in games:
+            e = a["games"].get(g) or {}
+            p, ci = e.get("pct_teacher"), e.get("pct_teacher_ci95")
+            values.append(np.nan if p is None else p)
+            low.append(0 if p is None or ci is None else max(p - ci[0], 0))
+            high.append(0 if p is None or ci is None else max(ci[1] - p, 0))
+        ax.bar(x + (i - (len(agents) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3, label=a["label"])
+    ax.axhline(100, color="black", linewidth=0.8, linestyle="--", label="teacher")
+    ax.set_xticks(x, [_short(g) for g in games])
+    ax.set_ylabel("% of teacher (95% CI)")
+    ax.set_title(f"% of teacher, {report['episodes']} episodes per game")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def raw_scores(report: dict[str, Any], path: Path) -> str:
+    """One panel per game: the random policy's, the teacher's and each agent's mean raw score,
+    error bars a normal 95% interval (mean ± 1.96 standard errors)."""
+    games = report["games"]
+    cols = min(len(games), 3)
+    rows = -(-len(games) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, games):
+        playing = [(i, a) for i, a in enumerate(report["agents"]) if g in a["games"]]
+        labels = ["random"] + [a["label"] for _, a in playing]
+        entries = [report["random"][g]] + [a["games"][g] for _, a in playing]
+        ax.bar(range(len(labels)), [e["mean"] for e in entries], yerr=[NORMAL_95 * e["stderr"] for e in entries],
+               capsize=3, color=["grey"] + [f"C{i}" for i, _ in playing])  # an agent keeps its colour
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(_short(g))
+        ax.set_ylabel("raw score")
+    for ax in list(axes.flat)[len(games):]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def learning_curves(report: dict[str, Any], path: Path) -> str | None:
+    """One panel per game: each run's periodic-evaluation score against its step metric, the
+    teacher's and the random policy's scores as horizontal lines. None when no run has a curve."""
+    runs = [a for a in report["agents"] if a.get("learning_curves")]
+    if not runs:
+        return None
+    games = report["games"]
+    cols = min(len(games), 3)
+    rows = -(-len(games) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    teacher = next((a for a in report["agents"] if a["kind"] == "teacher"), {"games": {}})
+    for ax, g in zip(axes.flat, games):
+        metrics = set()
+        for a in runs:
+            c = a["learning_curves"].get(g)
+            if c:
+                ax.plot(c["steps"], c["scores"], marker=".", label=a["label"])
+                metrics.add(c["step_metric"])
+        if g in teacher["games"]:
+            ax.axhline(teacher["games"][g]["mean"], color="black", linestyle="--", linewidth=0.8, label="teacher")
+        ax.axhline(report["random"][g]["mean"], color="grey", linestyle=":", linewidth=0.8, label="random")
+        ax.set_title(_short(g))
+        ax.set_xlabel(" / ".join(sorted(metrics)) or "step")
+        ax.set_ylabel("evaluation score")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(games):]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Every plot there is data for, under `out`; their file names relative to `out`."""
+    out = Path(out)
+    made = [pct_of_teacher(report, out / "pct_of_teacher.png"), raw_scores(report, out / "raw_scores.png"),
+            learning_curves(report, out / "learning_curves.png")]
+    return [m for m in made if m is not None]
