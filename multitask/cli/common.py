@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
+from multitask.errors import UserError
 from multitask.training.tracking import WandbMode
 
 
@@ -16,6 +17,17 @@ def add_wandb(p: argparse.ArgumentParser) -> None:
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_config_options(p: argparse.ArgumentParser, example_overrides: str, example_config: str) -> None:
+    """A trainer's config: a TOML file and/or `key=value` overrides (one of them is required)."""
+    p.add_argument("overrides", nargs="*", help=f"config overrides key=value (e.g. {example_overrides})")
+    p.add_argument("--config", type=Path, help=f"TOML config, e.g. {example_config}")
+
+
+def require_config(args: argparse.Namespace, example_config: str) -> None:
+    if args.config is None and not args.overrides:
+        raise UserError(f"give a config (--config {example_config}) or at least games=...")
 
 
 def add_run_options(p: argparse.ArgumentParser, run_dir: str) -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_no_progress, add_run_options, add_wandb
-from multitask.errors import UserError
+from multitask.cli.common import add_config_options, add_no_progress, add_run_options, add_wandb, require_config
 
 
 def cmd_student_train(args: argparse.Namespace) -> None:
     from multitask import config as configlib
     from multitask.training.student import StudentConfig, train_student
 
-    if args.config is None and not args.overrides:
-        raise UserError("give a config (--config configs/<name>.toml) or at least games=...")
+    require_config(args, "configs/student/<name>.toml")
     cfg = configlib.load(StudentConfig, args.config, args.overrides)
     train_student(cfg, run_dir=args.run_dir, wandb_mode=args.wandb, restart=args.restart,
                   show_progress=not args.no_progress)
@@ -29,8 +27,7 @@ def cmd_student_sweep(args: argparse.Namespace) -> None:
 def add_commands(sub) -> None:
     st = sub.add_parser("student", help="distil teachers' datasets into one multi-head student").add_subparsers(dest="action", required=True)
     stt = st.add_parser("train", help="train a student offline on the games' datasets (runs under torchrun too)")
-    stt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. loss=nll size=25%% games=minatar/Breakout)")
-    stt.add_argument("--config", type=Path, help="TOML config, e.g. configs/student/minatar_multitask.toml")
+    add_config_options(stt, "loss=nll size=25%% games=minatar/Breakout", "configs/student/minatar_multitask.toml")
     add_run_options(stt, "runs/student/<run name>")
     stt.set_defaults(func=cmd_student_train)
 
