@@ -53,7 +53,8 @@ def setup(tmp_path_factory, make_teacher):
 
 
 def _returns(out: Path, entry: dict) -> list[float]:
-    return json.loads((out / entry["evaluation"]).read_text())["scores"]["returns"]
+    path = entry["evaluation"] if "evaluation" in entry else entry["evaluations"][0]
+    return json.loads((out / path).read_text())["scores"]["returns"]
 
 
 def test_report_numbers_recomputed_from_the_evaluation_files(setup):
@@ -66,8 +67,9 @@ def test_report_numbers_recomputed_from_the_evaluation_files(setup):
     for agent in report["agents"]:
         pcts, columns = [], []
         for g, e in agent["games"].items():
-            data = json.loads((out / e["evaluation"]).read_text())
-            assert data["key"]["sha256"] == e["sha256"] and data["key"]["episodes"] == EPISODES
+            assert e["seeds"] == 1 and len(e["evaluations"]) == len(e["members"]) == 1
+            data = json.loads((out / e["evaluations"][0]).read_text())
+            assert data["key"]["sha256"] == e["members"][0]["sha256"] and data["key"]["episodes"] == EPISODES
             assert data["key"]["seed"] == SEED and data["key"]["game"] == g
             r = np.asarray(data["scores"]["returns"], dtype=float)
             assert len(r) == EPISODES
@@ -94,7 +96,8 @@ def test_report_numbers_recomputed_from_the_evaluation_files(setup):
             assert agg["iqm_normalised"] is None
     assert teacher["games"]["minatar/Freeway"]["pct_teacher"] == pytest.approx(100.0)
     assert report["episodes"] == EPISODES and report["seed"] == SEED
-    assert {i["sha256"] for i in report["inputs"]} == {e["sha256"] for a in report["agents"][1:] for e in a["games"].values()}
+    assert {i["sha256"] for i in report["inputs"]} == {m["sha256"] for a in report["agents"][1:]
+                                                        for e in a["games"].values() for m in e["members"]}
     assert "Freeway" in (out / "report.md").read_text() and "IQM" in (out / "report.md").read_text()
 
 
@@ -156,6 +159,53 @@ def test_cache_is_reused_only_for_the_same_checkpoint_episodes_seed_and_protocol
     assert other_seed["evaluations"] == {"evaluated": 3, "reused": 0}  # random, teacher, other: Breakout only
     other_episodes = compare([setup["other"]], root / "episodes", **{**args, "episodes": EPISODES + 1})
     assert other_episodes["evaluations"]["reused"] == 0
+
+
+def _seed_run(root: Path, name: str, seed: int, loss: str = "kl") -> Path:
+    """A tiny finished run folder: best.pt, its config.toml and a learning curve."""
+    run = root / name
+    run.mkdir(parents=True)
+    _student(run / "best.pt", seed=100 + seed + (50 if loss == "nll" else 0))  # weights no other test has
+    (run / "config.toml").write_text(f'games = {json.dumps(list(GAMES))}\nname = ""\nseed = {seed}\nloss = "{loss}"\n'
+                                     f'eval_workers = {seed + 1}\n')
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"updates": u, "eval/minatar/Breakout/score": u * (seed + 1)})
+                                               + "\n" for u in (10, 20)))
+    return run
+
+
+def test_seeds_of_one_config_are_pooled_into_one_column(setup):
+    root = setup["root"] / "seeds"
+    runs = [_seed_run(root, f"minatar-2games-kl-tiny-s{s}", s) for s in (0, 1, 2)]
+    other_loss = _seed_run(root, "minatar-2games-nll-tiny-s0", 0, loss="nll")
+    args = dict(episodes=EPISODES, seed=SEED, teachers=setup["teachers"], workers=1, reps=REPS, wandb="off",
+                show_progress=False, cache_dir=setup["out"] / "evaluations")
+    out = root / "out"
+    report = compare([*runs, other_loss], out, **args)
+    assert [a["label"] for a in report["agents"]] == ["teacher", "minatar-2games-kl-tiny", "minatar-2games-nll-tiny-s0"]
+    pooled = report["agents"][1]
+    assert pooled["seeds"] == [0, 1, 2] and report["agents"][2]["seeds"] == [0]
+    assert len(report["inputs"]) == 4 and report["evaluations"]["evaluated"] == 2 * 4
+    teacher = report["agents"][0]["games"]
+    for g, e in pooled["games"].items():
+        per_seed = [np.asarray(_returns(out, {"evaluation": f}), dtype=float) for f in e["evaluations"]]
+        means = np.array([r.mean() for r in per_seed])
+        assert [m["seed"] for m in e["members"]] == [0, 1, 2] and e["seed_means"] == pytest.approx(list(means))
+        assert e["mean"] == pytest.approx(means.mean())
+        assert e["stderr"] == pytest.approx(means.std(ddof=1) / math.sqrt(3))  # over seeds, not episodes
+        t = teacher[g]["mean"]
+        if t > 0:
+            assert e["pct_teacher"] == pytest.approx(100 * means.mean() / t)
+    iqm = pooled["aggregates"]["iqm_normalised"]
+    if iqm is not None:
+        assert iqm["runs"] == 3 and iqm["runs_are"].startswith("seeds")
+    curve = pooled["learning_curves"]["minatar/Breakout"]
+    assert curve["steps"] == [10, 20] and curve["scores"] == [20.0, 40.0] and curve["low"] == [10.0, 20.0]
+    assert curve["high"] == [30.0, 60.0] and curve["runs"] == 3
+    assert "3 seeds (0, 1, 2)" in (out / "report.md").read_text()
+
+    separate = compare(runs, root / "separate", **args, pool_seeds=False)
+    assert [a["label"] for a in separate["agents"][1:]] == [r.name for r in runs]
+    assert separate["evaluations"]["evaluated"] == 0  # the same checkpoints: all from the cache
 
 
 def test_default_teachers_and_a_missing_teacher(tmp_path, make_teacher, monkeypatch):
@@ -239,6 +289,6 @@ def test_atari_reference_table_and_human_normalised_score(tmp_path):
     assert len(ATARI_RANDOM_HUMAN) == 57 and set(ATARI_RANDOM_HUMAN) <= set(known_games("atari"))
     assert human_reference("atari/Pong") == (-20.7, 14.6) and human_reference("atari/Breakout") == (1.7, 30.5)
     assert human_reference("atari/MsPacman") == (307.3, 6951.6) and human_reference("minatar/Breakout") is None
-    e = game_entry([-10.0, -12.0], [10.0, 12.0], -21.0, "atari/Pong", tmp_path / "x.json", tmp_path, 50, 0, False)
+    e = game_entry([[-10.0, -12.0]], [10.0, 12.0], -21.0, "atari/Pong", [tmp_path / "x.json"], tmp_path, 50, 0, False)
     assert e["human_normalised"] == pytest.approx((-11.0 + 20.7) / (14.6 + 20.7))
     assert e["pct_teacher"] == pytest.approx(-100.0) and e["normalised"] == pytest.approx(10.0 / 32.0)

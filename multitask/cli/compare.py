@@ -13,16 +13,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     report = compare(args.agents, args.out, games=args.games, episodes=args.episodes, seed=args.seed,
                      teachers=args.teachers, workers=args.workers, cache_dir=args.cache, reps=args.bootstrap_reps,
-                     wandb=args.wandb, show_progress=not args.no_progress)
+                     wandb=args.wandb, show_progress=not args.no_progress,
+                     pool_seeds=not args.separate_seeds)
     for a in report["agents"]:
         ag = a["aggregates"]
         geo = ag["geomean_pct_teacher"]
         iqm = ag["iqm_normalised"]
-        print(f"{a['label']:24s} {len(a['games'])} game(s)  geometric mean "
+        seeds = "" if len(a["seeds"]) == 1 else f" ({len(a['seeds'])} seeds)"
+        print(f"{a['label'] + seeds:24s} {len(a['games'])} game(s)  geometric mean "
               + ("-" if geo is None else f"{geo:.0f}%") + " of teacher  IQM normalised "
               + ("-" if iqm is None else f"{iqm['value']:.2f} [{iqm['ci95'][0]:.2f}, {iqm['ci95'][1]:.2f}]"))
     ev = report["evaluations"]
-    print(f"compared {len(report['inputs'])} agent(s) with the teachers on {len(report['games'])} game(s) "
+    print(f"compared {len(report['agents']) - 1} agent(s) ({len(report['inputs'])} checkpoint(s)) with the teachers on {len(report['games'])} game(s) "
           f"({ev['evaluated']} evaluation(s) run, {ev['reused']} reused) -> {args.out}/report.md")
 
 
@@ -39,6 +41,9 @@ def add_commands(sub) -> None:
                    help="env i uses seed + i, the same for every agent (default 777777, the final evaluations' seed)")
     c.add_argument("--teachers", nargs="+", type=Path,
                    help="teacher checkpoints, one per game (default: teachers/<suite>/<Game>.pt)")
+    c.add_argument("--separate-seeds", action="store_true",
+                   help="one column per run; by default runs whose configs differ only in seed (and name, and "
+                   "execution settings) are pooled into one column, the seeds as rliable's runs")
     c.add_argument("--workers", type=int, default=2, help="processes evaluating an agent's games in parallel")
     c.add_argument("--cache", type=Path, help="folder of cached evaluations (default: <out>/evaluations)")
     c.add_argument("--bootstrap-reps", type=int, default=10_000,

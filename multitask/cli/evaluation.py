@@ -12,7 +12,6 @@ import numpy as np
 
 from multitask import __version__
 from multitask.cli.common import add_no_progress
-from multitask.errors import UserError
 from multitask.files import check_writable
 
 

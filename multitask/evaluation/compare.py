@@ -1,11 +1,9 @@
 """`multitask compare`: every agent on every game with the one protocol, side by side.
 
-Inputs are agent checkpoints (`*.pt`) or run folders (their best.pt; their metrics.jsonl gives the
-learning curve). Beside them: the teachers (teachers/<suite>/<Game>.pt by default, one per game,
-together one column of the table) and a uniform random policy (the protocol at epsilon 1.0), whose
-scores anchor the teacher-normalised score. An agent is evaluated on the games it has heads for
-among the compared games (default: every game any input plays); an agent with no head for any
-compared game, or of another suite, is a user error.
+Inputs are agent checkpoints (`*.pt`) or run folders; runs of one config that differ only in seed
+are pooled into one column (evaluation/entrants.py). Beside them: the teachers (teachers/<suite>/<Game>.pt
+by default, one per game, together one column of the table) and a uniform random policy (the
+protocol at epsilon 1.0), whose scores anchor the teacher-normalised score.
 
 Every evaluation uses the same episodes and seed (so the same env seeds and action-noise stream)
 and is cached as one JSON file per (checkpoint sha256, game, episodes, seed, protocol) under
@@ -26,11 +24,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from multitask import __version__
-from multitask.agents.checkpoints import Agent, check_agent_game, load_agent
-from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkSpec, teacher_network_spec
+from multitask.agents.networks import MultiHeadNet
 from multitask.envs import get_game
 from multitask.errors import UserError
 from multitask.evaluation import statistics as st
+from multitask.evaluation.entrants import (RANDOM_LABEL, TEACHER_LABEL, Entrant, choose_games, drop_teachers,
+                                           random_network, resolve_entrants, resolve_teachers)
 from multitask.evaluation.protocol import EVAL_EPSILON, GameScores, evaluate_games, protocol
 from multitask.evaluation.report import geomean
 from multitask.evaluation.reference import SOURCE as HUMAN_SOURCE, human_reference
@@ -39,130 +38,15 @@ from multitask.progress import Progress
 
 RANDOM_EPSILON = 1.0  # a uniform random policy: the protocol with every action explored
 RANDOM_ID = "uniform-random-policy"  # stands for a checkpoint sha256 in the random policy's cache key
-TEACHER_LABEL = "teacher"
-RANDOM_LABEL = "random"
-
-
-@dataclass
-class Entrant:
-    """One column of the comparison: an input agent, or the teachers (one checkpoint per game)."""
-    label: str
-    kind: str
-    agents: dict[str, Agent]  # game -> the checkpoint that plays it
-    source: Path | None = None  # the input as given (checkpoint or run folder)
-    run_dir: Path | None = None
 
 
 @dataclass
 class Evaluations:
-    """Evaluation files by (label, game), and how many were run now or reused from the cache."""
-    files: dict[tuple[str, str], Path] = field(default_factory=dict)
+    """Evaluation files by (label, game), one per member (seed) of the column, and how many were
+    run now or reused from the cache."""
+    files: dict[tuple[str, str], list[Path]] = field(default_factory=dict)
     evaluated: int = 0
     reused: int = 0
-
-
-# ---- inputs -------------------------------------------------------------------------------------
-
-def load_input(path: Path) -> tuple[Agent, Path | None]:
-    """A checkpoint, or a run folder's best.pt (returned with the folder)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise UserError(f"run folder {path} has no best.pt; pass a finished run's folder or a checkpoint (*.pt)")
-        return load_agent(path / "best.pt"), path
-    return load_agent(path), None
-
-
-def _label(path: Path, run_dir: Path | None) -> str:
-    if run_dir is not None:
-        return run_dir.name
-    return f"{path.parent.name}/{path.stem}" if path.stem in ("best", "last") else path.stem
-
-
-def resolve_entrants(inputs: Sequence[Path]) -> list[Entrant]:
-    entrants: list[Entrant] = []
-    for path in inputs:
-        agent, run_dir = load_input(path)
-        label = base = _label(Path(path), run_dir)
-        n = 2
-        while label in {e.label for e in entrants} | {TEACHER_LABEL, RANDOM_LABEL}:
-            label, n = f"{base}#{n}", n + 1
-        entrants.append(Entrant(label, agent.kind, {g: agent for g in agent.net.games}, Path(path), run_dir))
-    return entrants
-
-
-def _suite(game: str) -> str:
-    return game.split("/", 1)[0]
-
-
-def choose_games(entrants: Sequence[Entrant], games: Sequence[str] | None) -> list[str]:
-    """The compared games (validated, one suite); each entrant keeps the games it has heads for."""
-    suites = {}
-    for e in entrants:
-        for g in e.agents:
-            suites.setdefault(_suite(g), f"{e.source} ({g})")
-    if len(suites) > 1:
-        raise UserError(f"the agents mix suites ({'; '.join(suites.values())}); compare one suite at a time")
-    chosen = list(games) if games else list(dict.fromkeys(g for e in entrants for g in e.agents))
-    specs = [get_game(g) for g in chosen]  # unknown names are a UserError listing the known games
-    if len({s.suite for s in specs}) > 1:
-        raise UserError(f"--games mixes suites ({', '.join(chosen)}); compare one suite at a time")
-    for e in entrants:
-        playable = [g for g in e.agents if g in chosen]
-        if not playable:
-            raise UserError(f"{e.source} plays {', '.join(e.agents)}, none of the compared games "
-                            f"({', '.join(chosen)}); drop it or name its games with --games")
-        e.agents = {g: e.agents[g] for g in playable}
-        for g in playable:
-            check_agent_game(e.agents[g], get_game(g))
-    return chosen
-
-
-def resolve_teachers(games: Sequence[str], paths: Sequence[Path] | None) -> tuple[Entrant, list[str]]:
-    """The teachers' column (given paths, else teachers/<suite>/<Game>.pt) and notes on missing ones."""
-    agents: dict[str, Agent] = {}
-    if paths:
-        for p in paths:
-            agent = load_agent(p)
-            suite = _suite(games[0])
-            if len(agent.net.games) != 1 or _suite(agent.net.games[0]) != suite:
-                raise UserError(f"teacher {p} plays {', '.join(agent.net.games)}, it is not a {suite} teacher "
-                                f"of one game; pass one single-game teacher per compared game")
-            if agent.net.games[0] in games:  # teachers of games not compared are left out
-                agents[agent.net.games[0]] = agent
-    else:
-        for g in games:
-            p = Path("teachers") / _suite(g) / f"{g.split('/', 1)[1]}.pt"
-            if p.is_file():
-                agents[g] = load_agent(p)
-    for g, a in agents.items():
-        check_agent_game(a, get_game(g))
-    notes = [f"{g} has no teacher (no --teachers file for it, no teachers/{g}.pt): no % of teacher "
-             f"or teacher-normalised score for it" for g in games if g not in agents]
-    return Entrant(TEACHER_LABEL, "teacher", agents), notes
-
-
-def drop_teachers(entrants: Sequence[Entrant], teachers: Entrant) -> tuple[list[Entrant], list[str]]:
-    """Inputs that are the very teacher checkpoint of their games (same sha256) are the teacher
-    column already; they are left out, with a note."""
-    shas = {g: a.sha256 for g, a in teachers.agents.items()}
-    kept, notes = [], []
-    for e in entrants:
-        if all(shas.get(g) == a.sha256 for g, a in e.agents.items()):
-            notes.append(f"{e.source} is the teacher of {', '.join(e.agents)} (same sha256): shown as the teacher")
-        else:
-            kept.append(e)
-    if not kept:
-        raise UserError("every input is a teacher of the compared games; pass a student or baseline run to compare")
-    return kept, notes
-
-
-def random_network(games: Sequence[str]) -> MultiHeadNet:
-    """A network with a head per game; at epsilon 1.0 its outputs never choose an action."""
-    specs = [get_game(g) for g in games]
-    trunk = teacher_network_spec(specs[0]).trunk
-    trunk = TrunkSpec(trunk.kind, max(s.obs_shape[0] for s in specs), trunk.in_size)
-    return MultiHeadNet(NetworkSpec(trunk, tuple(games), tuple(s.num_actions for s in specs)))
 
 
 # ---- cached evaluations -------------------------------------------------------------------------
@@ -204,26 +88,28 @@ def evaluate_cached(cache_dir: Path, who: dict[str, Any], net: MultiHeadNet, gam
         done.evaluated += len(todo)
         tick(len(todo))
     for g in games:
-        done.files[(label, g)] = cache_file(cache_dir, keys[g])
+        done.files.setdefault((label, g), []).append(cache_file(cache_dir, keys[g]))
 
 
 def run_evaluations(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str], episodes: int, seed: int,
                     workers: int, cache_dir: Path, show_progress: bool) -> Evaluations:
-    """The random policy, each teacher and each entrant on its games, cached."""
+    """The random policy, each teacher and each entrant's members (seeds) on their games, cached."""
     done = Evaluations()
-    total = len(games) + len(teachers.agents) + sum(len(e.agents) for e in entrants)
+    teacher_agents = teachers.members[0].agents
+    total = len(games) + len(teacher_agents) + sum(len(m.agents) for e in entrants for m in e.members)
     bar = Progress(total, "compare", unit="evaluations", enabled=show_progress)
     tick = bar.update
     try:
         evaluate_cached(cache_dir, {"sha256": RANDOM_ID, "checkpoint": None}, random_network(games), games, episodes,
                         seed, RANDOM_EPSILON, workers, done, RANDOM_LABEL, tick)
-        for g, agent in teachers.agents.items():
+        for g, agent in teacher_agents.items():
             evaluate_cached(cache_dir, {"sha256": agent.sha256, "checkpoint": str(agent.path)}, agent.net, [g],
                             episodes, seed, EVAL_EPSILON, workers, done, TEACHER_LABEL, tick)
         for e in entrants:
-            agent = next(iter(e.agents.values()))
-            evaluate_cached(cache_dir, {"sha256": agent.sha256, "checkpoint": str(agent.path)}, agent.net,
-                            list(e.agents), episodes, seed, EVAL_EPSILON, workers, done, e.label, tick)
+            for m in e.members:
+                agent = next(iter(m.agents.values()))
+                evaluate_cached(cache_dir, {"sha256": agent.sha256, "checkpoint": str(agent.path)}, agent.net,
+                                list(m.agents), episodes, seed, EVAL_EPSILON, workers, done, e.label, tick)
     finally:
         bar.close()
     return done
@@ -255,6 +141,25 @@ def learning_curves(run_dir: Path | None, games: Sequence[str]) -> dict[str, dic
     return curves
 
 
+def pooled_curves(per_seed: Sequence[dict[str, dict[str, Any]]], games: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Seeds' learning curves as one: at the steps every seed has, the mean score with the lowest
+    and highest seed's (`low`, `high`) and `runs` the number of seeds. One seed: its curve as is."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    pooled = {}
+    for g in games:
+        curves = [c.get(g) for c in per_seed]
+        if any(c is None for c in curves):
+            continue
+        steps = sorted(set.intersection(*(set(c["steps"]) for c in curves)))
+        if not steps:
+            continue
+        table = np.array([[dict(zip(c["steps"], c["scores"]))[s] for s in steps] for c in curves])
+        pooled[g] = {"step_metric": curves[0]["step_metric"], "steps": steps, "scores": table.mean(0).tolist(),
+                     "low": table.min(0).tolist(), "high": table.max(0).tolist(), "runs": len(curves)}
+    return pooled
+
+
 # ---- the report ---------------------------------------------------------------------------------
 
 def _relative(path: Path, out: Path) -> str:
@@ -267,81 +172,109 @@ def _returns(path: Path) -> list[float]:
     return json.loads(Path(path).read_text())["scores"]["returns"]
 
 
-def game_entry(returns: Sequence[float], teacher: Sequence[float] | None, random_mean: float, game: str,
-               evaluation: Path, out: Path, reps: int, seed: int, is_teacher: bool) -> dict[str, Any]:
-    """One agent on one game: raw mean and stderr, % of teacher with its 95% interval, normalised scores."""
-    mean, stderr = st.mean_stderr(returns)
+def run_scores(per_seed: Sequence[Sequence[float]]) -> np.ndarray:
+    """The runs of one agent on one game, as rliable counts them: with one seed its episodes'
+    returns; with several seeds each seed's mean return (the seeds are the independent runs)."""
+    if len(per_seed) == 1:
+        return np.asarray(per_seed[0], dtype=np.float64)
+    return np.array([np.mean(r) for r in per_seed], dtype=np.float64)
+
+
+def game_entry(per_seed: Sequence[Sequence[float]], teacher: Sequence[float] | None, random_mean: float, game: str,
+               evaluations: Sequence[Path], out: Path, reps: int, seed: int, is_teacher: bool) -> dict[str, Any]:
+    """One agent on one game: mean and standard error over its runs (`run_scores`: episodes for one
+    seed, seed means for several), % of teacher with its 95% interval, normalised scores."""
+    runs = run_scores(per_seed)
+    mean, stderr = st.mean_stderr(runs)
     teacher_mean = None if teacher is None else st.mean_stderr(teacher)[0]
     pct, _ = st.percent_of_teacher({game: mean}, {game: teacher_mean})
     interval = None
     if pct.get(game) is not None and not is_teacher:
-        interval = st.ratio_interval(returns, teacher, reps, seed)
+        interval = st.ratio_interval(runs, teacher, reps, seed)
     ref = human_reference(game)
-    return {"mean": mean, "stderr": stderr, "episodes": len(returns),
+    return {"mean": mean, "stderr": stderr, "seeds": len(per_seed), "episodes": len(per_seed[0]),
+            "seed_means": [float(np.mean(r)) for r in per_seed],
             "pct_teacher": pct.get(game), "pct_teacher_ci95": None if interval is None else list(interval),
             "normalised": st.normalised_score(mean, random_mean, teacher_mean),
             "human_normalised": None if ref is None else st.normalised_score(mean, *ref),
-            "evaluation": _relative(evaluation, out)}
+            "evaluations": [_relative(p, out) for p in evaluations]}
 
 
-def aggregates(entry: dict[str, dict], per_episode: dict[str, np.ndarray | None],
-               human_episodes: dict[str, np.ndarray | None], reps: int, seed: int) -> dict[str, Any]:
-    """Geometric mean and mean of % of teacher, and IQMs of normalised per-episode scores with intervals."""
+def aggregates(entry: dict[str, dict], per_run: dict[str, np.ndarray | None],
+               human_runs: dict[str, np.ndarray | None], reps: int, seed: int) -> dict[str, Any]:
+    """Geometric mean and mean of % of teacher, and IQMs of normalised run scores with intervals."""
     pcts = [e["pct_teacher"] for e in entry.values() if e["pct_teacher"] is not None]
     out = {"geomean_pct_teacher": geomean(pcts) if len(pcts) == len(entry) else None,
            "mean_pct_teacher": float(np.mean(pcts)) if len(pcts) == len(entry) else None}
-    for name, columns in (("iqm_normalised", per_episode), ("iqm_human_normalised", human_episodes)):
+    seeds = next(iter(entry.values()))["seeds"] if entry else 1
+    runs_are = "evaluation episodes (one seed)" if seeds == 1 else "seeds (each the mean of its episodes)"
+    for name, columns in (("iqm_normalised", per_run), ("iqm_human_normalised", human_runs)):
         matrix, games = st.score_matrix(columns)
         if matrix is None:
             out[name] = None
             continue
         iqm, lo, hi = st.iqm_interval(matrix, reps, seed)
-        out[name] = {"value": iqm, "ci95": [lo, hi], "games": games, "runs": int(matrix.shape[0]),
-                     "runs_are": "evaluation episodes (one seed per agent)"}
+        out[name] = {"value": iqm, "ci95": [lo, hi], "games": games, "runs": int(matrix.shape[0]), "runs_are": runs_are}
     return out
 
 
-def assemble(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str], done: Evaluations,
-             episodes: int, seed: int, reps: int, out: Path, notes: list[str]) -> dict[str, Any]:
-    """report.json's content, computed from the evaluation files in `done` alone."""
-    random = {g: _returns(done.files[(RANDOM_LABEL, g)]) for g in games}
-    random_mean = {g: st.mean_stderr(r)[0] for g, r in random.items()}
-    teacher = {g: _returns(done.files[(TEACHER_LABEL, g)]) for g in teachers.agents}
-    teacher_mean = {g: st.mean_stderr(r)[0] for g, r in teacher.items()}
+def _teacher_notes(games: Sequence[str], random_mean: dict[str, float], teacher_mean: dict[str, float]) -> list[str]:
+    notes = []
     for g in games:
         if g in teacher_mean and teacher_mean[g] <= 0:
             notes.append(f"{g}: the teacher scored {teacher_mean[g]:.2f}, 0 or below: no % of teacher for this game")
         if g in teacher_mean and st.normalised_score(0.0, random_mean[g], teacher_mean[g]) is None:
             notes.append(f"{g}: the teacher ({teacher_mean[g]:.2f}) is no better than the random policy "
                          f"({random_mean[g]:.2f}): no teacher-normalised score for this game")
-    agents = []
-    for e in [teachers, *entrants]:
-        entry, per_episode, human = {}, {}, {}
-        for g in [g for g in games if g in e.agents]:
-            returns = _returns(done.files[(e.label, g)])
-            entry[g] = game_entry(returns, teacher.get(g), random_mean[g], g, done.files[(e.label, g)], out,
-                                  reps, seed, e is teachers)
-            entry[g].update(checkpoint=str(e.agents[g].path), sha256=e.agents[g].sha256)
-            per_episode[g] = st.normalised_episodes(returns, random_mean[g], teacher_mean.get(g))
-            ref = human_reference(g)
-            human[g] = None if ref is None else st.normalised_episodes(returns, *ref)
-        agents.append({"label": e.label, "kind": e.kind, "input": None if e.source is None else str(e.source),
-                       "games": entry, "aggregates": aggregates(entry, per_episode, human, reps, seed),
-                       "learning_curves": learning_curves(e.run_dir, games)})
+    return notes
+
+
+def agent_report(e: Entrant, games: Sequence[str], done: Evaluations, teacher: dict[str, list[float]],
+                 random_mean: dict[str, float], out: Path, reps: int, seed: int) -> dict[str, Any]:
+    """One column of report.json: per game entries, aggregates, learning curves, its members."""
+    teacher_mean = {g: st.mean_stderr(r)[0] for g, r in teacher.items()}
+    entry, per_run, human = {}, {}, {}
+    for g in [g for g in games if g in e.games]:
+        files = done.files[(e.label, g)]
+        per_seed = [_returns(f) for f in files]
+        entry[g] = game_entry(per_seed, teacher.get(g), random_mean[g], g, files, out, reps, seed, e.kind == "teacher")
+        entry[g]["members"] = [{"checkpoint": str(m.agents[g].path), "sha256": m.agents[g].sha256, "seed": m.seed}
+                               for m in e.members]
+        runs = run_scores(per_seed)
+        per_run[g] = st.normalised_episodes(runs, random_mean[g], teacher_mean.get(g))
+        ref = human_reference(g)
+        human[g] = None if ref is None else st.normalised_episodes(runs, *ref)
+    return {"label": e.label, "kind": e.kind, "seeds": [m.seed for m in e.members],
+            "inputs": [None if m.source is None else str(m.source) for m in e.members],
+            "games": entry, "aggregates": aggregates(entry, per_run, human, reps, seed),
+            "learning_curves": pooled_curves([learning_curves(m.run_dir, games) for m in e.members], games)}
+
+
+def assemble(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str], done: Evaluations,
+             episodes: int, seed: int, reps: int, out: Path, notes: list[str]) -> dict[str, Any]:
+    """report.json's content, computed from the evaluation files in `done` alone."""
+    random = {g: _returns(done.files[(RANDOM_LABEL, g)][0]) for g in games}
+    random_mean = {g: st.mean_stderr(r)[0] for g, r in random.items()}
+    teacher = {g: _returns(done.files[(TEACHER_LABEL, g)][0]) for g in teachers.games}
+    notes += _teacher_notes(games, random_mean, {g: st.mean_stderr(r)[0] for g, r in teacher.items()})
+    notes += [f"{e.label}: {len(e.members)} seeds ({', '.join(str(m.seed) for m in e.members)}) pooled: scores are "
+              f"means over seeds, intervals resample seeds" for e in entrants if e.pooled]
+    agents = [agent_report(e, games, done, teacher, random_mean, out, reps, seed) for e in [teachers, *entrants]]
     return {
-        "format": "multitask-compare", "format_version": 1, "package_version": __version__,
-        "suite": _suite(games[0]), "games": list(games), "episodes": episodes, "seed": seed,
+        "format": "multitask-compare", "format_version": 2, "package_version": __version__,
+        "suite": get_game(games[0]).suite, "games": list(games), "episodes": episodes, "seed": seed,
         "seeds": {"env_seeds": f"env i of each game's vector env is seeded {seed} + i",
                   "action_seed": seed + 1_000_003, "bootstrap_seed": seed, "bootstrap_reps": reps},
         "protocol": {g: protocol(get_game(g)) for g in games},
         "random": {g: {"mean": random_mean[g], "stderr": st.mean_stderr(random[g])[1], "epsilon": RANDOM_EPSILON,
-                       "evaluation": _relative(done.files[(RANDOM_LABEL, g)], out)}
+                       "evaluation": _relative(done.files[(RANDOM_LABEL, g)][0], out)}
                    for g in games},
         "human_reference": ({g: list(human_reference(g)) for g in games if human_reference(g)} or None),
         "human_reference_source": HUMAN_SOURCE if any(human_reference(g) for g in games) else None,
-        "inputs": [{"label": e.label, "path": str(e.source), "sha256": next(iter(e.agents.values())).sha256,
-                    "kind": e.kind, "games": list(e.agents)} for e in entrants],
-        "teachers": {g: {"path": str(a.path), "sha256": a.sha256} for g, a in teachers.agents.items()},
+        "inputs": [{"label": e.label, "path": str(m.source), "seed": m.seed,
+                    "sha256": next(iter(m.agents.values())).sha256, "kind": e.kind, "games": list(m.agents)}
+                   for e in entrants for m in e.members],
+        "teachers": {g: {"path": str(a.path), "sha256": a.sha256} for g, a in teachers.members[0].agents.items()},
         "agents": agents, "rules": RULES, "notes": notes,
         "evaluations": {"evaluated": done.evaluated, "reused": done.reused},
     }
@@ -354,9 +287,12 @@ RULES = [
     "none unless every one of its games has a % of teacher.",
     "Teacher-normalised score = (agent - random) / (teacher - random) with the random policy's and the teacher's "
     "means on the same episodes; none for a game whose teacher scores at or below random.",
-    "IQM: interquartile mean of per-episode normalised scores (episodes x games matrix; runs = evaluation episodes, "
-    "one seed per agent) with rliable's stratified-bootstrap 95% interval (episodes resampled within each game).",
-    "95% interval of a game's % of teacher: bootstrap (rliable, percentile) resampling the agent's and the "
+    "Runs of an agent (rliable's runs axis): its evaluation episodes when it has one seed; its seeds, each the mean "
+    "of its episodes, when runs of one config differing only in seed are pooled. Score = mean over runs, ± the "
+    "standard error over runs.",
+    "IQM: interquartile mean of the normalised run scores (runs x games matrix) with rliable's stratified-bootstrap "
+    "95% interval (runs resampled within each game).",
+    "95% interval of a game's % of teacher: bootstrap (rliable, percentile) resampling the agent's runs and the "
     "teacher's episodes independently.",
 ]
 
@@ -364,7 +300,7 @@ RULES = [
 def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = None, episodes: int = 100,
             seed: int = 777_777, teachers: Sequence[Path] | None = None, workers: int = 2,
             cache_dir: Path | None = None, reps: int = 10_000, wandb: str = "offline",
-            show_progress: bool = True) -> dict[str, Any]:
+            show_progress: bool = True, pool_seeds: bool = True) -> dict[str, Any]:
     """Evaluate, assemble and write report.json, report.md, the plots and the W&B table."""
     from multitask.evaluation import compare_tables, plots
 
@@ -376,7 +312,7 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
     check_writable(out / "report.json", "a writable --out folder")
     cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"
     check_writable(cache_dir / "probe.json", "a writable --cache folder")
-    entrants = resolve_entrants(inputs)
+    entrants = resolve_entrants(inputs, pool_seeds)
     chosen = choose_games(entrants, games)
     teacher_column, notes = resolve_teachers(chosen, teachers)
     entrants, dropped = drop_teachers(entrants, teacher_column)

@@ -30,7 +30,7 @@ def _cells(report: dict, cell) -> list[str]:
 
 
 def raw_table(report: dict) -> list[str]:
-    """Raw scores: mean ± standard error, with the random policy's column first."""
+    """Raw scores: mean ± standard error over runs, with the random policy's column first."""
     agents = report["agents"]
     lines = ["| game | random | " + " | ".join(a["label"] for a in agents) + " |",
              "|---|---:|" + "---:|" * len(agents)]
@@ -43,16 +43,23 @@ def raw_table(report: dict) -> list[str]:
 
 def aggregate_table(report: dict) -> list[str]:
     human = report.get("human_reference") is not None
-    head = "| agent | games | geometric mean % of teacher | mean % of teacher | IQM teacher-normalised [95% CI] |"
-    lines = [head + (" IQM human-normalised [95% CI] |" if human else ""), "|---|---:|---:|---:|---:|" + ("---:|" if human else "")]
+    head = ("| agent | games | runs | geometric mean % of teacher | mean % of teacher | "
+            "IQM teacher-normalised [95% CI] |")
+    lines = [head + (" IQM human-normalised [95% CI] |" if human else ""),
+             "|---|---:|---|---:|---:|---:|" + ("---:|" if human else "")]
     for a in report["agents"]:
         ag = a["aggregates"]
-        row = [a["label"], str(len(a["games"])), _pct(ag["geomean_pct_teacher"]), _pct(ag["mean_pct_teacher"]),
-               _iqm(ag["iqm_normalised"])]
+        row = [a["label"], str(len(a["games"])), _runs(a, report["episodes"]), _pct(ag["geomean_pct_teacher"]),
+               _pct(ag["mean_pct_teacher"]), _iqm(ag["iqm_normalised"])]
         if human:
             row.append(_iqm(ag["iqm_human_normalised"]))
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _runs(agent: dict, episodes: int) -> str:
+    n = len(agent["seeds"])
+    return f"{episodes} episodes" if n == 1 else f"{n} seeds ({', '.join(str(s) for s in agent['seeds'])})"
 
 
 def _iqm(x: dict | None) -> str:
@@ -68,7 +75,7 @@ def markdown(report: dict) -> str:
            "", f"Every agent played the same {n} episodes per game (env seeds {seed} + i, action noise seed "
            f"{report['seeds']['action_seed']}) under the one protocol (epsilon {next(iter(report['protocol'].values()))['epsilon']}, "
            "whole games, raw scores; docs/evaluation.md). The random policy is the same protocol at epsilon 1.0.",
-           "", "## Raw scores (mean ± standard error)", "", *raw_table(report),
+           "", "## Raw scores (mean ± standard error over runs: episodes, or seeds where pooled)", "", *raw_table(report),
            "", "## % of teacher [95% bootstrap interval]", "",
            *_cells(report, lambda e: _pct(e["pct_teacher"]) + _interval(e["pct_teacher_ci95"])),
            "", "## Teacher-normalised score (agent - random) / (teacher - random)", "",
@@ -81,9 +88,10 @@ def markdown(report: dict) -> str:
             *[f"- {r}" for r in report["rules"]]]
     if report["notes"]:
         out += ["", "## Notes", "", *[f"- {x}" for x in report["notes"]]]
-    out += ["", "## Inputs", "", "| agent | checkpoint | sha256 |", "|---|---|---|"]
-    out += [f"| teacher | {t['path']} | `{t['sha256'][:16]}` |" for t in report["teachers"].values()]
-    out += [f"| {i['label']} | {i['path']} | `{i['sha256'][:16]}` |" for i in report["inputs"]]
+    out += ["", "## Inputs", "", "| agent | seed | checkpoint | sha256 |", "|---|---:|---|---|"]
+    out += [f"| teacher | - | {t['path']} | `{t['sha256'][:16]}` |" for t in report["teachers"].values()]
+    out += [f"| {i['label']} | {'-' if i['seed'] is None else i['seed']} | {i['path']} | `{i['sha256'][:16]}` |"
+            for i in report["inputs"]]
     if report.get("plots"):
         out += ["", "## Plots", "", *[f"![{Path(p).stem}]({p})" for p in report["plots"]]]
     return "\n".join(out)

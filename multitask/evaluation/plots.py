@@ -79,8 +79,9 @@ def raw_scores(report: dict[str, Any], path: Path) -> str:
 
 
 def learning_curves(report: dict[str, Any], path: Path) -> str | None:
-    """One panel per game: each run's periodic-evaluation score against its step metric, the
-    teacher's and the random policy's scores as horizontal lines. None when no run has a curve."""
+    """One panel per game: each run's periodic-evaluation score against its step metric (pooled
+    seeds: their mean, shaded between the lowest and highest seed), the teacher's and the random
+    policy's scores as horizontal lines. None when no run has a curve."""
     runs = [a for a in report["agents"] if a.get("learning_curves")]
     if not runs:
         return None
@@ -94,7 +95,10 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
         for a in runs:
             c = a["learning_curves"].get(g)
             if c:
-                ax.plot(c["steps"], c["scores"], marker=".", label=a["label"])
+                line, = ax.plot(c["steps"], c["scores"], marker=".",
+                                label=a["label"] + (f" (mean of {c['runs']} seeds)" if "runs" in c else ""))
+                if "low" in c:  # pooled seeds: the band between the lowest and the highest seed
+                    ax.fill_between(c["steps"], c["low"], c["high"], color=line.get_color(), alpha=0.2)
                 metrics.add(c["step_metric"])
         if g in teacher["games"]:
             ax.axhline(teacher["games"][g]["mean"], color="black", linestyle="--", linewidth=0.8, label="teacher")

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from multitask import config as configlib
@@ -49,7 +48,7 @@ from multitask.training.acting import Acting
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
                                         score_games, teacher_card_scores)
-from multitask.training.teacher import EVAL_SEED_STRIDE, default_config_path, load_config as load_teacher_config
+from multitask.training.teacher import EVAL_SEED_STRIDE, load_config as load_teacher_config
 from multitask.training.tracking import WandbMode
 
 TEACHER = "None: the teacher's suite preset"
