@@ -102,8 +102,8 @@ def add_commands(sub) -> None:
     ex.add_argument("--out", type=Path, required=True, help="the slim JSON to write, e.g. docs/results/<name>.json")
     ex.set_defaults(func=cmd_report_export)
     docs = rs.add_parser("docs", help="rewrite every marked result table of Markdown files from the JSON it names")
-    docs.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("docs/results.md")],
-                      help="Markdown files (default: README.md docs/results.md)")
+    docs.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("docs/results.md"), Path("docs/gridworld.md")],
+                      help="Markdown files (default: README.md docs/results.md docs/gridworld.md)")
     docs.add_argument("--check", action="store_true",
                       help="change nothing; exit 1 naming every table that differs from its JSON")
     docs.set_defaults(func=cmd_report_docs)

@@ -112,6 +112,26 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
     return _save(fig, path)
 
 
+def gridworld_curves(report: dict[str, Any], path: Path) -> str:
+    """A grid-world study's mean exact return against updates, one panel per teacher temperature
+    (control) or action-space size (actions), the teachers' mean return dashed."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for key, c in report["curves"].items():
+        variant, group = key.rsplit("@", 1)
+        groups.setdefault(group, []).append((variant, c))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
+    what = "teacher temperature" if report["study"] == "control" else "|A|"
+    for ax, (group, items) in zip(axes.flat, groups.items()):
+        for variant, c in items:
+            ax.plot(c["updates"], c["mean_return"], label=variant)
+        ax.axhline(items[0][1]["teacher"], color="black", linestyle="--", linewidth=0.8, label="teacher")
+        ax.set_title(f"{what} {group}")
+        ax.set_xlabel("updates")
+        ax.set_ylabel("mean exact return")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     """Every plot there is data for, under `out`; their file names relative to `out`."""
     out = Path(out)

@@ -133,7 +133,9 @@ def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:
 
 
 def results_table(results: Results) -> str:
-    """The table of one run (a summary) or of a sweep (a list of summaries)."""
+    """The table of one run (a summary), of a sweep (a list of summaries) or of a grid-world study."""
+    if isinstance(results, dict) and results.get("format") == "multitask-gridworld":
+        return gridworld_table(results)
     if isinstance(results, dict):
         return run_table(results)
     return sweep_table(results, *sweep_columns(results))
@@ -158,6 +160,8 @@ def load_results(path: Path) -> Results:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         data = None
+    if isinstance(data, dict) and data.get("format") == "multitask-gridworld" and "rows" in data:
+        return data
     runs = data if isinstance(data, list) else [data]
     if not runs or not all(isinstance(r, dict) and all(k in r for k in SUMMARY_KEYS) for r in runs):
         raise UserError(f"{path} is not a student run's summary.json or a list of them; "
@@ -252,3 +256,40 @@ def teacher_manifest(folder: Path, targets: dict[str, float] | None = None) -> s
             points = ", ".join(f"{p['env_steps'] // 1000}k: {p['mean']:.1f}" for p in curve)
             curves.append(f"- {game} (periodic evaluation, {card['config']['eval_episodes']} episodes each): {points}")
     return "\n".join(lines + ([""] + ["Learning curves (env steps: mean score):"] + curves if curves else []))
+
+
+def gridworld_table(report: dict) -> str:
+    """A grid-world study's Markdown table (training/gridworld_studies.py), from its JSON alone."""
+    def ret(x: dict) -> str:
+        return f"{x['mean']:.2f} [{x['low']:.2f}, {x['high']:.2f}]"
+
+    lines = [f"<!-- made by: {report['command']} -->", ""]
+    if report["study"] == "control":
+        lines += ["| teacher temperature | control (loss: cross-entropy to the teacher) | final return [95% CI] | "
+                  "teacher | MDPs reached | median updates to reach | median labels to reach |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in report["rows"]:
+            if "ratio_median" in r:
+                lines.append(f"| {r['temperature']:g} | **teacher-driven / student-driven** (median over MDPs "
+                             f"[quartiles]) | | | {r['mdps_with_both']} | {_ratio(r['ratio_median'], r['ratio_quartiles'])} | "
+                             f"{_ratio(r['label_ratio_median'], r['label_ratio_quartiles'])} |")
+            else:
+                lines.append(f"| {r['temperature']:g} | {r['variant']} | {ret(r['final_return'])} | "
+                             f"{r['teacher_return']:.2f} | {r['reached']}/{r['mdps']} | {_opt(r['median_updates_to_reach'])} | "
+                             f"{_opt(r['median_labels_to_reach'])} |")
+    else:
+        lines += ["| actions | variant | final return [95% CI] | teacher | MDPs |", "|---:|---|---:|---:|---:|"]
+        for r in report["rows"]:
+            lines.append(f"| {r['actions']} | {r['variant']} | {ret(r['final_return'])} | {r['teacher_return']:.2f} | "
+                         f"{r['mdps']} |")
+    return "\n".join(lines)
+
+
+def _ratio(median: float | None, quartiles: list[float] | None) -> str:
+    if median is None or quartiles is None:
+        return "-"
+    return f"**{median:.2f}x** [{quartiles[0]:.2f}, {quartiles[1]:.2f}]"
+
+
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}" if x < 10 else f"{x:.0f}"

@@ -1,0 +1,31 @@
+"""`multitask gridworld <study>`: paper B's grid-world findings (training/gridworld_studies.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from multitask.cli.common import add_config_options
+
+STUDIES_HELP = ("control: teacher- vs student-driven distillation speed; actions: entropy vs expected entropy "
+                "regularised at |A| = 4 and 4000")
+
+
+def cmd_gridworld(args: argparse.Namespace) -> None:
+    from multitask import config as configlib
+    from multitask.training.gridworld_studies import StudyConfig, run_study
+
+    overrides = list(args.overrides) + ([f"mdps={args.mdps}"] if args.mdps is not None else [])
+    cfg = configlib.load(StudyConfig, args.config, overrides)
+    report = run_study(args.study, cfg, args.out)
+    print(f"gridworld {args.study}: {cfg.mdps if args.study == 'control' else cfg.actions_mdps} MDPs in "
+          f"{report['seconds']:.0f} s -> {args.out}/{args.study}.md, .json, .png")
+
+
+def add_commands(sub) -> None:
+    g = sub.add_parser("gridworld", help="paper B's grid-world studies on sampled 20x20 MDPs with tabular students")
+    g.add_argument("study", choices=("control", "actions"), help=STUDIES_HELP)
+    add_config_options(g, "train.updates=400 grid.noise=0.2", "configs/gridworld/study.toml")
+    g.add_argument("--mdps", type=int, help="sampled MDPs (default 32; paper B averaged over 1,000)")
+    g.add_argument("--out", type=Path, default=Path("results/gridworld"), help="folder for <study>.json, .md, .png")
+    g.set_defaults(func=cmd_gridworld)

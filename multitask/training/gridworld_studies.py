@@ -1,0 +1,146 @@
+"""`multitask gridworld <study>`: paper B's grid-world findings, each over many sampled MDPs.
+
+- control: teacher-driven vs student-driven (vs uniform) control with the same per-step loss
+  (cross-entropy to the teacher), at teacher temperatures 0 / 0.01 / 0.1: updates until each MDP's
+  student is within `reach` of its teacher's return, and the ratio teacher-driven / student-driven.
+- actions: entropy regularised vs expected entropy regularised vs on-policy distill at |A| = 4 and
+  |A| = 4000 (action a makes move a mod 4): final exact return, mean and 95% interval over MDPs.
+
+Every study writes results/gridworld/<study>.json (every number and the config) and .md (the table)
+and a PNG plot; tables are made from the JSON only. Returns are exact (policy evaluation), so the
+spread in the tables is over MDPs and seeds, not evaluation noise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from multitask import __version__
+from multitask import config as configlib
+from multitask.config import option
+from multitask.envs.gridworld import GridConfig, optimal_q, policy_values, sample_grids
+from multitask.files import atomic_write_text
+from multitask.training.tabular import TabularConfig, make_teacher, train
+
+STUDIES = ("control", "actions")
+T_95 = 1.96  # normal 95% interval half-width in standard errors (means over >= 8 MDPs)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    mdps: int = option(32, "sampled MDPs (paper B averaged over 1,000; --mdps 1000 for the documented figures)")
+    seed: int = option(0, "seeds the MDPs and every student's episodes")
+    temperatures: tuple[float, ...] = option((0.0, 0.01, 0.1), "teacher softmax temperatures (paper B: 0, 0.01, 0.1)")
+    reach: float = option(0.05, "control study: reached = within this share of the (teacher - uniform policy) "
+                                "return gap of the teacher")
+    actions: tuple[int, ...] = option((4, 4000), "actions study: action-space sizes (paper B: 4 to 4000)")
+    actions_mdps: int = option(8, "actions study: MDPs (|A| = 4000 tables are 8x400x4000 logits each)")
+    actions_temperature: float = option(0.1, "actions study: teacher temperature")
+    actions_updates: int = option(100, "actions study: updates (an update at |A| = 4000 costs ~0.6 s for 8 MDPs)")
+    grid: GridConfig = option(GridConfig(), "the sampled grid worlds")
+    train: TabularConfig = option(TabularConfig(), "the tabular students' training")
+
+
+def _reached_at(steps: np.ndarray, returns: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per MDP, `steps` (E, B) at the first evaluation whose return is >= target (inf if never)."""
+    hit = returns >= target[None, :]
+    first = hit.argmax(0)
+    at = np.take_along_axis(np.asarray(steps, dtype=float), first[None, :], 0)[0]
+    return np.where(hit.any(0), at, np.inf)
+
+
+def mean_interval(x: np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, dtype=float)
+    half = T_95 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0
+    return {"mean": float(x.mean()), "low": float(x.mean() - half), "high": float(x.mean() + half)}
+
+
+def control_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    mdps = sample_grids(cfg.grid, cfg.mdps, cfg.seed)
+    q = optimal_q(mdps)
+    uniform = policy_values(mdps, torch.full((mdps.batch, mdps.num_states, mdps.num_actions), 1.0 / mdps.num_actions,
+                                             dtype=torch.float64))[:, mdps.start].numpy()
+    rows, curves = [], {}
+    for tau in cfg.temperatures:
+        teacher = make_teacher(mdps, q, tau)
+        t_ret = teacher.values[:, mdps.start].numpy()
+        target = t_ret - cfg.reach * (t_ret - uniform)
+        reached, labels = {}, {}
+        for variant in ("teacher_distill", "on_policy_distill", "uniform_distill"):
+            t0 = time.perf_counter()
+            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant), cfg.seed)
+            updates = np.repeat(np.asarray(curve.updates, dtype=float)[:, None], mdps.batch, 1)
+            reached[variant] = _reached_at(updates, curve.returns, target)
+            labels[variant] = _reached_at(curve.labels, curve.returns, target)
+            curves[f"{variant}@{tau}"] = {"updates": curve.updates,
+                                          "mean_return": curve.returns.mean(1).tolist(), "teacher": float(t_ret.mean())}
+            rows.append({"temperature": tau, "variant": variant, "final_return": mean_interval(curve.returns[-1]),
+                         "teacher_return": float(t_ret.mean()), "uniform_return": float(uniform.mean()),
+                         "reached": int(np.isfinite(reached[variant]).sum()), "mdps": mdps.batch,
+                         "median_updates_to_reach": _median(reached[variant]),
+                         "median_labels_to_reach": _median(labels[variant]), "seconds": time.perf_counter() - t0})
+            say(f"control tau {tau}: {variant} final return {rows[-1]['final_return']['mean']:.2f} "
+                f"(teacher {t_ret.mean():.2f}), {rows[-1]['reached']}/{mdps.batch} MDPs reached")
+        both = np.isfinite(reached["teacher_distill"]) & np.isfinite(reached["on_policy_distill"])
+        ratio = reached["teacher_distill"][both] / np.maximum(reached["on_policy_distill"][both], 1)
+        label_ratio = labels["teacher_distill"][both] / np.maximum(labels["on_policy_distill"][both], 1)
+        rows.append({"temperature": tau, "variant": "ratio teacher-driven / student-driven",
+                     "ratio_median": _median(ratio), "ratio_quartiles": _quartiles(ratio),
+                     "label_ratio_median": _median(label_ratio), "label_ratio_quartiles": _quartiles(label_ratio),
+                     "mdps_with_both": int(both.sum())})
+    return {"rows": rows, "curves": curves}
+
+
+def actions_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    rows, curves = [], {}
+    for n in cfg.actions:
+        mdps = sample_grids(replace(cfg.grid, num_actions=n), cfg.actions_mdps, cfg.seed)
+        teacher = make_teacher(mdps, optimal_q(mdps), cfg.actions_temperature)
+        t_ret = teacher.values[:, mdps.start].numpy()
+        for variant in ("on_policy_distill", "entropy_regularised", "expected_entropy_regularised"):
+            t0 = time.perf_counter()
+            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant, updates=cfg.actions_updates), cfg.seed)
+            curves[f"{variant}@{n}"] = {"updates": curve.updates, "mean_return": curve.returns.mean(1).tolist(),
+                                        "teacher": float(t_ret.mean())}
+            rows.append({"actions": n, "variant": variant, "final_return": mean_interval(curve.returns[-1]),
+                         "teacher_return": float(t_ret.mean()), "mdps": mdps.batch,
+                         "seconds": time.perf_counter() - t0})
+            say(f"actions |A| {n}: {variant} final return {rows[-1]['final_return']['mean']:.2f} "
+                f"(teacher {t_ret.mean():.2f})")
+    return {"rows": rows, "curves": curves}
+
+
+def _median(x: np.ndarray) -> float | None:
+    return float(np.median(x)) if len(x) and np.isfinite(np.median(x)) else None
+
+
+def _quartiles(x: np.ndarray) -> list[float] | None:
+    return [float(np.percentile(x, 25)), float(np.percentile(x, 75))] if len(x) else None
+
+
+RUNNERS = {"control": control_study, "actions": actions_study}
+
+
+def run_study(study: str, cfg: StudyConfig, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one study and write <out_dir>/<study>.json, .md and .png."""
+    from multitask.evaluation import plots
+    from multitask.evaluation.report import gridworld_table
+
+    torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other core free
+    start = time.perf_counter()
+    result = RUNNERS[study](cfg, say)
+    report = {"format": "multitask-gridworld", "study": study, "package_version": __version__,
+              "config": configlib.to_dict(cfg), "command": configlib.command_line(),
+              "seconds": time.perf_counter() - start, **result}
+    out_dir = Path(out_dir)
+    report["plot"] = plots.gridworld_curves(report, out_dir / f"{study}.png")
+    atomic_write_text(out_dir / f"{study}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / f"{study}.md", gridworld_table(report) + "\n")
+    return report

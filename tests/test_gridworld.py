@@ -1,0 +1,95 @@
+"""Paper B's grid worlds: sampled MDPs, exact values on a hand-solvable MDP, value-iteration
+teachers, tabular students, and each study's finding at a micro size (seeded)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from multitask.envs.gridworld import GridConfig, TabularMDPs, optimal_q, policy_values, sample_grids
+from multitask.training.gridworld_studies import StudyConfig, run_study
+from multitask.training.tabular import TabularConfig, make_teacher, train
+
+
+def _fork() -> TabularMDPs:
+    """Start 0 -> left 1 or right 2 (2 actions); from 1: -1 or -2, from 2: 0 or -3 (terminals 3..6)."""
+    nxt = torch.tensor([[[1, 2], [3, 4], [5, 6], [3, 3], [4, 4], [5, 5], [6, 6]]])
+    reward = torch.tensor([[0.0, 0.0, 0.0, -1.0, -2.0, 0.0, -3.0]], dtype=torch.float64)
+    terminal = torch.tensor([[False, False, False, True, True, True, True]])
+    return TabularMDPs(nxt, reward, terminal, 0, 0.0, 0.0, 2, torch.arange(7))
+
+
+def test_exact_values_and_optimal_q_on_a_hand_solvable_mdp():
+    mdp = _fork()
+    uniform = torch.full((1, 7, 2), 0.5, dtype=torch.float64)
+    v = policy_values(mdp, uniform)[0]
+    assert v[:3].tolist() == pytest.approx([-1.5, -1.5, -1.5])
+    q = optimal_q(mdp)[0]
+    assert q[:3].flatten().tolist() == pytest.approx([-1.0, 0.0, -1.0, -2.0, 0.0, -3.0])
+    noisy = TabularMDPs(mdp.next_state, mdp.reward, mdp.terminal, 0, 0.5, 0.1, 2, mdp.observation)
+    # noise 0.5 over 2 moves: the intended move 75%, the other 25%; a step into a non-terminal state
+    # continues with probability 1 - end_prob = 0.9. By hand: Q(2) = (-0.75, -2.25), Q(1) = (-1.25, -1.75),
+    # entering 1 is worth 0.9 * -1.25, entering 2 0.9 * -0.75, so Q(0) = (-1.0125, -0.7875).
+    expected = [-1.0125, -0.7875, -1.25, -1.75, -0.75, -2.25]
+    assert optimal_q(noisy)[0, :3].flatten().tolist() == pytest.approx(expected)
+    greedy = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]] + [[1.0, 0.0]] * 4], dtype=torch.float64)
+    assert policy_values(noisy, greedy)[0, :3].tolist() == pytest.approx([-0.7875, -1.25, -0.75])
+
+
+def test_sampled_grids_follow_the_config():
+    cfg = GridConfig()
+    mdps = sample_grids(cfg, 64, seed=3)
+    assert mdps.next_state.shape == (64, 400, 4) and mdps.start == 210
+    walls = mdps.walls
+    assert not walls[:, mdps.start].any() and not mdps.terminal[:, mdps.start].any()
+    assert abs(walls.float().mean().item() - cfg.wall_prob) < 0.02
+    assert abs(mdps.terminal.float().mean().item() - cfg.goal_prob - cfg.pit_prob) < 0.01
+    entered = mdps.next_state.reshape(64, -1)
+    assert not torch.gather(walls, 1, entered)[~walls.repeat_interleave(4, 1)].any()  # moves never enter a wall
+    again = sample_grids(cfg, 64, seed=3)
+    assert torch.equal(again.next_state, mdps.next_state) and torch.equal(again.reward, mdps.reward)
+    q = optimal_q(mdps)
+    greedy = torch.nn.functional.one_hot(q.argmax(-1), 4).to(torch.float64)
+    v = policy_values(mdps, greedy)
+    assert torch.allclose(v, q.max(-1).values, atol=1e-6)  # the greedy policy's value is V*
+
+
+def test_students_learn_the_teacher_on_grids():
+    mdps = sample_grids(GridConfig(), 4, seed=0)
+    teacher = make_teacher(mdps, optimal_q(mdps), 0.01)
+    cfg = TabularConfig(variant="on_policy_distill", updates=60, eval_every=20)
+    logits, curve = train(mdps, teacher, cfg, seed=0)
+    assert curve.updates == [0, 20, 40, 60] and curve.returns.shape == curve.labels.shape == (4, 4)
+    assert (curve.labels[0] == 0).all() and (np.diff(curve.labels, axis=0) >= 20).all()  # >= 1 step per episode
+    t_ret = teacher.values[:, mdps.start].numpy()
+    assert (curve.returns[-1] > curve.returns[0]).all() and (curve.returns[-1] > 0.8 * t_ret).all()
+    _, again = train(mdps, teacher, cfg, seed=0)
+    assert np.array_equal(again.returns, curve.returns)  # seeded
+    for variant in ("n_distill+R", "expected_entropy_regularised+R", "teacher_v_reward+R", "value_gated_on_policy_distill"):
+        _, c = train(mdps, teacher, TabularConfig(variant=variant, updates=20, eval_every=20), seed=0)
+        assert np.isfinite(c.returns).all()
+    with pytest.raises(ValueError, match="student's own trajectories"):
+        TabularConfig(variant="teacher_distill+R")
+
+
+@pytest.mark.slow
+def test_control_study_student_driven_reaches_the_teacher_sooner(tmp_path):
+    cfg = StudyConfig(mdps=6, temperatures=(0.01,), train=TabularConfig(updates=150, eval_every=5))
+    report = run_study("control", cfg, tmp_path, say=lambda s: None)
+    rows = {r["variant"]: r for r in report["rows"]}
+    ratio = rows["ratio teacher-driven / student-driven"]
+    assert ratio["mdps_with_both"] >= 4 and ratio["ratio_median"] > 1.2
+    assert rows["on_policy_distill"]["median_updates_to_reach"] < rows["teacher_distill"]["median_updates_to_reach"]
+    assert json.loads((tmp_path / "control.json").read_text())["rows"] == report["rows"]
+    assert "teacher-driven / student-driven" in (tmp_path / "control.md").read_text()
+    assert rows["teacher_distill"]["median_labels_to_reach"] > 0
+    assert (tmp_path / "control.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_actions_study_entropy_regularised_falls_behind_at_many_actions(tmp_path):
+    cfg = StudyConfig(actions=(400,), actions_mdps=3, actions_updates=30, train=TabularConfig(eval_every=10))
+    report = run_study("actions", cfg, tmp_path, say=lambda s: None)
+    final = {r["variant"]: r["final_return"]["mean"] for r in report["rows"]}
+    assert final["expected_entropy_regularised"] > final["entropy_regularised"]
+    assert final["on_policy_distill"] > final["entropy_regularised"]

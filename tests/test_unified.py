@@ -1,0 +1,88 @@
+"""Paper B's unified update: the per-step losses, pseudo-rewards and returns against hand-computed
+values, and the surrogate's gradient against the update written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from multitask.training import unified as u
+
+LN = math.log
+
+
+def _log(*p):
+    return torch.log(torch.tensor(p, dtype=torch.float64))
+
+
+def test_cross_entropies_and_their_direction():
+    teacher, student = _log(0.25, 0.75), _log(0.5, 0.5)
+    assert u.cross_entropy(teacher, student).item() == pytest.approx(LN(2))  # -(.25 ln .5 + .75 ln .5)
+    assert u.step_loss("cross_entropy", teacher, student).item() == pytest.approx(LN(2))
+    expected = -(0.5 * LN(0.25) + 0.5 * LN(0.75))  # H^x(student || teacher) = 0.83699
+    assert u.step_loss("reverse_cross_entropy", teacher, student).item() == pytest.approx(expected)
+    assert u.step_loss("none", teacher, student).item() == 0.0
+    rows = torch.stack([teacher, student])
+    assert u.cross_entropy(rows, rows).tolist() == pytest.approx([-(0.25 * LN(0.25) + 0.75 * LN(0.75)), LN(2)])
+
+
+def test_teacher_log_probs_temperature_and_the_greedy_floor():
+    q = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    assert u.teacher_log_probs(q, 0.0).tolist() == pytest.approx([LN(0.5), LN(0.5), u.MIN_LOG_PROB])
+    soft = u.teacher_log_probs(q, 0.5).exp()
+    assert soft.tolist() == pytest.approx([math.e ** 2 / (2 * math.e ** 2 + 1)] * 2 + [1 / (2 * math.e ** 2 + 1)])
+
+
+def test_pseudo_rewards_on_a_three_step_episode():
+    # time-major, one trajectory; the episode ends after the last row (alive_next false there)
+    teacher = torch.stack([_log(0.5, 0.5), _log(0.9, 0.1), _log(0.2, 0.8)])
+    student = torch.stack([_log(0.6, 0.4), _log(0.3, 0.7), _log(0.5, 0.5)])
+    actions = torch.tensor([0, 1, 1])
+    alive_next = torch.tensor([True, True, False])
+    pr = lambda kind, **kw: u.pseudo_reward(kind, teacher, student, actions, alive_next, **kw).tolist()
+    assert pr("none") == [0.0, 0.0, 0.0]
+    assert pr("teacher_log_prob") == pytest.approx([LN(0.5), LN(0.1), LN(0.8)])  # log pi(a_i | s_i)
+    assert pr("next_teacher_log_prob") == pytest.approx([LN(0.1), LN(0.8), 0.0])  # log pi(a_{i+1} | s_{i+1})
+    ce1 = -(0.9 * LN(0.3) + 0.1 * LN(0.7))
+    ce2 = -(0.2 * LN(0.5) + 0.8 * LN(0.5))
+    assert pr("next_cross_entropy") == pytest.approx([-ce1, -ce2, 0.0])  # -H^x(pi(s_{i+1}) || pi_theta(s_{i+1}))
+    values = torch.tensor([1.0, 4.0, 6.0], dtype=torch.float64)
+    assert pr("teacher_value", teacher_value=values) == pytest.approx([3.0, 2.0, -6.0])  # V(s_{i+1}) - V(s_i)
+
+
+def test_discounted_returns_stop_at_episode_ends():
+    r = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert u.discounted_returns(r, torch.tensor([True, True, False]), 0.5).tolist() == [2.75, 3.5, 3.0]
+    assert u.discounted_returns(r, torch.tensor([True, False, True]), 0.5).tolist() == [2.0, 2.0, 3.0]
+
+
+def test_value_gate():
+    assert u.value_gate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0])).tolist() == [0.0, 0.0, 1.0]
+
+
+def test_surrogate_gradient_is_the_unified_update_by_hand():
+    logits = torch.tensor([[0.2, -0.1, 0.4], [0.0, 0.3, -0.2]], dtype=torch.float64, requires_grad=True)
+    teacher = _log(0.7, 0.2, 0.1).expand(2, 3)
+    actions = torch.tensor([2, 0])
+    returns = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    baseline = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    student_log = torch.log_softmax(logits, -1)
+    loss = u.surrogate_loss(student_log, actions, torch.tensor([True, True]), returns, baseline,
+                            u.step_loss("cross_entropy", teacher, student_log))
+    loss.backward()
+    pi = torch.softmax(logits.detach(), -1)
+    onehot = torch.nn.functional.one_hot(actions, 3).to(torch.float64)
+    # d/dlogits of -log pi(a) * A  is  (pi - onehot(a)) * A;  of H^x(teacher || pi)  is  pi - teacher
+    expected = (pi - onehot) * (returns - baseline).unsqueeze(-1) + (pi - teacher.exp())
+    assert torch.allclose(logits.grad, expected)
+
+
+def test_variants_and_their_names():
+    assert set(u.VARIANTS) >= {"teacher_distill", "on_policy_distill", "entropy_regularised", "n_distill",
+                               "expected_entropy_regularised", "teacher_v_reward", "value_gated_on_policy_distill"}
+    v, plus = u.parse_variant("n_distill+R")
+    assert plus and v == u.Variant("student", "cross_entropy", "next_cross_entropy")
+    eer, plus = u.parse_variant("expected_entropy_regularised")
+    assert not plus and (eer.step_loss, eer.pseudo_reward) == ("reverse_cross_entropy", "next_teacher_log_prob")
+    with pytest.raises(ValueError, match="unknown distillation variant"):
+        u.parse_variant("kickstarting")
