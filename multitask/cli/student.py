@@ -18,6 +18,16 @@ def cmd_student_train(args: argparse.Namespace) -> None:
                   show_progress=not args.no_progress)
 
 
+def cmd_student_drive(args: argparse.Namespace) -> None:
+    from multitask import config as configlib
+    from multitask.training.driven import DrivenConfig, train_driven
+
+    require_config(args, "configs/driven/<name>.toml")
+    cfg = configlib.load(DrivenConfig, args.config, args.overrides)
+    train_driven(cfg, run_dir=args.run_dir, wandb_mode=args.wandb, restart=args.restart,
+                 show_progress=not args.no_progress)
+
+
 def cmd_student_sweep(args: argparse.Namespace) -> None:
     from multitask.training.sweep import run_sweep
 
@@ -30,6 +40,12 @@ def add_commands(sub) -> None:
     add_config_options(stt, "loss=nll size=25%% games=minatar/Breakout", "configs/student/minatar_multitask.toml")
     add_run_options(stt, "runs/student/<run name>")
     stt.set_defaults(func=cmd_student_train)
+
+    std = st.add_parser("drive", help="student-driven distillation online: the student acts, the teacher labels "
+                        "every state, any variant of paper B's unified update")
+    add_config_options(std, "variant=on_policy_distill+R games=minatar/Breakout", "configs/driven/minatar.toml")
+    add_run_options(std, "runs/driven/<run name>")
+    std.set_defaults(func=cmd_student_drive)
 
     sts = st.add_parser("sweep", help="a grid of single-game students (losses or sizes) and its table")
     sts.add_argument("sweep", type=Path, help="sweep TOML, e.g. configs/sweeps/minatar_losses.toml")

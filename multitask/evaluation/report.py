@@ -61,10 +61,11 @@ def geomean(values: Sequence[float]) -> float:
 # ---- tables -------------------------------------------------------------------------------------
 
 def run_table(summary: dict) -> str:
-    """One run (the multi-task student, or a multi-task DQN: summary kind "multitask-dqn"): a row
-    per game plus the geometric mean, and a line on the network, its training and the episodes."""
-    dqn = summary.get("kind") == "multitask-dqn"
-    agent = "multi-task DQN" if dqn else "student"
+    """One run (an offline student; a multi-task DQN, summary kind "multitask-dqn"; a student-driven
+    student, kind "student-driven"): a row per game plus the geometric mean, and a line on the
+    network, its training and the episodes."""
+    kind = summary.get("kind")
+    agent = "multi-task DQN" if kind == "multitask-dqn" else "student"
     episodes = summary.get("episodes") or {}
     lines = [f"| game | teacher | {agent} (± s.e.) | % of teacher |", "|---|---:|---:|---:|"]
     for g, s in summary["scores"].items():
@@ -75,7 +76,11 @@ def run_table(summary: dict) -> str:
     lines.append(f"| **geometric mean** | | | **{_pct(summary.get('geomean_pct_teacher'))}** |")
     p = summary["parameters"]
     n = (summary.get("config") or {}).get("final_eval_episodes")
-    if dqn:
+    if kind == "student-driven":
+        training = (f"Student-driven student ({summary['config']['variant']}): {p['student']:,} parameters "
+                    f"({p['fraction_of_mean_teacher']:.2f}x a mean teacher); {summary['env_steps']:,} teacher-labelled "
+                    f"env steps per game, {summary['updates']:,} updates, best at env step {summary['best_env_steps']:,}")
+    elif kind == "multitask-dqn":
         training = (f"Multi-task DQN: {p['network']:,} parameters ({p['fraction_of_mean_teacher']:.2f}x a mean "
                     f"teacher); {summary['env_steps']:,} env steps per game, {summary['updates']:,} updates, best at "
                     f"env step {summary['best_env_steps']:,}")

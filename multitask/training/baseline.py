@@ -26,7 +26,6 @@ table.md, wandb/.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,6 @@ from typing import Any, Literal
 import torch
 
 from multitask import config as configlib
-from multitask.agents.checkpoints import load_agent
 from multitask.agents.dqn import DQNConfig, DQNLearner, linear_schedule
 from multitask.agents.networks import MultiHeadNet, NetworkSpec
 from multitask.agents.replay import join_batches, rows_per_game
@@ -42,13 +40,12 @@ from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
-from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.training.acting import Acting
 from multitask.training.run import Every, Rate, Run, default_run_name
-from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
-                                        score_games, teacher_card_scores)
-from multitask.training.teacher import EVAL_SEED_STRIDE, load_config as load_teacher_config
+from multitask.training.evaluating import final_evaluation, periodic_evaluation
+from multitask.training.scoring import Scores, teacher_card_scores
+from multitask.training.teacher import load_config as load_teacher_config
 from multitask.training.tracking import WandbMode
 
 TEACHER = "None: the teacher's suite preset"
@@ -165,7 +162,7 @@ def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode:
     run.start(wandb_mode, name=f"baseline-{cfg.run_name}", job_type="baseline", group="baselines",
               extra_config={"parameters": dqn.counts})
     _train(dqn, run, show_progress)
-    return _final_evaluation(dqn, run, teachers)
+    return final_evaluation(dqn, run, teachers, "multitask-dqn", "multitask-dqn", "baseline")
 
 
 class MultitaskDQN:
@@ -200,6 +197,10 @@ class MultitaskDQN:
     @property
     def step(self) -> int:
         return self.env_steps
+
+    @property
+    def updates(self) -> int:
+        return self.learner.updates
 
     def begin_episodes(self) -> None:
         """Fresh episodes in every game, seeded by how many checkpoints lie behind (module doc)."""
@@ -281,51 +282,10 @@ def _train(dqn: MultitaskDQN, run: Run, show_progress: bool) -> None:
         if log_due(dqn.env_steps) or last:
             run.log(dqn.train_metrics(epsilon, rate(dqn.env_steps)), dqn.env_steps)
         if eval_due(dqn.env_steps) or last:
-            _evaluate(dqn, run)
+            periodic_evaluation(dqn, run, "multitask-dqn")
         if checkpoint_due(dqn.env_steps) or last:
             run.save_state(dqn)
             if not last:
                 dqn.begin_episodes()
     bar.close()
     dqn.close()
-
-
-def _evaluate(dqn: MultitaskDQN, run: Run) -> None:
-    """A periodic evaluation (the last at the final step): logged, printed, added to the learning
-    curve; best.pt if its geometric mean of % of teacher is the best so far."""
-    cfg = dqn.cfg
-    seed = cfg.seed + PERIODIC_EVAL_SEED + EVAL_SEED_STRIDE * len(dqn.history)
-    scores = score_games(dqn.net, dqn.spec.games, cfg.eval_episodes, seed, cfg.eval_workers, dqn.teacher_scores)
-    dqn.history.append({"env_steps": dqn.env_steps, **scores.curve_point()})
-    run.report_evaluation(scores.metrics(), scores.line(), dqn.env_steps)
-    if scores.selection_score >= dqn.best["score"]:
-        dqn.best = {"score": scores.selection_score, "env_steps": dqn.env_steps}
-        run.save_agent("best", dqn.net, "multitask-dqn", dqn.card(run, scores))
-
-
-def _final_evaluation(dqn: MultitaskDQN, run: Run, teachers: list[Path]) -> dict:
-    """last.pt; best.pt scored on the students' fresh final seeds with more episodes, beside the
-    teachers on the same seeds; summary.json (a student summary's shape), table.md, one line."""
-    cfg = dqn.cfg
-    run.save_agent("last", dqn.net, "multitask-dqn", dqn.card(run, None))
-    teacher_scores = measured_teacher_scores(teachers, dqn.games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
-                                             cfg.eval_workers, cache_dir=run.folder.parent / ".teacher_scores")
-    best = load_agent(run.folder / "best.pt").net
-    final = score_games(best, dqn.spec.games, cfg.final_eval_episodes, FINAL_EVAL_SEED, cfg.eval_workers,
-                        teacher_scores)
-    summary = {
-        "run": cfg.run_name, "run_dir": str(run.folder), "kind": "multitask-dqn", "config": run.config_dict,
-        "parameters": dqn.counts, "env_steps": dqn.env_steps, "updates": dqn.learner.updates,
-        "best_env_steps": dqn.best["env_steps"], "teacher_scores": teacher_scores,
-        "teacher_card_scores": dqn.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
-        "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": dqn.history,
-        "wall_time_s": round(run.clock.wall(), 1), "cpu_time_s": round(run.clock.cpu(), 1), "resumes": run.resumes,
-    }
-    run.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
-    run.write_text("table.md", run_table(summary) + "\n")
-    run.log({f"final/{k}": v for k, v in final.metrics().items()}, dqn.env_steps)
-    run.finish({"geomean_pct_teacher": final.geomean_pct_teacher, "best_env_steps": dqn.best["env_steps"]})
-    print(f"baseline {cfg.run_name}: {final.line()}; best at env step {dqn.best['env_steps']:,} per game, "
-          f"{run.clock.wall() / 60:.1f} min -> {run.folder} (table.md, summary.json)")
-    return summary
-

@@ -1,0 +1,97 @@
+"""Student-driven distillation on a real MinAtar game: every variant trains with finite losses, the
+run's outputs, exact resume after a kill, bad configs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from multitask import config as configlib
+from multitask.agents.checkpoints import load_agent
+from multitask.errors import UserError
+from multitask.training import unified as u
+from multitask.training.driven import DrivenConfig, train_driven
+
+GAME = "minatar/Breakout"
+TINY = ["size=custom", "width=0.25", "num_envs=4", "rollout=8", "eval_workers=1", "eval_episodes=2",
+        "final_eval_episodes=2", "log_every=64"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, make_teacher):
+    return make_teacher(tmp_path_factory.mktemp("t") / "Breakout.pt", GAME, seed=1)
+
+
+def _cfg(teacher: Path, *extra: str) -> DrivenConfig:
+    return configlib.load(DrivenConfig, None, [f"games={GAME}", f"teachers={teacher}", *TINY, *extra])
+
+
+@pytest.mark.parametrize("variant", [v for v in u.VARIANTS if not u.VARIANTS[v].value_gate] + ["n_distill+R"])
+def test_every_variant_trains_with_finite_losses(tmp_path, teacher, variant):
+    cfg = _cfg(teacher, f"variant={variant}", "total_steps_per_game=64", "eval_every=64", "checkpoint_every=64")
+    summary = train_driven(cfg, tmp_path / "run", wandb_mode="off", show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x[f"train/{GAME}/loss"] for x in lines if f"train/{GAME}/loss" in x]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert summary["env_steps"] == 64 and summary["updates"] == 2 * 4 and summary["kind"] == "student-driven"
+    best = load_agent(tmp_path / "run" / "best.pt")
+    assert best.kind == "student" and best.net.games == (GAME,)
+    assert all(torch.isfinite(p).all() for p in best.net.parameters())
+
+
+def test_summary_table_and_a_mixture_schedule(tmp_path, teacher):
+    cfg = _cfg(teacher, "teacher_share=0.5", "teacher_share_decay_steps=64", "total_steps_per_game=128", "log_every=32",
+               "eval_every=64", "checkpoint_every=64")
+    train_driven(cfg, tmp_path / "run", wandb_mode="off", show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [x["train/teacher_share"] for x in lines if "train/teacher_share" in x]
+    assert shares[0] == pytest.approx(0.5 * (1 - 32 / 64)) and shares[-1] == 0.0  # decays to 0 at step 64
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert "Student-driven student (expected_entropy_regularised)" in table and "128 teacher-labelled" in table
+
+
+def test_bad_configs_are_refused(tmp_path, teacher):
+    for words, message in ((["variant=value_gated_on_policy_distill"], "no value head"),
+                           (["variant=teacher_distill+R"], "student's own trajectories"),
+                           (["variant=dagger"], "unknown distillation variant"),
+                           (["teacher_share=1.5"], "probability")):
+        with pytest.raises(UserError, match=message):
+            _cfg(teacher, *words)
+    with pytest.raises(UserError, match="needs one to label"):
+        train_driven(configlib.load(DrivenConfig, None, [f"games={GAME}", "teachers=missing.pt", *TINY]),
+                     tmp_path / "x", wandb_mode="off", show_progress=False)
+
+
+def _cli(run_dir: Path, teacher: Path) -> list[str]:
+    return [sys.executable, "-m", "multitask", "student", "drive", f"games={GAME}", f"teachers={teacher}", *TINY,
+            "variant=expected_entropy_regularised+R", "total_steps_per_game=512", "eval_every=256",
+            "checkpoint_every=128", "--run-dir", str(run_dir), "--wandb", "off", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, teacher):
+    straight = subprocess.run(_cli(tmp_path / "straight", teacher), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, teacher), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up, as in a crash
+    proc.wait()
+    assert (killed / "state.pt").exists() and not (killed / "last.pt").exists()
+    resumed = subprocess.run(_cli(killed, teacher), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {killed} after " in resumed.stderr
+    a, b = load_agent(tmp_path / "straight" / "last.pt"), load_agent(killed / "last.pt")
+    for (name, x), (_, y) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(x, y), name
+    s, r = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "straight", killed))
+    assert r["resumes"] == 1 and s["resumes"] == 0 and r["history"] == s["history"]
