@@ -6,7 +6,7 @@ import argparse
 
 from multitask.errors import UserError
 
-CONFIGS = ("teacher", "dataset", "student", "baseline")
+CONFIGS = ("teacher", "dataset", "student", "baseline", "driven", "gridworld")
 
 
 def cmd_games(args: argparse.Namespace) -> None:
@@ -42,6 +42,12 @@ def config_class(what: str):
     if what == "baseline":
         from multitask.training.baseline import BaselineConfig
         return BaselineConfig
+    if what == "driven":
+        from multitask.training.driven import DrivenConfig
+        return DrivenConfig
+    if what == "gridworld":
+        from multitask.training.gridworld_studies import StudyConfig
+        return StudyConfig
     raise UserError(f"no config named {what}")
 
 
