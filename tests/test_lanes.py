@@ -11,7 +11,7 @@ from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 
 def _random_policy(seed: int):
     rng = np.random.default_rng(seed)  # each lane's own generator, copied into the helper at the fork
-    return lambda q: np.where(rng.random(len(q)) < 0.5, rng.integers(0, q.shape[1], len(q)), q.argmax(1))
+    return lambda q, obs: np.where(rng.random(len(q)) < 0.5, rng.integers(0, q.shape[1], len(q)), q.argmax(1))
 
 
 def test_a_helper_lane_plays_the_same_turns_as_a_local_lane():
@@ -45,7 +45,7 @@ def test_a_failing_helper_lane_is_raised_in_the_caller_and_the_helper_is_gone():
     game = get_game("minatar/Breakout")
     net = MultiHeadNet(teacher_network_spec(game))
 
-    def act(q):
+    def act(q, obs):
         raise ValueError("no policy here")
     remote = RemoteLane(game, 2, 0, net, 0, act)
     np.testing.assert_array_equal(remote.first_obs().shape, (2, *game.obs_shape))

@@ -133,3 +133,17 @@ def test_scores_metrics_line_and_selection():
     assert "eval/geomean_pct_teacher" not in partial.metrics()
     assert partial.line() == "Breakout 4.00, Freeway 30.00 (90%)" and partial.selection_score == 17.0
 
+
+
+def test_a_key_added_to_the_config_later_resumes_only_at_its_default(tmp_path):
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.save_state(Learning(5))
+    run.finish({})
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    del saved["config"]["threads"]  # a run saved before `threads` existed
+    torch.save(saved, tmp_path / "state.pt")
+    assert _run(tmp_path).resume(Learning(), restart=False)  # threads holds its default: the same run
+    with pytest.raises(UserError, match="threads None then, 4 now"):
+        _run(tmp_path, Tiny(threads=4)).resume(Learning(), restart=False)

@@ -9,7 +9,7 @@ from multitask.cli.common import add_no_progress
 from multitask.errors import UserError
 
 # --flag -> DatasetConfig key: the flags override the config, their defaults and help come from it
-BUILD_FLAGS = {"--steps": "steps", "--epsilon": "epsilon", "--seed": "seed", "--num-envs": "num_envs",
+BUILD_FLAGS = {"--steps": "steps", "--epsilon": "epsilon", "--control": "control", "--seed": "seed", "--num-envs": "num_envs",
                "--lanes": "lanes", "--workers": "workers", "--compression": "compression", "--level": "level",
                "--flush-steps": "flush_steps"}
 

@@ -24,6 +24,7 @@ from multitask import config as configlib
 from multitask.agents.checkpoints import Agent, load_teacher
 from multitask.data.background import BackgroundWriter
 from multitask.data.build_config import DatasetConfig
+from multitask.data.control import Control, policy_index, resolve as resolve_control, teacher_entry
 from multitask.data.reader import root_attrs
 from multitask.data.recorder import BuildResult, Observer, record
 from multitask.data.schema import now_iso, schema_attrs
@@ -46,8 +47,9 @@ class BuildJob:
     show_progress: bool = True
 
 
-def dataset_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict[str, Any]:
-    """The root attributes of a new dataset of `game` labelled by `teacher` (sizes and status: the writer's)."""
+def dataset_attrs(game: GameSpec, teacher: Agent, steps: int, policies: list[dict] | None = None) -> dict[str, Any]:
+    """The root attributes of a new dataset of `game` labelled by `teacher` (sizes and status: the
+    writer's); `policies` default to the teacher's own control."""
     card = teacher.card
     teacher_info = {
         "path": str(teacher.path), "sha256": teacher.sha256, "kind": teacher.kind,
@@ -61,8 +63,7 @@ def dataset_attrs(game: GameSpec, teacher: Agent, steps: int) -> dict[str, Any]:
         "action_meanings": json.dumps(list(game.action_meanings)),
         "frame_shape": json.dumps(list(game.frame_shape)), "stack": game.stack, "num_actions": game.num_actions,
         "teacher": json.dumps(teacher_info), "teacher_output_kind": "q_values", "temperature": "none",
-        "policies": json.dumps([{"kind": "teacher", "sha256": teacher.sha256,
-                                 "action_selection": "epsilon-greedy on teacher outputs"}]),
+        "policies": json.dumps(policies or [teacher_entry(teacher.sha256)]),
         "target_steps": steps, "builds": json.dumps([]),
         "package_version": multitask.__version__, "created": now_iso(),
     }
@@ -85,13 +86,18 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
     check_writable(out, "a writable --out")
 
 
-def _open_writer(out: Path, game: GameSpec, teacher: Agent, cfg: DatasetConfig, resume: bool) -> DatasetWriter:
-    """Continue the dataset at `out` (`resume`: its target becomes cfg.steps) or create it."""
+def _open_writer(out: Path, game: GameSpec, teacher: Agent, cfg: DatasetConfig, resume: bool,
+                 control: Control) -> tuple[DatasetWriter, int]:
+    """Continue the dataset at `out` (`resume`: its target becomes cfg.steps) or create it; with the
+    index of this build's control policy in its `policies`."""
     if resume:
         writer = DatasetWriter.resume(out)
         writer.attrs["target_steps"] = cfg.steps
-        return writer
-    return DatasetWriter.create(out, dataset_attrs(game, teacher, cfg.steps), cfg.compression_settings())
+        policies, index = policy_index(json.loads(writer.attrs["policies"]), control, teacher.sha256)
+        writer.attrs["policies"] = json.dumps(policies)
+        return writer, index
+    policies, index = policy_index([], control, teacher.sha256)
+    return DatasetWriter.create(out, dataset_attrs(game, teacher, cfg.steps, policies), cfg.compression_settings()), index
 
 
 def build_dataset(game_name: str, teacher_path: Path, out: Path, config: DatasetConfig, resume: bool = False,
@@ -102,11 +108,12 @@ def build_dataset(game_name: str, teacher_path: Path, out: Path, config: Dataset
     teacher, _ = load_teacher(teacher_path, game)
     out = Path(out)
     cfg = config.resolved(game)
+    control = resolve_control(cfg.control, game)
     _check_output(out, game, teacher, resume, overwrite)
     if overwrite:
         remove_dataset(out)
     resume = resume and out.exists()  # --resume with nothing to resume starts a new dataset
-    writer = _open_writer(out, game, teacher, cfg, resume)
+    writer, policy = _open_writer(out, game, teacher, cfg, resume, control)
     if writer.num_steps >= cfg.steps:
         writer.finalize()
         print(f"{out} already holds {writer.num_steps:,} steps (>= {cfg.steps:,}); nothing to add")
@@ -115,6 +122,7 @@ def build_dataset(game_name: str, teacher_path: Path, out: Path, config: Dataset
     stream_seed = cfg.seed + 7919 * len(builds)  # each build/resume plays fresh, distinct env streams
     builds.append({"command": configlib.command_line(), "seed": cfg.seed,
                    "env_seeds": [stream_seed, stream_seed + cfg.num_envs - 1], "epsilon": cfg.epsilon,
+                   "control": cfg.control, "policy": policy,
                    "num_envs": cfg.num_envs, "lanes": cfg.lanes, "started": now_iso(),
                    "steps_before": writer.num_steps, "config": configlib.to_dict(cfg)})
 
@@ -125,7 +133,7 @@ def build_dataset(game_name: str, teacher_path: Path, out: Path, config: Dataset
     gc.freeze()
     writer = BackgroundWriter.start(writer)  # compression and HDF5 writes overlap the teacher's play
     try:
-        return record(game, teacher, writer, cfg, stream_seed, builds, show_progress, observe)
+        return record(game, teacher, writer, cfg, stream_seed, builds, show_progress, observe, control, policy)
     except BaseException:
         writer.close()
         if not resume and writer.durable_steps == 0:

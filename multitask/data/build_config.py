@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 
 from multitask import config as configlib
 from multitask.config import option
+from multitask.data.control import check_spec as check_control
 from multitask.data.schema import Compression, bytes_per_step
 from multitask.envs import GameSpec
 from multitask.errors import UserError
@@ -30,7 +31,9 @@ SUITE_NUM_ENVS = {"atari": 32, "minatar": 256}
 class DatasetConfig:
     steps: int | None = option(None, "steps the dataset holds when the build ends; no default (required): "
                                      "the experiment's choice")
-    epsilon: float = option(0.05, "epsilon of the teacher's epsilon-greedy control policy (Rusu et al. 2016: 0.05)")
+    epsilon: float = option(0.05, "epsilon of the epsilon-greedy control policy (Rusu et al. 2016: 0.05)")
+    control: str = option("teacher", "who plays: teacher, student:<checkpoint> (teacher-labelled student play, "
+                                     "DAgger-style) or mixture:<checkpoint>:<p> (the teacher's action with probability p)")
     seed: int = option(0, "env stream i is seeded seed + i; each resume adds 7919, so it plays fresh streams")
     num_envs: int = option(0, "envs in all lanes together; 0: per suite, " +
                            ", ".join(f"{n} {s}" for s, n in SUITE_NUM_ENVS.items()) +
@@ -56,6 +59,7 @@ class DatasetConfig:
     step_chunk: int = option(16384, "rows per HDF5 chunk of the per-step and per-episode arrays (read whole on open)")
 
     def __post_init__(self):
+        check_control(self.control)
         if self.steps is not None and self.steps < 1:
             raise ValueError("steps must be positive")
         if not 0.0 <= self.epsilon <= 1.0:

@@ -1,7 +1,7 @@
 """Lanes: a vector env played by the teacher, in the caller or in a helper process.
 
 The dataset recorder splits its envs into lanes. A lane's turn is one teacher forward pass on the
-lane's observations, the policy's actions (`act`: the recorder's epsilon-greedy) and one vector
+lane's observations, the control policy's actions (`act`, data/control.py) and one vector
 step on them. The caller plays the first lane itself (`LocalLane`); each other lane plays in a
 forked helper (`RemoteLane`) that builds its own env, then plays turn after turn into a ring of
 slots in shared memory, up to RING turns ahead of the caller, who reads them in order and keeps the
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from multitask.envs import GameSpec, Step, VectorEnv, make_vector_env
+from multitask.data.control import Act  # act(teacher outputs, observations) -> actions
 from multitask.data.processes import background_supported, become_helper, fork_context, stop_process
 
 SPIN_SECONDS = 200e-6  # yield-spin this long before napping: covers MinAtar's gaps between turns
@@ -43,13 +44,11 @@ NAP_SECONDS = 50e-6
 # (cutting episodes, handing a flush to the writer) without the helper waiting.
 RING = 4
 
-# act(outputs) -> actions: the policy applied to a lane's teacher outputs
-Act = Callable[[np.ndarray], np.ndarray]
 
 
 class Turn(NamedTuple):
     outputs: np.ndarray  # (n, num_outputs) float32: the teacher's raw outputs on the lane's observations
-    actions: np.ndarray  # (n,) int64: act(outputs)
+    actions: np.ndarray  # (n,) int64: act(outputs, obs)
     step: Step  # the lane's vector step on those actions
 
 
@@ -85,7 +84,7 @@ def _wait_until(ready: Callable[[], bool], alive: Callable[[], bool]) -> bool:
 def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.ndarray) -> Turn:
     with torch.inference_mode():
         outputs = net(torch.from_numpy(obs), head).numpy()
-    actions = np.asarray(act(outputs), dtype=np.int64)
+    actions = np.asarray(act(outputs, obs), dtype=np.int64)
     return Turn(outputs, actions, env.step(actions))
 
 

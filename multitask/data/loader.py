@@ -74,6 +74,7 @@ class LoaderSpec:
     workers: int = 1
     window_batches: int = 500
     rank: int = 0
+    control: tuple[str, ...] = ()  # train on the steps of episodes these control policies played (empty: all)
 
 
 def batch_rng(seed: int, k: int, rank: int) -> np.random.Generator:
@@ -93,8 +94,9 @@ def plan(spec: LoaderSpec, k: int, num_games: int) -> list[tuple[int, int]]:
 class GameSource:
     """One game's steps: sample (obs, teacher outputs) from RAM or from a window of chunks."""
 
-    def __init__(self, path: str, budget: int):
+    def __init__(self, path: str, budget: int, control: tuple[str, ...] = ()):
         self.reader = DatasetReader(Path(path), cache_bytes=0)
+        self.rows = played_by(self.reader, control) if control else None  # None: every step
         self.stack = self.reader.stack
         self.frame_index = self.reader.steps["frame_index"]
         self.teacher = self.reader.steps["teacher_outputs"]
@@ -118,21 +120,34 @@ class GameSource:
         loaded = np.zeros(num_chunks, dtype=bool)
         loaded[chosen] = True
         self._eligible = np.flatnonzero(loaded[first] & loaded[last])
+        if self.rows is not None:
+            self._eligible = np.intersect1d(self._eligible, self.rows)
 
     def sample(self, rng: np.random.Generator, n: int, window: tuple[int, int, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """n random steps -> stacked obs (n, k*C, H, W) uint8 and teacher outputs (n, A)."""
         if self.in_memory:
-            idx = rng.integers(0, self.n, n)
+            idx = rng.integers(0, self.n, n) if self.rows is None else self.rows[rng.integers(0, len(self.rows), n)]
             frames = self.reader.frames(stack_indices(self.frame_index[idx], self.stack))
         else:
             window_id, seed, key = window
             if window_id != self._window_id:
                 self._load_window(window_id, seed, key)
-            pool = self._eligible if len(self._eligible) else np.arange(self.n)
+            pool = self._eligible if len(self._eligible) else (np.arange(self.n) if self.rows is None else self.rows)
             idx = pool[rng.integers(0, len(pool), n)]
             frames = self.reader.gather(stack_indices(self.frame_index[idx], self.stack), self._blocks)
         return join_frames(frames), self.teacher[idx]
+
+
+def played_by(reader: DatasetReader, kinds: Sequence[str]) -> np.ndarray:
+    """Rows of the steps whose episode a control policy of one of `kinds` played (data/control.py)."""
+    wanted = np.array([p["kind"] in kinds for p in reader.info.policies] + [False])
+    ep = reader.episodes
+    keep = wanted[np.minimum(ep["policy"].astype(np.int64), len(wanted) - 1)]
+    starts, lengths = ep["first_step"][keep], ep["length"][keep]
+    if not len(starts):
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths)]).astype(np.int64)
 
 
 class DistillationStream(IterableDataset):
@@ -145,7 +160,7 @@ class DistillationStream(IterableDataset):
 
     def _open(self, workers: int) -> list[GameSource]:
         budget = self.spec.memory_budget // max(1, workers) // len(self.spec.paths)
-        return [GameSource(p, budget) for p in self.spec.paths]
+        return [GameSource(p, budget, self.spec.control) for p in self.spec.paths]
 
     def make_batch(self, k: int, sources: Sequence[GameSource], worker_batch: int) -> TrainBatch:
         spec = self.spec

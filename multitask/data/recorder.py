@@ -1,7 +1,7 @@
-"""Recording: the teacher plays and every step it acts on becomes part of an episode for the writer.
+"""Recording: the control policy plays and every step becomes part of an episode for the writer.
 
-The teacher acts epsilon-greedily on batches of observations; its raw outputs for the observation
-it acted on are stored with the step. The envs play in lanes (`lanes`), each in its own process:
+The teacher (or a student, or a mixture: data/control.py) acts epsilon-greedily on batches of
+observations; the teacher's raw outputs for the observation acted on are stored with the step. The envs play in lanes (`lanes`), each in its own process:
 the caller plays the first and a helper each other one, every lane alternating the teacher's
 forward pass and its env step, so that the cores stay busy; the caller reads the helpers' turns in
 order and keeps the books of every lane (`_Lane`).
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from multitask.agents.checkpoints import Agent
-from multitask.agents.dqn import epsilon_greedy
 from multitask.data.background import BackgroundWriter
 from multitask.data.build_config import DatasetConfig
+from multitask.data.control import Control, make_act
 from multitask.data.lanes import LocalLane, RemoteLane, cores
 from multitask.data.schema import Episode, now_iso
 from multitask.data.writer import DatasetWriter
@@ -100,14 +100,14 @@ class _TimeLog:
 
 
 def _cut(log: _TimeLog, env: int, start: int, stop: int, start_frames: np.ndarray, complete: bool,
-         epsilon: float, env_seed: int, env_episode: int) -> Episode:
+         epsilon: float, env_seed: int, env_episode: int, policy: int) -> Episode:
     """The episode of `env` made of vector steps [start, stop)."""
     q, act, rew, term, trunc, life, nxt = (log.column(env, start, stop, k) for k in range(7))
     if not complete:
         trunc[-1] = True  # cut by the step budget (column() returned a copy)
     return Episode(frames=np.concatenate([start_frames, nxt]), teacher_outputs=q.astype(np.float32, copy=False),
                    action=act, reward=rew.astype(np.float32, copy=False), terminated=term, truncated=trunc,
-                   life_lost=life, complete=complete, policy=0, epsilon=epsilon,
+                   life_lost=life, complete=complete, policy=policy, epsilon=epsilon,
                    env_seed=env_seed, env_episode=env_episode)
 
 
@@ -118,8 +118,8 @@ class _Lane:
     from `player`, in this process or in a helper (`lanes`), and are a function of the seeds alone.
     """
 
-    def __init__(self, player: LocalLane | RemoteLane, first: int, stream_seed: int, c: int):
-        self.player, self.n, self.c = player, player.num_envs, c
+    def __init__(self, player: LocalLane | RemoteLane, first: int, stream_seed: int, c: int, policy: int):
+        self.player, self.n, self.c, self.policy = player, player.num_envs, c, policy
         self.env_seeds = stream_seed + first + np.arange(self.n)
         self.obs = player.first_obs()  # what the teacher acts on next
         self.log = _TimeLog()
@@ -151,13 +151,16 @@ class _Lane:
 
     def cut(self, i: int, stop: int, complete: bool, epsilon: float) -> Episode:
         return _cut(self.log, i, self.start[i], stop, self.start_frames[i], complete, epsilon,
-                    self.env_seeds[i], self.env_episode[i])
+                    self.env_seeds[i], self.env_episode[i], self.policy)
 
 
 def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWriter, cfg: DatasetConfig,
-           stream_seed: int, builds: list, show_progress: bool, observe: Observer | None) -> BuildResult:
+           stream_seed: int, builds: list, show_progress: bool, observe: Observer | None,
+           control: Control | None = None, policy: int = 0) -> BuildResult:
     """Play `cfg` (resolved: num_envs, lanes, flush_steps filled in) until the dataset holds cfg.steps steps,
-    then finalize it; `builds` (with this build's entry last) goes into the file at every flush."""
+    then finalize it; `builds` (with this build's entry last) goes into the file at every flush. `control`
+    plays (default: the teacher) and its episodes record `policy`, its index in the file's policies."""
+    control = control or Control("teacher")
     steps, epsilon, n, lanes = cfg.steps, cfg.epsilon, cfg.num_envs, cfg.lanes
     # ---- Play: each lane in its own process, the first in this one --------------------------------
     sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
@@ -177,11 +180,11 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
             # each lane draws its exploration from its own generator, in the process that plays it
             rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
             return start(game, sizes[k], stream_seed + firsts[k], teacher.net, head,
-                         lambda q: epsilon_greedy(q, epsilon, rng), share)
+                         make_act(control, game, epsilon, rng), share)
         # helpers first: they build their envs while this process builds its own
         players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))
         players.insert(0, lane(0, LocalLane))
-        play = [_Lane(player, first, stream_seed, game.frame_shape[0]) for player, first in zip(players, firsts)]
+        play = [_Lane(player, first, stream_seed, game.frame_shape[0], policy) for player, first in zip(players, firsts)]
         return _play(game, play, writer, steps, epsilon, builds, cfg.flush_steps, cfg.flush_seconds, show_progress,
                      observe)
     finally:

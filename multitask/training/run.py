@@ -17,6 +17,8 @@ makes the same calls and only the writer (rank 0) writes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import time
@@ -148,8 +150,12 @@ class Run:
         if not self.state_path.exists():
             return False
         saved = self._read_state()
-        differences = config_differences({**saved.get("config", {}), **{k: saved.get(k) for k in self.identity}},
-                                         {**self.config_dict, **self.identity}, may_differ)
+        saved_config = saved.get("config", {})
+        # keys added to the config since the run was saved resume where they hold their defaults
+        added = [f.name for f in dataclasses.fields(self.config) if f.name not in saved_config
+                 and f.default is not dataclasses.MISSING and getattr(self.config, f.name) == f.default]
+        differences = config_differences({**saved_config, **{k: saved.get(k) for k in self.identity}},
+                                         {**self.config_dict, **self.identity}, [*may_differ, *added])
         if differences:
             shown = "; ".join(f"{k} {_short(a)} then, {_short(b)} now" for k, a, b in differences[:3])
             more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""

@@ -26,7 +26,8 @@ from multitask.agents.checkpoints import load_agent
 from multitask.agents.networks import MultiHeadNet, NetworkSpec
 from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
-from multitask.data.loader import LoaderSpec, TrainBatch, make_loader
+from multitask.data.control import KINDS as CONTROL_KINDS
+from multitask.data.loader import LoaderSpec, TrainBatch, make_loader, played_by
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
 from multitask.evaluation.report import run_table
@@ -73,6 +74,8 @@ class StudentConfig:
     loader_workers: int = option(1, "background processes preparing batches (0: in the training process)")
     window_batches: int = option(500, "batches drawn from one window of chunks when a dataset exceeds its budget")
     num_threads: int = option(0, "torch CPU threads per process (0: torch's default)")
+    control: tuple[str, ...] = option((), "train only on episodes these control policies played (teacher, student, "
+                                          "mixture; `dataset info` lists a file's); empty: every episode")
 
     def __post_init__(self):
         if not self.games:
@@ -85,6 +88,8 @@ class StudentConfig:
             raise ValueError("tau, batch_size, updates and lr must be positive")
         if self.batch_mode == "mixed" and self.batch_size < len(self.games):
             raise ValueError("mixed batches need at least one row per game")
+        if set(self.control) - set(CONTROL_KINDS):
+            raise ValueError(f"control lists kinds of control policy: {', '.join(CONTROL_KINDS)}")
 
     @property
     def run_name(self) -> str:
@@ -124,6 +129,9 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
             if tuple(env["frame_shape"][1:]) != g.frame_shape[1:] or env["stack"] != g.stack:
                 raise UserError(f"dataset {path} has observations {env['obs_shape']} that do not match "
                                 f"{g.name}'s {list(g.obs_shape)}; rebuild it")
+            if cfg.control and not len(played_by(d, cfg.control)):
+                raise UserError(f"dataset {path} has no episodes played by {' or '.join(cfg.control)} "
+                                f"(its control policies: {', '.join(p['kind'] for p in d.info.policies)})")
     shapes = {(g.frame_shape[1:], g.stack) for g in games}
     if len(shapes) > 1:
         raise UserError(f"observation shapes {sorted(shapes)} cannot share a trunk")
@@ -228,7 +236,7 @@ def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -
     loader = make_loader(LoaderSpec(
         paths=tuple(str(p) for p in student.inputs.datasets), batch_size=cfg.batch_size, mode=cfg.batch_mode,
         seed=cfg.seed, channels=student.spec.trunk.in_channels, memory_budget=cfg.memory_budget_mb << 20,
-        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=procs.rank),
+        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=procs.rank, control=cfg.control),
         start=start, stop=cfg.updates)
     # a per-game batch leaves the other games' heads without gradients: DDP must expect it
     model = replicate(student.net, find_unused_parameters=cfg.batch_mode == "per_game" and len(student.spec.games) > 1)
