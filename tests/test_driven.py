@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from multitask import config as configlib
-from multitask.agents.checkpoints import load_agent
+from multitask.agents.checkpoints import load_agent, save_agent
+from multitask.agents.sizes import sized_network
 from multitask.errors import UserError
 from multitask.training import unified as u
-from multitask.training.driven import DrivenConfig, train_driven
+from multitask.training.baseline import resolve_games
+from multitask.training.driven import Driven, DrivenConfig, train_driven
 
 GAME = "minatar/Breakout"
 TINY = ["size=custom", "width=0.25", "num_envs=4", "rollout=8", "eval_workers=1", "eval_episodes=2",
@@ -95,3 +97,43 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, tea
         assert torch.equal(x, y), name
     s, r = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "straight", killed))
     assert r["resumes"] == 1 and s["resumes"] == 0 and r["history"] == s["history"]
+
+
+def test_a_following_student_reloads_a_changed_teacher(tmp_path, teacher, make_teacher):
+    followed = tmp_path / "best.pt"
+    save_agent(followed, load_agent(teacher).net, "teacher", {"source": "training", "env_steps": 1000})
+    cfg = _cfg(followed, "follow=true", "total_steps_per_game=64", "eval_every=32", "checkpoint_every=64")
+    games, paths = resolve_games(cfg)
+    spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
+    learner = Driven(spec, cfg, games, [load_agent(followed).net], torch.device("cpu"), size.counts("student"), {})
+    learner.teacher_paths = paths
+    learner.follow_teachers()
+    assert learner.teacher_reloads == 1 and learner.teacher_env_steps == [1000]
+    learner.follow_teachers()
+    assert learner.teacher_reloads == 1  # unchanged file: not read again
+    other = load_agent(make_teacher(tmp_path / "other.pt", GAME, seed=9)).net
+    save_agent(followed, other, "teacher", {"source": "training", "env_steps": 5000})  # the teacher improved
+    learner.follow_teachers()
+    assert learner.teacher_reloads == 2 and learner.teacher_env_steps == [5000]
+    assert all(torch.equal(a, b) for a, b in zip(learner.teachers[0].state_dict().values(), other.state_dict().values()))
+    assert learner.curve_extra() == {"teacher_env_steps": {GAME: 5000}}
+
+
+@pytest.mark.slow
+def test_online_distillation_end_to_end(tmp_path, run_cli):
+    """A teacher run publishes its best so far; a student follows it; the report puts both on one axis."""
+    code, _, err = run_cli("teacher", "train", GAME, "total_steps=3000", "learning_starts=500", "eval_every=1000",
+                           "eval_episodes=2", "final_eval_episodes=2", "replay_capacity=3000", "num_threads=1",
+                           "--out", tmp_path / "T.pt", "--run-dir", tmp_path / "teacher", "--wandb", "off",
+                           "--no-progress")
+    assert code == 0, err
+    best = tmp_path / "teacher" / "best.pt"
+    assert load_agent(best).card["env_steps"] in (1000, 2000, 3000)
+    cfg = _cfg(best, "follow=true", "total_steps_per_game=128", "eval_every=64", "checkpoint_every=128")
+    summary = train_driven(cfg, tmp_path / "student", wandb_mode="off", show_progress=False)
+    assert [h["teacher_env_steps"][GAME] for h in summary["history"]] == [load_agent(best).card["env_steps"]] * 2
+    code, out, err = run_cli("report", "online", tmp_path / "student", tmp_path / "teacher", "--out", tmp_path / "r")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "online-minatar-Breakout.json").read_text())
+    assert report["teacher"]["env_steps"] == [1000, 2000, 3000] and len(report["student"]["scores"]) == 2
+    assert (tmp_path / "r" / "online-minatar-Breakout.png").read_bytes()[:4] == b"\x89PNG"

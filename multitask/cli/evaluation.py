@@ -63,6 +63,15 @@ def cmd_report_export(args: argparse.Namespace) -> None:
           f"({args.out.stat().st_size / 1024:.1f} KiB)")
 
 
+def cmd_report_online(args: argparse.Namespace) -> None:
+    from multitask.evaluation.online import online_report
+
+    report = online_report(args.student, args.teacher, args.out)
+    st, t = report["student"], report["teacher"]
+    print(f"online distillation {report['game']}: student {len(st['scores'])} evaluations, teacher "
+          f"{len(t['scores'])} -> {args.out}/{report['plot']}")
+
+
 def cmd_report_docs(args: argparse.Namespace) -> None:
     from multitask.evaluation.report import update_docs
 
@@ -101,6 +110,11 @@ def add_commands(sub) -> None:
                     help="runs/student/<run>/summary.json or results/<sweep>.json; several become one list (a sweep)")
     ex.add_argument("--out", type=Path, required=True, help="the slim JSON to write, e.g. docs/results/<name>.json")
     ex.set_defaults(func=cmd_report_export)
+    on = rs.add_parser("online", help="a student following a training teacher, beside it: JSON and PNG")
+    on.add_argument("student", type=Path, help="the `student drive follow=true` run folder (runs/driven/<run>)")
+    on.add_argument("teacher", type=Path, help="the teacher's run folder (runs/teacher/<run>)")
+    on.add_argument("--out", type=Path, default=Path("results"), help="folder for online-<Game>.json and .png")
+    on.set_defaults(func=cmd_report_online)
     docs = rs.add_parser("docs", help="rewrite every marked result table of Markdown files from the JSON it names")
     docs.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("docs/results.md"), Path("docs/gridworld.md")],
                       help="Markdown files (default: README.md docs/results.md docs/gridworld.md)")

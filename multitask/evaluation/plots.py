@@ -132,6 +132,19 @@ def gridworld_curves(report: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
+def online_distillation(report: dict[str, Any], path: Path) -> str:
+    """The student's and the training teacher's evaluation returns over the teacher's env steps."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    t, st = report["teacher"], report["student"]
+    ax.plot(t["env_steps"], t["scores"], marker=".", color="black", label="DQN teacher (training)")
+    ax.plot(st["teacher_env_steps"], st["scores"], marker=".", color="C1", label="student following its best so far")
+    ax.set_xlabel("teacher env steps")
+    ax.set_ylabel("evaluation return")
+    ax.set_title(f"online distillation, {_short(report['game'])}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_plots(report: dict[str, Any], out: Path) -> list[str]:
     """Every plot there is data for, under `out`; their file names relative to `out`."""
     out = Path(out)

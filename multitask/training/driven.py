@@ -18,6 +18,8 @@ summary.json, table.md, wandb/.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +82,9 @@ class DrivenConfig:
     eval_workers: int = option(2, "processes evaluating games in parallel")
     checkpoint_every: int = option(25_000, "env steps per game between resumable checkpoints")
     log_every: int = option(5_000, "env steps per game between metric logs")
+    follow: bool = option(False, "online distillation (paper A): reload each game's teacher whenever its file changes; "
+                                 "point `teachers` at a training teacher's runs/teacher/<run>/best.pt")
+    follow_every: int = option(5_000, "env steps per game between checks for a newer teacher when following")
     num_threads: int = option(1, "torch CPU threads (0: torch's default; one leaves the other core to the envs)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when present")
 
@@ -107,6 +112,8 @@ class DrivenConfig:
 def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",
                  restart: bool = False, show_progress: bool = True) -> dict:
     games, teacher_paths = resolve_games(cfg)
+    if cfg.follow:
+        _wait_for_teachers(teacher_paths)
     teachers = [_load_teacher(p, g) for p, g in zip(teacher_paths, games)]
     spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
     device = pick_device(cfg.device)
@@ -116,12 +123,31 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
     run = Run(run_dir or Path("runs") / "driven" / cfg.run_name, cfg, step_metric="env_steps",
               identity={"network": spec.to_dict()})
     learner = Driven(spec, cfg, games, teachers, device, size.counts("student"), teacher_card_scores(teacher_paths, games))
+    learner.teacher_paths = teacher_paths
+    learner.follow_teachers()
     run.say(learner.describe())
     run.resume(learner, restart, may_differ=RESUMABLE_CHANGES)
     run.start(wandb_mode, name=f"driven-{cfg.run_name}", job_type="driven", group="students",
               extra_config={"parameters": learner.counts})
     _train(learner, run, show_progress)
     return final_evaluation(learner, run, teacher_paths, "student", "student-driven", "driven")
+
+
+FOLLOW_WAIT_SECONDS = 3600  # how long a following student waits for a teacher run's first best.pt
+
+
+def _wait_for_teachers(paths: list[Path]) -> None:
+    """Following a teacher still training: wait until every teacher has published a checkpoint."""
+    deadline = time.monotonic() + FOLLOW_WAIT_SECONDS
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"waiting for {', '.join(map(str, missing))} (a teacher run writes best.pt at its first evaluation)",
+              file=sys.stderr)
+    while missing and time.monotonic() < deadline:
+        time.sleep(5)
+        missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"no teacher at {', '.join(map(str, missing))} after {FOLLOW_WAIT_SECONDS // 60} minutes")
 
 
 def _load_teacher(path: Path, game: GameSpec) -> MultiHeadNet:
@@ -174,6 +200,10 @@ class Driven:
         self.device = device
         self.net = MultiHeadNet(spec).to(device)
         self.teachers = [t.to(device) for t in teachers]
+        self.teacher_paths: list[Path] = []  # set by train_driven; followed when cfg.follow
+        self.teacher_stamps: list[tuple[int, int] | None] = [None] * len(games)
+        self.teacher_env_steps: list[int | None] = [None] * len(games)  # the followed teacher's training steps
+        self.teacher_reloads = 0
         optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
         self.optimizer = optimizer(self.net.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # actions and mixture coins, on the CPU
@@ -193,6 +223,28 @@ class Driven:
     @property
     def step(self) -> int:
         return self.env_steps
+
+    def follow_teachers(self) -> None:
+        """Load every teacher file that changed since it was last read (size and mtime), when following."""
+        if not self.cfg.follow:
+            return
+        for g, (path, game) in enumerate(zip(self.teacher_paths, self.games)):
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            if stamp == self.teacher_stamps[g]:
+                continue
+            agent = load_agent(path)  # written atomically (rename): never half a file
+            check_agent_game(agent, game)
+            self.teachers[g] = agent.net.eval().to(self.device)
+            self.teacher_stamps[g] = stamp
+            self.teacher_env_steps[g] = agent.card.get("env_steps")
+            self.teacher_reloads += 1
+
+    def curve_extra(self) -> dict[str, Any]:
+        """What a learning-curve point adds when following: each teacher's training env steps."""
+        if not self.cfg.follow:
+            return {}
+        return {"teacher_env_steps": dict(zip(self.spec.games, self.teacher_env_steps))}
 
     def teacher_share(self) -> float:
         cfg = self.cfg
@@ -266,6 +318,10 @@ class Driven:
     def train_metrics(self, steps_per_s: float) -> dict[str, float]:
         m: dict[str, float] = {"train/updates": self.updates, "train/teacher_share": self.teacher_share(),
                                "train/steps_per_s": steps_per_s}
+        if self.cfg.follow:
+            m["train/teacher_reloads"] = self.teacher_reloads
+            m.update({f"train/{g}/teacher_env_steps": s for g, s in zip(self.spec.games, self.teacher_env_steps)
+                      if s is not None})
         for game, envs, last in zip(self.spec.games, self.envs, self.last):
             m.update({f"train/{game}/episode_return": envs.mean_return(), f"train/{game}/episodes": envs.episodes,
                       **{f"train/{game}/{k}": v for k, v in last.items()}})
@@ -304,11 +360,14 @@ def _train(learner: Driven, run: Run, show_progress: bool) -> None:
     learner.begin_episodes()
     log_due, eval_due = Every(cfg.log_every, start), Every(cfg.eval_every, start)
     checkpoint_due, rate = Every(cfg.checkpoint_every, start), Rate(start)
+    follow_due = Every(cfg.follow_every, start)
     bar = Progress(cfg.total_steps_per_game, f"driven {cfg.run_name}", unit="steps per game", initial=start,
                    enabled=show_progress)
     while learner.env_steps < cfg.total_steps_per_game:
         learner.learn()
         bar.update(cfg.rollout * cfg.num_envs)
+        if follow_due(learner.env_steps):
+            learner.follow_teachers()
         last = learner.env_steps >= cfg.total_steps_per_game
         if log_due(learner.env_steps) or last:
             run.log(learner.train_metrics(rate(learner.env_steps)), learner.env_steps)

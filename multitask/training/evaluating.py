@@ -26,7 +26,8 @@ def periodic_evaluation(learner: Any, run: Run, kind: str) -> None:
     seed = cfg.seed + PERIODIC_EVAL_SEED + EVAL_SEED_STRIDE * len(learner.history)
     scores = score_games(learner.net, learner.spec.games, cfg.eval_episodes, seed, cfg.eval_workers,
                          learner.teacher_scores)
-    learner.history.append({"env_steps": learner.env_steps, **scores.curve_point()})
+    extra = learner.curve_extra() if hasattr(learner, "curve_extra") else {}
+    learner.history.append({"env_steps": learner.env_steps, **scores.curve_point(), **extra})
     run.report_evaluation(scores.metrics(), scores.line(), learner.env_steps)
     if scores.selection_score >= learner.best["score"]:
         learner.best = {"score": scores.selection_score, "env_steps": learner.env_steps}

@@ -182,6 +182,10 @@ def _evaluate(teacher: Teacher, run: Run) -> float:
     if score >= teacher.best["score"]:
         teacher.best = {"score": score, "env_steps": teacher.env_steps,
                         "state_dict": {k: v.clone() for k, v in teacher.net.state_dict().items()}}
+        # the best so far, published in the run folder for online distillation (`student drive follow=true`)
+        run.save_agent("best", teacher.net, "teacher", {"source": "training", "game": game.describe(),
+                                                        "env_steps": teacher.env_steps, "eval": {"mean": score},
+                                                        "config": run.config_dict})
     return score
 
 
