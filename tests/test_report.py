@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from multitask.evaluation.report import (PER_EPISODE_KEYS, geomean, pct_of_teacher, results_table, run_table,
-                                         sweep_table, teacher_manifest)
+                                         sweep_columns, sweep_table, teacher_manifest)
 
 
 def summary(game, loss, size, score, teacher, frac=1.0):
@@ -45,6 +45,15 @@ def test_sweep_table_columns_and_seed_averaging():
     assert "| a/X | 10.00 | 10.00 (100%) | 5.00 (50%) |" in table
     assert "| a/Y | 2.00 | 4.00 (200%) | 2.00 (100%) [2 seeds] |" in table
     assert "**141%**" in table and "**71%**" in table  # geomeans of (100, 200) and (50, 100)
+
+
+def test_offline_and_student_driven_runs_side_by_side_by_method():
+    offline = summary("a/X", "kl", "100%", 10, 10)
+    driven = summary("a/X", "kl", "100%", 6, 10)
+    driven["config"] = {"games": ["a/X"], "variant": "on_policy_distill", "size": "100%"}
+    key, columns = sweep_columns([offline, driven])
+    assert (key, columns) == ("method", ["offline kl", "on_policy_distill"])
+    assert "| a/X | 10.00 | 10.00 (100%) | 6.00 (60%) |" in results_table([offline, driven])
 
 
 def test_size_sweep_reports_parameter_fractions():

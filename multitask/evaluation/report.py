@@ -94,12 +94,12 @@ def run_table(summary: dict) -> str:
 
 
 def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[str]) -> str:
-    """Single-game runs: rows are games, columns one value of `column_key` (loss or size); the
-    cells are student score (% of teacher), averaged over seeds."""
+    """Single-game runs: rows are games, columns one value of `column_key` (loss, size or method);
+    the cells are student score (% of teacher), averaged over seeds."""
     games = sorted({s["config"]["games"][0] for s in summaries})
     cell: dict[tuple[str, str], list[dict]] = {}
     for s in summaries:
-        cell.setdefault((s["config"]["games"][0], str(s["config"][column_key])), []).append(s)
+        cell.setdefault((s["config"]["games"][0], column_value(s, column_key)), []).append(s)
     header = "| game | teacher | " + " | ".join(f"{c}: score (% of teacher)" for c in columns) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(columns)]
     per_column: dict[str, list[float]] = {c: [] for c in columns}
@@ -123,7 +123,7 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
         f"**{_pct(geomean(v))}**" if len(v) == len(games) else "-" for v in per_column.values()) + " |")
     params = {}
     for s in summaries:
-        params.setdefault(str(s["config"][column_key]), s["parameters"]["fraction_of_teacher"])
+        params.setdefault(column_value(s, column_key), s["parameters"]["fraction_of_teacher"])
     if column_key == "size":
         lines.append("")
         lines.append("Parameters relative to the teacher: " + ", ".join(
@@ -131,10 +131,23 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     return "\n".join(lines)
 
 
+def column_value(summary: dict, key: str) -> str:
+    """A run's value of what a sweep varied; `method`: a student-driven run's variant, else
+    `offline <loss>` (offline and student-driven students side by side)."""
+    config = summary["config"]
+    if key == "method":
+        return str(config.get("variant") or f"offline {config.get('loss')}")
+    return str(config.get(key))
+
+
 def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:
-    """What a sweep varied (loss, else size) and its values in the order the runs list them."""
-    key = "loss" if len({str(s["config"].get("loss")) for s in summaries}) > 1 else "size"
-    return key, list(dict.fromkeys(str(s["config"].get(key)) for s in summaries))
+    """What a sweep varied (method where student-driven runs are among them, loss, else size) and
+    its values in the order the runs list them."""
+    if any("variant" in s["config"] for s in summaries):
+        key = "method"
+    else:
+        key = "loss" if len({str(s["config"].get("loss")) for s in summaries}) > 1 else "size"
+    return key, list(dict.fromkeys(column_value(s, key) for s in summaries))
 
 
 def results_table(results: Results) -> str:
