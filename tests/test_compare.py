@@ -292,3 +292,19 @@ def test_atari_reference_table_and_human_normalised_score(tmp_path):
     e = game_entry([[-10.0, -12.0]], [10.0, 12.0], -21.0, "atari/Pong", [tmp_path / "x.json"], tmp_path, 50, 0, False)
     assert e["human_normalised"] == pytest.approx((-11.0 + 20.7) / (14.6 + 20.7))
     assert e["pct_teacher"] == pytest.approx(-100.0) and e["normalised"] == pytest.approx(10.0 / 32.0)
+
+
+def test_a_comparison_report_is_a_docs_table(setup, run_cli, tmp_path):
+    from multitask.evaluation.report import load_results, results_table
+
+    report = load_results(setup["out"] / "report.json")
+    table = results_table(report)
+    tiny = next(a for a in report["agents"] if a["label"] == "tiny")
+    pct = tiny["games"]["minatar/Breakout"]["pct_teacher"]
+    assert "| game | teacher | tiny | other |" in table and "geometric mean % of teacher" in table
+    assert ("-" if pct is None else f"{pct:.0f}%") in table.split("| minatar/Breakout |")[1].split("\n")[0]
+    md = tmp_path / "results.md"
+    md.write_text(f"<!-- table: {setup['out'] / 'report.json'} -->\n<!-- end table -->\n")
+    code, out, err = run_cli("report", "docs", md)
+    assert code == 0, err
+    assert table in md.read_text()

@@ -68,6 +68,13 @@ def _iqm(x: dict | None) -> str:
     return f"{x['value']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}] ({len(x['games'])} game{'s' if len(x['games']) > 1 else ''})"
 
 
+def docs_table(report: dict) -> str:
+    """The comparison as the docs show it (`report docs`): % of teacher per game and agent with
+    95% intervals, then the aggregates."""
+    return "\n".join([*_cells(report, lambda e: _pct(e["pct_teacher"]) + _interval(e["pct_teacher_ci95"])), "",
+                      *aggregate_table(report)])
+
+
 def markdown(report: dict) -> str:
     """report.md: raw scores, % of teacher with 95% intervals, normalised scores, aggregates, rules."""
     n, seed = report["episodes"], report["seed"]

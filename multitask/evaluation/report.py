@@ -154,6 +154,9 @@ def results_table(results: Results) -> str:
     """The table of one run (a summary), of a sweep (a list of summaries) or of a grid-world study."""
     if isinstance(results, dict) and results.get("format") == "multitask-gridworld":
         return gridworld_table(results)
+    if isinstance(results, dict) and results.get("format") == "multitask-compare":
+        from multitask.evaluation.compare_tables import docs_table
+        return docs_table(results)
     if isinstance(results, dict):
         return run_table(results)
     return sweep_table(results, *sweep_columns(results))
@@ -178,7 +181,7 @@ def load_results(path: Path) -> Results:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         data = None
-    if isinstance(data, dict) and data.get("format") == "multitask-gridworld" and "rows" in data:
+    if isinstance(data, dict) and data.get("format") in ("multitask-gridworld", "multitask-compare"):
         return data
     runs = data if isinstance(data, list) else [data]
     if not runs or not all(isinstance(r, dict) and all(k in r for k in SUMMARY_KEYS) for r in runs):
