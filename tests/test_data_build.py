@@ -8,6 +8,7 @@ import pytest
 from multitask.data.build import BuildJob, build_many
 from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
 from multitask.data.reader import DatasetReader
+from multitask.devices import pick_device
 from multitask.data.verify import verify_invariants
 from multitask.errors import UserError
 
@@ -25,7 +26,8 @@ def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, mak
         cfg = json.loads(d.info.attrs["builds"])[-1]["config"]
         assert json.loads(d.info.attrs["compression"])["level"] == 4
     want = {**DatasetConfig().__dict__, "steps": 200, "seed": 4, "epsilon": 0.2, "level": 4, "lanes": 1,
-            "flush_seconds": 30.0, "num_envs": SUITE_NUM_ENVS["minatar"]}  # num_envs 0: the suite's
+            "flush_seconds": 30.0, "num_envs": SUITE_NUM_ENVS["minatar"],  # num_envs 0: the suite's
+            "device": pick_device("auto").type}  # auto: the device used
     assert {k: v for k, v in cfg.items() if k != "flush_steps"} == {k: v for k, v in want.items() if k != "flush_steps"}
     assert cfg["flush_steps"] > 0  # resolved from flush_bytes
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from multitask.envs import get_game, make_vector_env
 from multitask.agents.replay import ReplayMemory
@@ -26,7 +27,9 @@ def test_sampled_transitions_are_the_real_ones(name, capacity):
             seen[int(ids[i])] = (obs[i].copy(), step.reward[i], step.next_obs[i].copy(), step.life_lost[i])
         memory.add(ids, step.reward, step.life_lost, step.next_obs, step.done, step.obs)
         obs = step.obs
-    batch = memory.sample(512)  # a stack reaching into overwritten slots would not match `seen`
+    sampled = memory.sample(512)  # a stack reaching into overwritten slots would not match `seen`
+    assert sampled.window.shape == (512, spec.stack + 1, *spec.frame_shape)  # each frame moved once
+    batch = sampled.to(torch.device("cpu"))  # observations stacked on the device (here: the CPU)
     for k in range(512):
         o, r, no, term = seen[int(batch.action[k])]
         assert np.array_equal(batch.obs[k].numpy(), o)

@@ -217,12 +217,15 @@ def test_killed_run_resumes_to_the_same_weights(data):
 def test_torchrun_two_cpu_processes_keep_identical_replicas(data):
     tmp, _, _ = data
     run = tmp / "ddp"
+    # device=cpu: two processes on the CPU whatever GPUs the machine has (auto on a one-GPU machine
+    # would be refused: two processes, one GPU)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m"] + _train_cmd(data, run, 40)[2:]
+           "-m"] + _train_cmd(data, run, 40)[2:] + ["device=cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["replica_checksums"]) == 2
+    assert summary["config"]["device"] == "cpu"
     assert summary["replicas_identical"]
     single = load_agent(run / "last.pt").net
     assert all(torch.isfinite(p).all() for p in single.parameters())

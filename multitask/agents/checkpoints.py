@@ -14,6 +14,8 @@ command.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import json
 import pickle
 import zipfile
@@ -61,11 +63,22 @@ def save_agent(path: Path, net: MultiHeadNet, kind: str, card: dict[str, Any]) -
     card = {**card, "kind": kind, "package_version": multitask.__version__,
             "torch_version": str(torch.__version__), "network": net.spec.to_dict()}
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-               "network": net.spec.to_dict(), "state_dict": net.state_dict(), "card": card}
+               "network": net.spec.to_dict(), "state_dict": _cpu_state_dict(net), "card": card}
     atomic_torch_save(payload, path)
     digest = file_sha256(path)
     atomic_write_text(card_path(path), json.dumps({**card, "sha256": digest}, indent=2) + "\n")
     return digest
+
+
+def _cpu_state_dict(net: MultiHeadNet) -> dict[str, torch.Tensor]:
+    """The net's state dict with every tensor on the CPU (a net trained on a GPU loads anywhere); a
+    CPU net's own state dict as it is, so that its file's bytes do not change."""
+    sd = net.state_dict()
+    if all(v.device.type == "cpu" for v in sd.values()):
+        return sd
+    cpu = OrderedDict((k, v.cpu()) for k, v in sd.items())
+    cpu._metadata = getattr(sd, "_metadata", None)
+    return cpu
 
 
 def weights_problem(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from multitask.agents.networks import pad_channels
-from multitask.envs.framestack import join_frames, newest_frame, split_frames
+from multitask.envs.framestack import newest_frame, split_frames
 
 
 class ReplayBatch(NamedTuple):
@@ -31,13 +31,37 @@ class ReplayBatch(NamedTuple):
         return ReplayBatch(*(t.to(device, non_blocking=True) for t in self))
 
 
+class WindowBatch(NamedTuple):
+    """A sampled batch as it leaves the replay: each transition's frames once, s_t's k frames and
+    s_{t+1}'s newest, (B, k+1, C, H, W) uint8. `to(device)` moves (k+1)/2k of the bytes two
+    stacked observations would take (5/8 for Atari's k = 4) and cuts s_t and s_{t+1} out of it
+    there, as views: the stacking happens on the device."""
+    window: torch.Tensor  # (B, k+1, C, H, W) uint8, oldest frame first
+    action: torch.Tensor
+    reward: torch.Tensor
+    terminal: torch.Tensor
+
+    @property
+    def obs(self) -> torch.Tensor:
+        return self.window[:, :-1].flatten(1, 2)  # (B, k*C, H, W): the frame-stack layout of join_frames
+
+    @property
+    def next_obs(self) -> torch.Tensor:
+        return self.window[:, 1:].flatten(1, 2)
+
+    def to(self, device: torch.device) -> ReplayBatch:
+        """The batch on `device` as a ReplayBatch, its observations stacked there."""
+        moved = WindowBatch(*(t.to(device, non_blocking=True) for t in self))
+        return ReplayBatch(moved.obs, moved.action, moved.reward, moved.terminal, moved.next_obs)
+
+
 def rows_per_game(batch_size: int, games: int) -> list[int]:
     """A mixed batch's rows of each game: B // G each, the first B mod G games one more (17, 2 -> 9, 8)."""
     base, extra = divmod(batch_size, games)
     return [base + (1 if g < extra else 0) for g in range(games)]
 
 
-def join_batches(batches: list[ReplayBatch], channels: int) -> tuple[ReplayBatch, list[tuple[int, slice]]]:
+def join_batches(batches: list[ReplayBatch | WindowBatch], channels: int) -> tuple[ReplayBatch, list[tuple[int, slice]]]:
     """One batch of every game's rows in order, observations zero-padded to `channels` (games of a
     suite differ in channels: MinAtar 4-10); and (game index, rows) of each group."""
     groups, start = [], 0
@@ -104,8 +128,9 @@ class ReplayMemory:
         if done.any():
             self.begin_episodes(obs[done], np.flatnonzero(done))
 
-    def sample(self, batch_size: int) -> ReplayBatch:
-        """Uniform over stored transitions whose frames are all still in memory."""
+    def sample(self, batch_size: int) -> WindowBatch:
+        """Uniform over stored transitions whose frames are all still in memory; each transition's
+        k+1 frames gathered once (`WindowBatch`)."""
         k = self.stack
         env_out = np.empty(batch_size, dtype=np.int64)
         slot_out = np.empty(batch_size, dtype=np.int64)
@@ -123,18 +148,13 @@ class ReplayMemory:
             env_out[filled:filled + len(take)] = env[take]
             slot_out[filled:filled + len(take)] = slot[take]
             filled += len(take)
-        offsets = np.arange(1 - k, 1)
-        idx = (slot_out[:, None] + offsets) % self.cap  # (B, k) frames of s_t
-        nidx = (idx + 1) % self.cap  # frames of s_{t+1}
-        e = env_out[:, None]
-        obs = join_frames(self.frames[e, idx])  # (B, k, C, H, W) -> (B, k*C, H, W)
-        nobs = join_frames(self.frames[e, nidx])
-        return ReplayBatch(
-            obs=torch.from_numpy(obs),
+        offsets = np.arange(1 - k, 2)
+        idx = (slot_out[:, None] + offsets) % self.cap  # (B, k+1): frames of s_t, then s_{t+1}'s newest
+        return WindowBatch(
+            window=torch.from_numpy(self.frames[env_out[:, None], idx]),
             action=torch.from_numpy(self.action[env_out, slot_out]),
             reward=torch.from_numpy(self.reward[env_out, slot_out]),
             terminal=torch.from_numpy(self.terminal[env_out, slot_out].astype(np.float32)),
-            next_obs=torch.from_numpy(nobs),
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 from multitask import config as configlib
 from multitask.config import option
 from multitask.data.control import check_spec as check_control
+from multitask.devices import pick_device
 from multitask.data.schema import Compression, bytes_per_step
 from multitask.envs import GameSpec
 from multitask.errors import UserError
@@ -39,6 +40,9 @@ class DatasetConfig:
                            ", ".join(f"{n} {s}" for s, n in SUITE_NUM_ENVS.items()) +
                            " (measured: MinAtar 200k steps in 5.0 s with 128 envs a lane vs 6.9 s with 32; "
                            "Atari's forward pass is cheapest per observation in batches of 16)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "where the teacher's forward passes run; auto: cuda when "
+                                                    "torch sees a GPU. On a GPU the build plays one lane (a forked "
+                                                    "helper cannot use the parent's CUDA context)")
     lanes: int = option(2, "env groups, each played by the teacher in its own process, about one per core "
                            "(2: the 2-core dev machine; 1 plays in this process alone; --games builds use 1 each)")
     workers: int = option(2, "processes building several games at once (--games), one per core of the "
@@ -80,8 +84,10 @@ class DatasetConfig:
         if self.steps is None:
             raise UserError("give the dataset's size: --steps N (or steps=N)")
         num_envs = self.num_envs or SUITE_NUM_ENVS[game.suite]
+        device = pick_device(self.device).type
+        lanes = 1 if device == "cuda" else min(self.lanes, num_envs)
         return dataclasses.replace(
-            self, num_envs=num_envs, lanes=min(self.lanes, num_envs),
+            self, num_envs=num_envs, lanes=lanes, device=device,
             flush_steps=self.flush_steps or max(1, self.flush_bytes // bytes_per_step(game.frame_shape, game.num_actions)))
 
 

@@ -82,8 +82,9 @@ def _wait_until(ready: Callable[[], bool], alive: Callable[[], bool]) -> bool:
 
 
 def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.ndarray) -> Turn:
+    device = next(net.parameters()).device  # a GPU teacher plays in the caller's lane only (no CUDA after fork)
     with torch.inference_mode():
-        outputs = net(torch.from_numpy(obs), head).numpy()
+        outputs = net(torch.from_numpy(obs).to(device), head).cpu().numpy()
     actions = np.asarray(act(outputs, obs), dtype=np.int64)
     return Turn(outputs, actions, env.step(actions))
 

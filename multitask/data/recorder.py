@@ -166,6 +166,7 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
     sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
     firsts = [int(f) for f in np.cumsum([0, *sizes[:-1]])]
     head = teacher.net.head_index(game.name)
+    net = teacher.net.to(cfg.device)  # cfg is resolved: cpu or cuda (then one lane)
     # Each lane's process alternates a forward pass and an env step, so the cores are shared out
     # between lanes: the envs' threads (ale-py) get cores / lanes each, and each lane's forward pass
     # one torch thread (a forked helper must run one; see lanes._serve). One lane keeps the caller's.
@@ -179,7 +180,7 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
         def lane(k: int, start: Callable[..., LocalLane | RemoteLane]) -> LocalLane | RemoteLane:
             # each lane draws its exploration from its own generator, in the process that plays it
             rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
-            return start(game, sizes[k], stream_seed + firsts[k], teacher.net, head,
+            return start(game, sizes[k], stream_seed + firsts[k], net, head,
                          make_act(control, game, epsilon, rng), share)
         # helpers first: they build their envs while this process builds its own
         players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))

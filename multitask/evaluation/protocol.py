@@ -79,6 +79,7 @@ def evaluate_game(net: MultiHeadNet, game: GameSpec, episodes: int, seed: int,
                   show_progress: bool = False) -> GameScores:
     """Play `episodes` whole games of `game` with the net's head for it; raw scores."""
     head = net.head_index(game.name)
+    device = next(net.parameters()).device
     n = num_envs or min(episodes, MAX_PARALLEL_ENVS)
     quota = quotas(episodes, n)
     env = make_vector_env(game, n)
@@ -95,8 +96,8 @@ def evaluate_game(net: MultiHeadNet, game: GameSpec, episodes: int, seed: int,
     try:
         obs = env.reset(seed)
         while any(len(returns[i]) < quota[i] for i in range(n)):
-            with torch.inference_mode():
-                q = net(torch.from_numpy(obs), head)
+            with torch.inference_mode():  # all envs in one forward pass, on the net's device
+                q = net(torch.from_numpy(obs).to(device), head).cpu()
             step = env.step(epsilon_greedy(q, epsilon, rng))
             ep_return += step.reward
             ep_length += 1

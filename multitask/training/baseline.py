@@ -43,6 +43,7 @@ from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training.acting import Acting
 from multitask.training.run import Every, Rate, Run, default_run_name
+from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.evaluating import final_evaluation, periodic_evaluation
 from multitask.training.scoring import Scores, teacher_card_scores
 from multitask.training.teacher import load_config as load_teacher_config
@@ -85,7 +86,7 @@ class BaselineConfig:
     checkpoint_every: int | None = option(None, f"env steps per game between resumable checkpoints ({TEACHER})")
     log_every: int | None = option(None, f"env steps per game between metric logs ({TEACHER})")
     num_threads: int | None = option(None, f"torch CPU threads, 0: torch's default ({TEACHER})")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when present; the saved config holds the device used")
+    device: DeviceName = option("auto", DEVICE_DOC)
     dqn: DQNConfig = option(DQNConfig(), "the DQN learner ([dqn] table; unset keys: the teacher preset's [dqn])")
 
     def __post_init__(self):
@@ -135,12 +136,6 @@ def resolve_games(cfg: BaselineConfig) -> tuple[list[GameSpec], list[Path]]:
                         f"train a baseline per suite")
     teachers = [Path(p) for p in cfg.teachers] or [Path("teachers") / g.suite / f"{g.game}.pt" for g in games]
     return games, teachers
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",

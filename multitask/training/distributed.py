@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from multitask.devices import DeviceName, pick_device
+from multitask.errors import UserError
+
 # Rank 0 evaluates whole games while the other ranks wait in their next collective call; torch's
 # default of 10 minutes would end the job during a long Atari evaluation.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -32,14 +35,21 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes() -> Processes:
-    """Join the torchrun job named by the environment (WORLD_SIZE, LOCAL_RANK), if there is one."""
+def start_processes(device: DeviceName = "auto") -> Processes:
+    """Join the torchrun job named by the environment (WORLD_SIZE, LOCAL_RANK), if there is one.
+    On GPUs each process takes cuda:LOCAL_RANK (NCCL); a job with more processes per machine than
+    GPUs is refused in one sentence, and device = cpu runs every process on the CPU (gloo) whatever
+    the machine has."""
+    chosen = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Processes(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return Processes(0, 1, chosen)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if chosen.type == "cuda" and local >= torch.cuda.device_count():
+        raise UserError(f"torchrun started process {local} on a machine with {torch.cuda.device_count()} GPU(s); "
+                        f"start at most one process per GPU, or pass device=cpu")
+    dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    if chosen.type == "cuda":
         torch.cuda.set_device(local)
         return Processes(dist.get_rank(), world, torch.device("cuda", local))
     return Processes(dist.get_rank(), world, torch.device("cpu"))

@@ -37,7 +37,8 @@ from multitask.envs import GameSpec, make_vector_env
 from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training import unified as u
-from multitask.training.baseline import pick_device, resolve_games
+from multitask.training.baseline import resolve_games
+from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.losses import DEFAULT_TAU
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.evaluating import final_evaluation, periodic_evaluation
@@ -86,7 +87,7 @@ class DrivenConfig:
                                  "point `teachers` at a training teacher's runs/teacher/<run>/best.pt")
     follow_every: int = option(5_000, "env steps per game between checks for a newer teacher when following")
     num_threads: int = option(1, "torch CPU threads (0: torch's default; one leaves the other core to the envs)")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when present")
+    device: DeviceName = option("auto", DEVICE_DOC)
 
     def __post_init__(self):
         if not self.games:

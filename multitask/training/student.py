@@ -33,6 +33,7 @@ from multitask.errors import UserError
 from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
+from multitask.devices import DEVICE_DOC, DeviceName
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
@@ -43,7 +44,7 @@ from multitask.training.tracking import WandbMode
 # A killed run may be resumed with these changed. width and extra_fc are left to the network
 # check (the run's identity: the architecture built), which any change that matters fails; so a run
 # saved before configs held the built width (a preset's width 1.0) resumes too.
-RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc")
+RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc", "device")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class StudentConfig:
     loader_workers: int = option(1, "background processes preparing batches (0: in the training process)")
     window_batches: int = option(500, "batches drawn from one window of chunks when a dataset exceeds its budget")
     num_threads: int = option(0, "torch CPU threads per process (0: torch's default)")
+    device: DeviceName = option("auto", DEVICE_DOC + "; under torchrun, process k takes cuda:k")
     control: tuple[str, ...] = option((), "train only on episodes these control policies played (teacher, student, "
                                           "mixture; `dataset info` lists a file's); empty: every episode")
 
@@ -151,7 +153,8 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
     inputs = resolve_inputs(cfg)
     spec, size = sized_network(cfg.size, inputs.games, cfg.width, cfg.extra_fc)
     cfg = replace(cfg, width=spec.trunk.width, extra_fc=spec.trunk.extra_fc)  # the config as built
-    procs = start_processes()
+    procs = start_processes(cfg.device)
+    cfg = replace(cfg, device=procs.device.type)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "student" / cfg.run_name, cfg, step_metric="updates",

@@ -11,7 +11,7 @@ holds the suite presets (MinAtar's are sized to train in ~30 minutes on 2 CPU co
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from multitask.envs import GameSpec, get_game
 from multitask.evaluation.protocol import evaluate_game
 from multitask.progress import Progress
 from multitask.training.acting import Acting
+from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.run import Every, Rate, Run
 from multitask.training.scoring import PERIODIC_EVAL_SEED, score_games
 from multitask.training.tracking import WandbMode
@@ -53,6 +54,7 @@ class TeacherConfig:
     checkpoint_every: int = option(250_000, "env steps between resumable training checkpoints")
     log_every: int = option(20_000, "env steps between metric logs")
     num_threads: int = option(0, "torch CPU threads (0: torch's default)")
+    device: DeviceName = option("auto", DEVICE_DOC)
     dqn: DQNConfig = option(DQNConfig(), "the DQN learner ([dqn] table)")
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ def load_config(suite: str, path: Path | None, overrides: list[str]) -> TeacherC
     return configlib.load(TeacherConfig, path, overrides)
 
 
-RESUMABLE_CHANGES = ("total_steps", "num_threads")  # a killed run may be resumed with these changed
+RESUMABLE_CHANGES = ("total_steps", "num_threads", "device")  # a killed run may be resumed with these changed
 RESUME_SEED_STRIDE = 7919  # a resumed run starts fresh episodes: env seeds seed + 7919 * resumes + i
 EVAL_SEED_STRIDE = 100  # periodic evaluation i plays env seeds seed + 10_000 + 100 i + (0..31 envs)
 FINAL_EVAL_SEED_OFFSET = 999_983  # the card's evaluation plays seeds no periodic evaluation played
@@ -83,8 +85,10 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     game = get_game(game_name)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    cfg = replace(cfg, device=device.type)  # the config as built
     torch.manual_seed(cfg.seed)
-    teacher = Teacher(game, cfg)
+    teacher = Teacher(game, cfg, device)
     run = Run(run_dir, cfg, step_metric="env_steps", identity={"game": game.name})
     run.resume(teacher, restart, may_differ=RESUMABLE_CHANGES)
     run.start(wandb_mode, name=f"teacher-{game.name}", job_type="teacher", group="teachers",
@@ -106,9 +110,9 @@ class Teacher:
     """A DQN teacher in training: network, learner, its game's acting (envs, replay, exploration;
     `training/acting`), and the learning curve and best snapshot that state.pt carries."""
 
-    def __init__(self, game: GameSpec, cfg: TeacherConfig):
-        self.game, self.cfg = game, cfg
-        self.net = MultiHeadNet(teacher_network_spec(game, cfg.width))
+    def __init__(self, game: GameSpec, cfg: TeacherConfig, device: torch.device = torch.device("cpu")):
+        self.game, self.cfg, self.device = game, cfg, device
+        self.net = MultiHeadNet(teacher_network_spec(game, cfg.width)).to(device)
         self.learner = DQNLearner(self.net, cfg.dqn)
         self.acting = Acting(game, cfg.num_envs, cfg.replay_capacity, cfg.seed, cfg.life_loss_terminal)
         self.history: list[dict] = []  # periodic evaluations: the learning curve
@@ -121,7 +125,8 @@ class Teacher:
             return
         self.update_credit += self.cfg.num_envs * self.cfg.update_ratio
         while self.update_credit >= 1.0:
-            self.last_loss = self.learner.update(self.acting.memory.sample(self.cfg.dqn.batch_size))["loss"]
+            batch = self.acting.memory.sample(self.cfg.dqn.batch_size).to(self.device)
+            self.last_loss = self.learner.update(batch)["loss"]
             self.update_credit -= 1.0
 
     @property
@@ -210,5 +215,6 @@ def _card(teacher: Teacher, run: Run, weights: str, evaluation: dict) -> dict:
         "cpu_time_s": round(run.clock.cpu(), 1), "resumes": run.resumes,
         "weights": weights, "parameters": count_parameters(teacher.net),
         "eval": evaluation, "learning_curve": teacher.history,
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name() if teacher.device.type == "cuda" else "cpu"},
     }
