@@ -36,3 +36,11 @@ def add_run_options(p: argparse.ArgumentParser, run_dir: str) -> None:
     p.add_argument("--restart", action="store_true", help="discard a previous run's checkpoint instead of resuming it")
     add_no_progress(p)
     add_wandb(p)
+
+
+def add_executor(p: argparse.ArgumentParser, folder: str) -> None:
+    """Where per-game jobs run (multitask/jobs.py): local processes, or submitit's local or Slurm executor."""
+    p.add_argument("--executor", choices=("processes", "local", "slurm"), default="processes",
+                   help="processes (default): this machine; local: submitit's local executor; slurm: one Slurm "
+                        "job per game through submitit")
+    p.add_argument("--jobs-dir", type=Path, default=Path(folder), help=f"submitit's logs and job files (default {folder})")

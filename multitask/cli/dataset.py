@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_no_progress
+from multitask.cli.common import add_executor, add_no_progress
 from multitask.errors import UserError
 
 # --flag -> DatasetConfig key: the flags override the config, their defaults and help come from it
@@ -32,7 +32,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     jobs = [BuildJob(g.name, args.teacher or Path("teachers") / g.suite / f"{g.game}.pt",
                      args.out or Path("datasets") / g.suite / f"{g.game}.h5", cfg, args.resume, args.overwrite,
                      not args.no_progress) for g in games]
-    results = build_many(jobs, cfg.workers)
+    results = build_many(jobs, cfg.workers, args.executor, args.jobs_dir)
     if len(results) > 1:
         total = sum(r.added_steps for r in results)
         print(f"built {len(results)} datasets, +{total:,} steps")
@@ -125,6 +125,7 @@ def add_commands(sub) -> None:
     db.add_argument("--resume", action="store_true", help="continue the dataset at --out up to --steps (starts one if there is none)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     _add_config_flags(db)
+    add_executor(db, "runs/jobs/datasets")
     add_no_progress(db)
     db.set_defaults(func=cmd_dataset_build, overrides=[])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from multitask import __version__
-from multitask.cli.common import add_no_progress
+from multitask.cli.common import add_executor, add_no_progress
 from multitask.files import check_writable
 
 
@@ -29,7 +29,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         check_writable(args.out)
     results = evaluate_games(agent.net, games, args.episodes, args.seed,
                              epsilon=EVAL_EPSILON if args.epsilon is None else args.epsilon,
-                             workers=args.workers, show_progress=not args.no_progress)
+                             workers=args.workers, show_progress=not args.no_progress, executor=args.executor,
+                             jobs_folder=args.jobs_dir)
     report = {
         "agent": {"checkpoint": str(agent.path), "sha256": agent.sha256, "kind": agent.kind,
                   "games": list(agent.net.games)},
@@ -94,6 +95,7 @@ def add_commands(sub) -> None:
     e.add_argument("--seed", type=int, default=12345, help="env i uses seed + i; actions use their own stream")
     e.add_argument("--epsilon", type=float, help="epsilon-greedy evaluation (default: the protocol's; docs/evaluation.md)")
     e.add_argument("--workers", type=int, default=2, help="processes evaluating games in parallel")
+    add_executor(e, "runs/jobs/evaluations")
     e.add_argument("--out", type=Path, help="write per-episode returns, lengths, protocol and seeds as JSON")
     add_no_progress(e)
     e.set_defaults(func=cmd_evaluate)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +30,7 @@ from multitask.data.writer import DatasetWriter, dataset_exists, remove_dataset
 from multitask.envs import GameSpec, get_game
 from multitask.errors import UserError
 from multitask.files import check_writable
+from multitask.jobs import Executor, JobResources, run_jobs
 
 
 @dataclass(frozen=True)
@@ -150,22 +149,12 @@ def _build_in_worker(job: BuildJob) -> BuildResult:
                          job.resume, job.overwrite, show_progress=False)
 
 
-def build_many(jobs: Sequence[BuildJob], workers: int) -> list[BuildResult]:
-    """One process per game; a failing game does not stop the others. Raises after all finished,
-    naming every game that failed."""
-    if len(jobs) == 1:
+def build_many(jobs: Sequence[BuildJob], workers: int, executor: Executor = "processes",
+               folder: Path = Path("runs/jobs/datasets"), resources: JobResources = JobResources()) -> list[BuildResult]:
+    """One job per game (multitask/jobs.py: local processes, submitit's local executor or Slurm); a
+    failing game does not stop the others. Raises after all finished, naming every game that failed."""
+    if len(jobs) == 1 and executor == "processes":
         job = jobs[0]
         return [build_dataset(job.game_name, job.teacher_path, job.out, job.config, job.resume, job.overwrite,
                               job.show_progress)]
-    ctx = multiprocessing.get_context("spawn")
-    results, errors = [], []
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        futures = [(job.game_name, pool.submit(_build_in_worker, job)) for job in jobs]
-        for game, fut in futures:
-            try:
-                results.append(fut.result())
-            except UserError as e:
-                errors.append(f"{game}: {e}")
-    if errors:
-        raise UserError("; ".join(errors))
-    return results
+    return run_jobs(_build_in_worker, jobs, [j.game_name for j in jobs], executor, workers, folder, resources)

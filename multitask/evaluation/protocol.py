@@ -13,6 +13,8 @@ episodes to finish".
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -127,10 +129,22 @@ def _evaluate_in_worker(spec_dict: dict, state_dict: dict, game_name: str, episo
     return evaluate_game(net, get_game(game_name), episodes, seed, epsilon)
 
 
+def _evaluate_job(job: tuple) -> GameScores:
+    return _evaluate_in_worker(*job)
+
+
 def evaluate_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: int,
                    epsilon: float = EVAL_EPSILON, workers: int = 1,
-                   show_progress: bool = False) -> dict[str, GameScores]:
-    """Evaluate several games, one process per game when workers > 1 (games run in parallel)."""
+                   show_progress: bool = False, executor: str = "processes",
+                   jobs_folder: Path = Path("runs/jobs/evaluations")) -> dict[str, GameScores]:
+    """Evaluate several games, one process per game when workers > 1 (games run in parallel), or
+    one submitit job per game with executor local or slurm (multitask/jobs.py)."""
+    if executor != "processes":
+        from multitask.jobs import run_jobs
+
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        jobs = [(net.spec.to_dict(), state, g, episodes, seed, epsilon) for g in games]
+        return dict(zip(games, run_jobs(_evaluate_job, jobs, list(games), executor, workers, jobs_folder)))
     if workers <= 1 or len(games) == 1:
         return {g: evaluate_game(net, get_game(g), episodes, seed, epsilon, show_progress=show_progress)
                 for g in games}

@@ -1,0 +1,43 @@
+"""One job per game through submitit's local executor: a dataset build and an evaluation, and a
+failing game's error named with its log."""
+
+import json
+
+import pytest
+
+from multitask.data.reader import DatasetReader
+from multitask.data.verify import verify_invariants
+
+
+@pytest.mark.slow
+def test_dataset_builds_as_submitit_local_jobs(tmp_path, run_cli, make_teacher, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for game in ("Breakout", "Freeway"):
+        make_teacher(tmp_path / "teachers" / "minatar" / f"{game}.pt", f"minatar/{game}", seed=1)
+    code, out, err = run_cli("dataset", "build", "--games", "minatar/Breakout", "minatar/Freeway", "--steps", "300",
+                             "--num-envs", "4", "--executor", "local", "--jobs-dir", tmp_path / "jobs", "--no-progress")
+    assert code == 0, err
+    assert "built 2 datasets, +600 steps" in out
+    for game in ("Breakout", "Freeway"):
+        with DatasetReader(tmp_path / "datasets" / "minatar" / f"{game}.h5") as r:
+            assert len(r) == 300 and verify_invariants(r) == []
+    assert list((tmp_path / "jobs").glob("*_log.out"))  # submitit's own job logs
+
+    # a failing job (no teacher for Asterix) is named with its log; the other job still ran
+    code, _, err = run_cli("dataset", "build", "--games", "minatar/Asterix", "minatar/Breakout", "--steps", "600",
+                           "--resume", "--num-envs", "4", "--executor", "local", "--jobs-dir", tmp_path / "jobs2",
+                           "--no-progress")
+    assert code == 2 and "minatar/Asterix:" in err and "log:" in err and err.count("\n") == 1, err
+    with DatasetReader(tmp_path / "datasets" / "minatar" / "Breakout.h5") as r:
+        assert len(r) == 600
+
+
+def test_evaluation_as_submitit_local_jobs(tmp_path, run_cli, make_teacher):
+    student = make_teacher(tmp_path / "t.pt", "minatar/Breakout", seed=2)
+    code, _, err = run_cli("evaluate", student, "--episodes", "3", "--executor", "local", "--jobs-dir",
+                           tmp_path / "jobs", "--out", tmp_path / "scores.json")
+    assert code == 0, err
+    local = json.loads((tmp_path / "scores.json").read_text())["games"]["minatar/Breakout"]["returns"]
+    code, _, err = run_cli("evaluate", student, "--episodes", "3", "--out", tmp_path / "here.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "here.json").read_text())["games"]["minatar/Breakout"]["returns"] == local
