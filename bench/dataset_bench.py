@@ -40,6 +40,7 @@ from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 from multitask.data.build import build_dataset
 from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
 from multitask.data.reader import DatasetReader, disk_bytes
+from multitask.devices import pick_device
 
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 STEPS = {"minatar": 200_000, "atari": 60_000}  # Atari: ~1 min; real builds run longer, so start-up weighs less there
@@ -66,13 +67,14 @@ def teacher_for(game_name: str, path: str | None, tmp: Path) -> tuple[Path, str]
     return tmp / "random.pt", "RANDOM-INIT teacher (no trained teacher found; sizes are not representative)"
 
 
-def timed_build(game_name: str, teacher_path: Path, steps: int, out: Path, n: int):
+def timed_build(game_name: str, teacher_path: Path, steps: int, out: Path, n: int, device: str = "cpu"):
     """A build as `multitask dataset build` runs it, in a fresh process (this one has run torch with
     two threads and holds the E env; a forked helper inheriting that state ran ~9% slower). The
     emulator is imported first: importing MinAtar (seaborn, scipy) takes seconds, once per process."""
     make_vector_env(game_name, 1).close()
     t0 = time.perf_counter()
-    res = build_dataset(game_name, teacher_path, out, DatasetConfig(steps=steps, num_envs=n), show_progress=False)
+    res = build_dataset(game_name, teacher_path, out, DatasetConfig(steps=steps, num_envs=n, device=device),
+                        show_progress=False)
     return time.perf_counter() - t0, res
 
 
@@ -85,14 +87,18 @@ def gather_in_memory(frames, frame_index, q, action, idx, stack):
     return obs[: len(idx)], obs[len(idx):], q[idx], action[idx]
 
 
-def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float, num_rounds: int) -> None:
+def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float, num_rounds: int,
+                device_name: str = "cpu", reading: bool = True) -> None:
+    device = pick_device(device_name)
     game = get_game(GAMES[suite])
-    n, lanes = SUITE_NUM_ENVS[suite], DatasetConfig().lanes
+    n = SUITE_NUM_ENVS[suite]
+    lanes = 1 if device.type == "cuda" else DatasetConfig().lanes  # a GPU teacher plays one lane
     batch = n // lanes  # the teacher's batch: one lane
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
         teacher_path, teacher_note = teacher_for(game.name, teacher_arg, tmp)
         agent, _ = load_teacher(teacher_path, game)
+        agent.net.to(device)
         rng = np.random.default_rng(0)
 
         env = make_vector_env(game, n)
@@ -102,9 +108,9 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         def measure_limit() -> tuple[float, float]:
             e = rate(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds, n)  # E: envs alone
 
-            def infer():
+            def infer():  # as a lane infers: observations to the device, outputs back
                 with torch.inference_mode():
-                    agent.net(x, 0)
+                    agent.net(x.to(device), 0).cpu()
             return e, rate(infer, seconds, batch)  # I: the teacher alone, the recorder's batch
 
         # Rounds of (E, I, build), interleaved: this VM's speed drifts by up to ~50% within a minute
@@ -116,7 +122,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         for r in range(num_rounds):
             out = tmp / f"d{r}.h5"
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                wall, res = pool.submit(timed_build, game.name, teacher_path, steps, out, n).result()
+                wall, res = pool.submit(timed_build, game.name, teacher_path, steps, out, n, device.type).result()
             samples.append(measure_limit())
             e_rate, i_rate = max(samples[r][0], samples[r + 1][0]), max(samples[r][1], samples[r + 1][1])
             limit = 1.0 / (1.0 / e_rate + 1.0 / i_rate)
@@ -142,6 +148,8 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         print(f"size: {size / steps:.1f} bytes/step on disk vs {raw_stacked:,} raw stacked "
               f"-> 1/{raw_stacked / (size / steps):.0f} of raw (Atari goal: <= 1/40)")
 
+        if not reading:
+            return
         # reading: random batches of 256
         with DatasetReader(out) as d:
             s = d.steps
@@ -193,12 +201,14 @@ def main() -> None:
     p.add_argument("--teacher", help="teacher checkpoint (default: teachers/<suite>/Breakout.pt)")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement of E, I and reading")
     p.add_argument("--rounds", type=int, default=3, help="recording rounds (E, I, build), median reported")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the teacher infers")
+    p.add_argument("--no-reading", action="store_true", help="recording and size only")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
         bench_suite(suite, args.steps or STEPS[suite], args.teacher if args.suite != "all" else None, args.seconds,
-                    args.rounds)
+                    args.rounds, args.device, reading=not args.no_reading)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ and prints samples/s of both and their ratio (goal >= 0.9). Then it runs the loa
 budget of a quarter of the dataset's frames (chunk windows) and prints samples/s and the peak
 resident memory of the loader worker against the budget and the dataset size.
 
-    python bench/student_bench.py [--suite minatar|atari|all] [--seconds 20]
+On a GPU (--device cuda) the in-memory limit's tensors live on the GPU already (no transfer at all)
+and the loader's batches are copied there as the trainer copies them.
+
+    python bench/student_bench.py [--suite minatar|atari|all] [--seconds 20] [--device auto|cpu|cuda] [--batch B]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from multitask.agents.checkpoints import save_agent
+from multitask.devices import pick_device
 from multitask.envs import get_game
 from multitask.data.loader import LoaderSpec, make_loader
 from multitask.training.losses import kl_loss
@@ -98,11 +102,13 @@ class PeakMemory:
 
 
 def train_for(seconds: float, batches, net: MultiHeadNet) -> float:
-    """Samples/s of KL distillation updates drawn from `batches` (an iterator of (obs, q))."""
+    """Samples/s of KL distillation updates drawn from `batches` (an iterator of (obs, q)), on the
+    net's device (batches copied there as the student trainer copies them)."""
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-4)
+    device = next(net.parameters()).device
 
     def step(obs, q):
-        loss = kl_loss(net(obs, 0), q, 0.01)
+        loss = kl_loss(net(obs.to(device, non_blocking=True), 0), q.to(device, non_blocking=True), 0.01)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,8 +122,10 @@ def train_for(seconds: float, batches, net: MultiHeadNet) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_suite(suite: str, seconds: float) -> None:
+def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size: int = 0) -> None:
+    device = pick_device(device_name)
     game_name, steps, batch = SETTINGS[suite]
+    batch = batch_size or batch
     game = get_game(game_name)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
@@ -131,7 +139,7 @@ def bench_suite(suite: str, seconds: float) -> None:
 
         def memory_batches(obs: torch.Tensor, q: torch.Tensor):
             while True:
-                idx = torch.from_numpy(rng.integers(0, len(q), batch))
+                idx = torch.from_numpy(rng.integers(0, len(q), batch)).to(obs.device)
                 yield obs[idx], q[idx]
 
         def loader_batches(budget: int):
@@ -146,7 +154,8 @@ def bench_suite(suite: str, seconds: float) -> None:
                 wait_for_children()  # a worker still exiting would count in the next peak
 
         torch.manual_seed(0)
-        net = MultiHeadNet(teacher_network_spec(game))
+        net = MultiHeadNet(teacher_network_spec(game)).to(device)
+        all_obs, all_q = all_obs.to(device), all_q.to(device)  # the limit: data already where the net is
         batches = memory_batches(all_obs, all_q)
         mem_rate = train_for(seconds, batches, net)
         batches.close()
@@ -161,7 +170,7 @@ def bench_suite(suite: str, seconds: float) -> None:
             window_rate = train_for(seconds, batches, net)
             batches.close()
 
-    print(f"\n== {game_name}: student {sum(p.numel() for p in net.parameters()):,} parameters, batch {batch}, "
+    print(f"\n== {game_name} on {device}: student {sum(p.numel() for p in net.parameters()):,} parameters, batch {batch}, "
           f"torch threads {torch.get_num_threads()}, dataset {steps:,} steps ({frames_bytes / 2**20:.0f} MiB of frames)")
     print(f"  in-memory tensors          {mem_rate:10,.0f} samples/s")
     print(f"  HDF5 loader (frames in RAM){h5_rate:10,.0f} samples/s -> ratio {h5_rate / mem_rate:.2f} (goal >= 0.9)")
@@ -175,9 +184,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: the suite's)")
     args = p.parse_args()
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
-        bench_suite(suite, args.seconds)
+        bench_suite(suite, args.seconds, args.device, args.batch)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ and then the real trainer (`train_teacher`) at the preset's update ratio r. Env 
 learning share the CPU, so the limit is  1 / (1/E + 1/A + r/U)  env steps/s; the benchmark prints
 the trainer's steady-state rate and its ratio to that limit.
 
-    python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10]
+On a GPU (--device cuda) it also prints the train-bound limit U / r (env steps/s if only the
+updates cost time) and the env-bound limit E.
+
+    python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from multitask.agents.dqn import DQNLearner
+from multitask.devices import pick_device
 from multitask.envs import get_game, make_vector_env
 from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 from multitask.agents.replay import ReplayMemory
@@ -41,7 +45,8 @@ def timed(fn, seconds: float) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_suite(suite: str, seconds: float) -> dict:
+def bench_suite(suite: str, seconds: float, device_name: str = "cpu") -> dict:
+    device = pick_device(device_name)
     game = get_game(GAMES[suite])
     cfg = load_config(suite, None, [])
     torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
@@ -53,12 +58,12 @@ def bench_suite(suite: str, seconds: float) -> dict:
     calls, dt = timed(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds)
     env_rate = calls * n / dt
 
-    net = MultiHeadNet(teacher_network_spec(game, cfg.width))
+    net = MultiHeadNet(teacher_network_spec(game, cfg.width)).to(device)
     obs = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs)
 
-    def act():
+    def act():  # as the trainer acts: observations to the device, actions back
         with torch.no_grad():
-            net(obs, 0).argmax(1)
+            net(obs.to(device), 0).argmax(1).cpu()
     calls, dt = timed(act, seconds)
     act_rate = calls * n / dt
 
@@ -70,7 +75,7 @@ def bench_suite(suite: str, seconds: float) -> dict:
         memory.add(rng.integers(0, game.num_actions, n), s.reward, s.life_lost, s.next_obs, s.done, s.obs)
     env.close()
     learner = DQNLearner(net, cfg.dqn)
-    calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size)), seconds)
+    calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
     update_rate = calls / dt
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
@@ -81,7 +86,8 @@ def bench_suite(suite: str, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tcfg = load_config(suite, None, [f"total_steps={steps + learning_starts}", f"learning_starts={learning_starts}",
                                           f"log_every={log_every}", "eval_every=0", "final_eval_episodes=1",
-                                          f"checkpoint_every={10**9}", "replay_capacity=20000"])
+                                          f"checkpoint_every={10**9}", "replay_capacity=20000",
+                                          f"device={device.type}"])
         train_teacher(game.name, tcfg, Path(tmp) / "t.pt", Path(tmp) / "run", wandb_mode="off",
                       show_progress=False)
         logged = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +95,7 @@ def bench_suite(suite: str, seconds: float) -> dict:
     rates = [x[f"train/{game.name}/steps_per_s"] for x in logged
              if f"train/{game.name}/steps_per_s" in x and x["env_steps"] - log_every >= learning_starts]
     train_rate = float(np.median(rates))
-    return {"suite": suite, "game": game.name, "num_envs": n, "update_ratio": cfg.update_ratio,
+    return {"suite": suite, "game": game.name, "device": str(device), "num_envs": n, "update_ratio": cfg.update_ratio,
             "batch_size": cfg.dqn.batch_size, "threads": torch.get_num_threads(),
             "env_steps_per_s": env_rate, "act_steps_per_s": act_rate, "updates_per_s": update_rate,
             "limit_steps_per_s": limit, "train_steps_per_s": train_rate, "ratio": train_rate / limit}
@@ -99,10 +105,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     args = p.parse_args()
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
-        r = bench_suite(suite, args.seconds)
-        print(f"{r['game']}: {r['num_envs']} envs, {r['threads']} torch thread(s), update ratio "
+        r = bench_suite(suite, args.seconds, args.device)
+        print(f"{r['game']} on {r['device']}: {r['num_envs']} envs, {r['threads']} torch thread(s), update ratio "
               f"{r['update_ratio']}, batch {r['batch_size']}")
         print(f"  raw vector env      E = {r['env_steps_per_s']:10,.0f} env steps/s")
         print(f"  batched acting      A = {r['act_steps_per_s']:10,.0f} env steps/s")
@@ -110,6 +117,9 @@ def main() -> None:
         print(f"  limit 1/(1/E+1/A+r/U) = {r['limit_steps_per_s']:10,.0f} env steps/s")
         print(f"  teacher training      = {r['train_steps_per_s']:10,.0f} env steps/s "
               f"-> ratio {r['ratio']:.2f} of the limit")
+        train_bound = r["updates_per_s"] / r["update_ratio"]
+        print(f"  train-bound U/r       = {train_bound:10,.0f} env steps/s -> ratio {r['train_steps_per_s'] / train_bound:.2f}; "
+              f"env-bound E -> ratio {r['train_steps_per_s'] / r['env_steps_per_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+#!/bin/bash
+# One GPU check for a GPU machine lent for minutes (issue 18): Atari teacher training, student training
+# fed from HDF5 and recording, each against a limit measured in the same run. Ends within ~6 minutes.
+#
+#   bash bench/gpu_check.sh            # on the GPU machine, from the repo root
+#   QUICK=1 bash bench/gpu_check.sh    # the same steps on MinAtar, short: to try the script on a CPU
+#
+# A bare machine is expected: python3 with torch, h5py, einops and numpy, without gymnasium, ale-py,
+# minatar, wandb or tqdm. Those come from wheels placed beside the repo in .whl/ (see
+# docs/performance.md#gpus for the pip download line) and are installed with --no-index into /tmp/site;
+# the interpreter is then called through a wrapper script (a symlink to a virtualenv's python would
+# lose the virtualenv). Every import is probed first and every step runs under `timeout`, printing as
+# it goes; a step that fails or runs out of time is reported and the next one runs.
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+PY=${PYTHON:-python3}
+RAN=(); SKIPPED=()
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  say "installing $(ls .whl/*.whl | wc -l) wheel(s) from .whl/ into /tmp/site"
+  timeout 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || say "wheel install failed (rc $?): the imports below say what is missing"
+fi
+cat > /tmp/gpu_check_python <<WRAP
+#!/bin/bash
+export PYTHONPATH=/tmp/site:$(pwd)\${PYTHONPATH:+:\$PYTHONPATH} PYTHONUNBUFFERED=1
+exec $(command -v $PY) "\$@"
+WRAP
+chmod +x /tmp/gpu_check_python
+P=/tmp/gpu_check_python
+
+missing=()
+for mod in torch numpy h5py einops tqdm gymnasium ale_py minatar wandb; do
+  if timeout 90 $P -c "import $mod" >/dev/null 2>&1; then say "import $mod: ok"; else say "import $mod: MISSING"; missing+=($mod); fi
+done
+DEVICE=$(timeout 90 $P -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+say "device: $DEVICE $(timeout 60 $P -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>/dev/null)"
+
+has() { for m in "$@"; do [[ " ${missing[*]} " == *" $m "* ]] && return 1; done; return 0; }
+run() {  # run <seconds> <name> <command...>
+  local limit=$1 name=$2; shift 2
+  say "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@"; local rc=$?
+  if [ $rc -eq 0 ]; then RAN+=("$name"); else say "$name: failed or out of time (rc $rc)"; SKIPPED+=("$name (rc $rc)"); fi
+}
+
+if [ "${QUICK:-0}" = 1 ]; then SUITE=minatar; T=2; STEPS=20000; else SUITE=atari; T=8; STEPS=20000; fi
+if has torch numpy tqdm gymnasium ale_py minatar; then
+  run 150 "teacher training ($SUITE)" $P bench/teacher_throughput.py --suite $SUITE --seconds $T --device $DEVICE
+  run 120 "student from HDF5 ($SUITE)" $P bench/student_bench.py --suite $SUITE --seconds $T --device $DEVICE
+  run 100 "recording ($SUITE)" $P bench/dataset_bench.py --suite $SUITE --steps $STEPS --rounds 1 --seconds 2 \
+      --device $DEVICE --no-reading
+else
+  SKIPPED+=("every bench: missing ${missing[*]}")
+fi
+say "ran: ${RAN[*]:-nothing}"
+say "skipped: ${SKIPPED[*]:-nothing}"
