@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from multitask import __version__
-from multitask.cli import baseline, catalog, compare, dataset, evaluation, gridworld, student, teacher
+from multitask.cli import baseline, catalog, compare, dataset, evaluation, gridworld, pipeline, student, teacher
 from multitask.errors import UserError
 
-STAGES = (catalog, teacher, dataset, student, baseline, evaluation, compare, gridworld)  # in pipeline order, as `--help` lists them
+STAGES = (catalog, teacher, dataset, student, baseline, evaluation, compare, pipeline, gridworld)  # in pipeline order, as `--help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

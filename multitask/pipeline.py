@@ -1,0 +1,194 @@
+"""`multitask pipeline <config.toml>`: every stage, in order, from teachers to the comparison report.
+
+Each stage is the documented command (`dataset build`, `student train`, `baseline train`,
+`compare`) run in its own process with its output in runs/pipeline/<name>/<stage>.log, so that a
+stage's console is the command's own and a failure points at one log. A stage whose outputs are
+complete and were made with the same config is reused, not run again: a dataset that already holds
+its steps (`dataset build --resume` says so), a run folder whose summary.json holds the config the
+stage would train with; anything else resumes (datasets, students and the multi-task DQN all resume
+after a kill) and never mixes in outputs of another config (the commands refuse those). The
+comparison reuses every evaluation whose checkpoint, seeds and protocol it has cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from multitask import config as configlib
+from multitask.config import option
+from multitask.envs import get_game
+from multitask.errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainerStage:
+    config: str = option("", "the trainer's TOML config")
+    overrides: tuple[str, ...] = option((), "key=value overrides applied after the config (e.g. a step budget)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = option("", "the pipeline's name: logs in runs/pipeline/<name>/, the report in results/<name>/")
+    games: tuple[str, ...] = option((), "the games, one suite")
+    dataset_steps: int = option(200_000, "steps per game's dataset (the MinAtar students' default data)")
+    dataset_overrides: tuple[str, ...] = option((), "key=value settings for `dataset build` (multitask config dataset)")
+    students: tuple[TrainerStage, ...] = option((), "student runs (configs/student/*.toml), each compared")
+    baseline: TrainerStage = option(TrainerStage(), "the multi-task DQN (configs/baseline/*.toml); no config: none")
+    episodes: int = option(100, "episodes per agent and game in the comparison (the students' final evaluation's)")
+    wandb: str = option("offline", "W&B mode of every stage (offline: no account needed)")
+
+    def __post_init__(self):
+        if not self.name or not self.games:
+            raise ValueError("a pipeline needs a name and games")
+        if not self.students and not self.baseline.config:
+            raise ValueError("a pipeline needs at least one student or a baseline to compare")
+
+
+@dataclass
+class Stage:
+    name: str
+    command: list[str]
+    reused: Callable[[], str | None]  # why the stage's outputs can be reused, or None
+
+
+def _run_dir(kind: str, trainer_cfg) -> Path:
+    return Path("runs") / kind / trainer_cfg.run_name
+
+
+# keys a finished run may differ in and still be this stage's: how it ran, or what it filled in as built
+AS_BUILT = ("device", "num_threads", "eval_workers", "loader_workers", "width", "extra_fc", "name")
+
+
+def _finished_with(run_dir: Path, trainer_cfg) -> str | None:
+    """Why a finished run folder can be reused: its summary.json holds this config (keys added to
+    the config since it was made must hold their defaults)."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        saved = json.loads(summary.read_text()).get("config", {})
+    except ValueError:
+        return None
+    current = configlib.to_dict(trainer_cfg)
+    for f in dataclasses.fields(trainer_cfg):
+        if f.name in AS_BUILT:
+            continue
+        if f.name in saved:
+            if saved[f.name] != current[f.name]:
+                return None
+        elif f.default is dataclasses.MISSING or getattr(trainer_cfg, f.name) != f.default:
+            return None
+    return f"{run_dir} is finished with this config"
+
+
+def stages(cfg: PipelineConfig) -> tuple[list[Stage], list[Path]]:
+    """The stages in order, and the run folders the comparison takes."""
+    from multitask.training.baseline import load_config as load_baseline
+    from multitask.training.student import StudentConfig
+
+    games = [get_game(g) for g in cfg.games]
+    cli = [sys.executable, "-m", "multitask"]
+    out: list[Stage] = []
+    missing = [g.name for g in games if not (Path("teachers") / g.suite / f"{g.game}.pt").is_file()]
+    if missing:
+        raise UserError(f"stage teachers: no teacher for {', '.join(missing)} in teachers/<suite>/; import or "
+                        f"train them first (`multitask teacher import|train`)")
+    out.append(Stage("datasets", cli + ["dataset", "build", "--games", *cfg.games, "--steps", str(cfg.dataset_steps),
+                                        "--resume", "--no-progress", *cfg.dataset_overrides],
+                     lambda: _datasets_complete(games, cfg.dataset_steps)))
+    runs: list[Path] = []
+    for s in cfg.students:
+        student = configlib.load(StudentConfig, Path(s.config), [f"games={','.join(cfg.games)}", *s.overrides])
+        run = _run_dir("student", student)
+        out.append(Stage(f"student {student.run_name}", cli + ["student", "train", "--config", s.config,
+                                                              f"games={','.join(cfg.games)}", *s.overrides,
+                                                              "--no-progress", "--wandb", cfg.wandb],
+                         lambda run=run, student=student: _finished_with(run, student)))
+        runs.append(run)
+    if cfg.baseline.config:
+        base = load_baseline(Path(cfg.baseline.config), [f"games={','.join(cfg.games)}", *cfg.baseline.overrides])
+        run = _run_dir("baseline", base)
+        out.append(Stage(f"baseline {base.run_name}", cli + ["baseline", "train", "--config", cfg.baseline.config,
+                                                            f"games={','.join(cfg.games)}", *cfg.baseline.overrides,
+                                                            "--no-progress", "--wandb", cfg.wandb],
+                         lambda run=run, base=base: _finished_with(run, base)))
+        runs.append(run)
+    report = Path("results") / cfg.name
+    out.append(Stage("compare", cli + ["compare", *map(str, runs), "--out", str(report), "--episodes",
+                                       str(cfg.episodes), "--no-progress", "--wandb", cfg.wandb],
+                     lambda: _report_current(report, runs, cfg.episodes)))
+    return out, runs
+
+
+def _datasets_complete(games, steps: int) -> str | None:
+    """Why the datasets can be reused: each is complete, holds `steps` and was labelled by the
+    teacher file that is there now."""
+    from multitask.data.reader import root_attrs
+    from multitask.files import file_sha256
+
+    for g in games:
+        path = Path("datasets") / g.suite / f"{g.game}.h5"
+        if not path.is_file():
+            return None
+        attrs = root_attrs(path)
+        teacher = Path("teachers") / g.suite / f"{g.game}.pt"
+        if (attrs.get("status") != "complete" or int(attrs["num_steps"]) < steps
+                or json.loads(attrs["teacher"])["sha256"] != file_sha256(teacher)):
+            return None
+    return f"every dataset holds {steps:,} steps labelled by its teacher"
+
+
+def _report_current(report: Path, runs: list[Path], episodes: int) -> str | None:
+    """Why the report can be reused: it compared exactly these checkpoints on as many episodes."""
+    from multitask.files import file_sha256
+
+    path = report / "report.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    wanted = sorted(file_sha256(r / "best.pt") for r in runs if (r / "best.pt").is_file())
+    if data.get("episodes") != episodes or sorted(i["sha256"] for i in data.get("inputs", [])) != wanted:
+        return None
+    return f"{path} compares these checkpoints"
+
+
+def run_pipeline(path: Path, overrides: Sequence[str] = (), say: Callable[[str], None] = print) -> Path:
+    cfg = configlib.load(PipelineConfig, Path(path), overrides)
+    plan, _ = stages(cfg)
+    logs = Path("runs") / "pipeline" / cfg.name
+    logs.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i, stage in enumerate(plan, 1):
+        why = stage.reused()
+        head = f"[{i}/{len(plan)}] {stage.name}"
+        if why:
+            say(f"{head}: reused ({why})")
+            continue
+        log = logs / f"{stage.name.replace(' ', '-')}.log"
+        say(f"{head}: running (log {log})")
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(stage.command) + "\n")
+            f.flush()
+            done = subprocess.run(stage.command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            raise UserError(f"stage {stage.name} failed (exit {done.returncode}); read {log}; the stages before it "
+                            f"are kept, and running the pipeline again continues from this stage")
+        say(f"{head}: done in {(time.perf_counter() - t0) / 60:.1f} min; {_last_line(log)}")
+    report = Path("results") / cfg.name
+    say(f"pipeline {cfg.name}: {(time.perf_counter() - start) / 60:.1f} min -> {report}/report.md, plots "
+        f"{report}/*.png, W&B run in {report}/wandb ({cfg.wandb})")
+    return report
+
+
+def _last_line(log: Path) -> str:
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    return lines[-1][:160] if lines else ""
