@@ -1,7 +1,11 @@
 """One job per game through submitit's local executor: a dataset build and an evaluation, and a
-failing game's error named with its log."""
+failing game's error named with its log. The commands run as processes, as users run them: in the
+pytest process, after another test has started W&B's service, submitit's local jobs lost the
+captured stderr (measured: the suite crashed with 'I/O operation on closed file')."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +14,13 @@ from multitask.data.verify import verify_invariants
 
 
 @pytest.mark.slow
-def test_dataset_builds_as_submitit_local_jobs(tmp_path, run_cli, make_teacher, monkeypatch):
+def run_cli(*args, cwd=None):
+    done = subprocess.run([sys.executable, "-m", "multitask", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_dataset_builds_as_submitit_local_jobs(tmp_path, make_teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for game in ("Breakout", "Freeway"):
         make_teacher(tmp_path / "teachers" / "minatar" / f"{game}.pt", f"minatar/{game}", seed=1)
@@ -32,7 +42,7 @@ def test_dataset_builds_as_submitit_local_jobs(tmp_path, run_cli, make_teacher, 
         assert len(r) == 600
 
 
-def test_evaluation_as_submitit_local_jobs(tmp_path, run_cli, make_teacher):
+def test_evaluation_as_submitit_local_jobs(tmp_path, make_teacher):
     student = make_teacher(tmp_path / "t.pt", "minatar/Breakout", seed=2)
     code, _, err = run_cli("evaluate", student, "--episodes", "3", "--executor", "local", "--jobs-dir",
                            tmp_path / "jobs", "--out", tmp_path / "scores.json")
