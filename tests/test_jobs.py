@@ -13,13 +13,13 @@ from multitask.data.reader import DatasetReader
 from multitask.data.verify import verify_invariants
 
 
-@pytest.mark.slow
 def run_cli(*args, cwd=None):
     done = subprocess.run([sys.executable, "-m", "multitask", *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
     return done.returncode, done.stdout, done.stderr
 
 
+@pytest.mark.slow
 def test_dataset_builds_as_submitit_local_jobs(tmp_path, make_teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for game in ("Breakout", "Freeway"):
@@ -42,6 +42,7 @@ def test_dataset_builds_as_submitit_local_jobs(tmp_path, make_teacher, monkeypat
         assert len(r) == 600
 
 
+@pytest.mark.slow
 def test_evaluation_as_submitit_local_jobs(tmp_path, make_teacher):
     student = make_teacher(tmp_path / "t.pt", "minatar/Breakout", seed=2)
     code, _, err = run_cli("evaluate", student, "--episodes", "3", "--executor", "local", "--jobs-dir",
