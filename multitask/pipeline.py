@@ -12,7 +12,6 @@ comparison reuses every evaluation whose checkpoint, seeds and protocol it has c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from multitask import config as configlib
 from multitask.config import option
 from multitask.envs import get_game
 from multitask.errors import UserError
+from multitask.training.run import added_at_defaults, config_differences
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ AS_BUILT = ("device", "num_threads", "eval_workers", "loader_workers", "width", 
 
 
 def _finished_with(run_dir: Path, trainer_cfg) -> str | None:
-    """Why a finished run folder can be reused: its summary.json holds this config (keys added to
-    the config since it was made must hold their defaults)."""
+    """Why a finished run folder can be reused: its summary.json holds this config (the resume rule of
+    training/run.py: keys added since must hold their defaults)."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return None
@@ -77,15 +77,8 @@ def _finished_with(run_dir: Path, trainer_cfg) -> str | None:
         saved = json.loads(summary.read_text()).get("config", {})
     except ValueError:
         return None
-    current = configlib.to_dict(trainer_cfg)
-    for f in dataclasses.fields(trainer_cfg):
-        if f.name in AS_BUILT:
-            continue
-        if f.name in saved:
-            if saved[f.name] != current[f.name]:
-                return None
-        elif f.default is dataclasses.MISSING or getattr(trainer_cfg, f.name) != f.default:
-            return None
+    if config_differences(saved, configlib.to_dict(trainer_cfg), [*AS_BUILT, *added_at_defaults(trainer_cfg, saved)]):
+        return None
     return f"{run_dir} is finished with this config"
 
 

@@ -81,8 +81,9 @@ def _wait_until(ready: Callable[[], bool], alive: Callable[[], bool]) -> bool:
     return True
 
 
-def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.ndarray) -> Turn:
-    device = next(net.parameters()).device  # a GPU teacher plays in the caller's lane only (no CUDA after fork)
+def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.ndarray, device: torch.device) -> Turn:
+    """One forward pass on `device` (the net's: a GPU teacher plays in the caller's lane only, no
+    CUDA after fork), the actions, one vector step."""
     with torch.inference_mode():
         outputs = net(torch.from_numpy(obs).to(device), head).cpu().numpy()
     actions = np.asarray(act(outputs, obs), dtype=np.int64)
@@ -96,6 +97,7 @@ class LocalLane:
                  env_threads: int = 0):
         self.num_envs = num_envs
         self._net, self._head, self._act = net, head, act
+        self._device = next(net.parameters()).device
         self._env = make_vector_env(game, num_envs, num_threads=env_threads)
         self._obs = self._env.reset(seed)
 
@@ -104,7 +106,7 @@ class LocalLane:
         return self._obs
 
     def turn(self) -> Turn:
-        turn = _turn(self._net, self._head, self._act, self._env, self._obs)
+        turn = _turn(self._net, self._head, self._act, self._env, self._obs, self._device)
         self._obs = turn.step.obs
         return turn
 
@@ -207,8 +209,9 @@ def _serve(game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head:
         ring.first[:] = obs
         seq[2] = 1
         played = 0
+        device = next(net.parameters()).device
         while not seq[3]:
-            turn = _turn(net, head, act, env, obs)  # played before waiting for a free slot
+            turn = _turn(net, head, act, env, obs, device)  # played before waiting for a free slot
             if not _wait_until(lambda: seq[0] - seq[1] < RING or seq[3], lambda: os.getppid() == parent) or seq[3]:
                 return
             ring.put(played % RING, turn)

@@ -16,21 +16,18 @@ import torch
 from multitask.agents.dqn import epsilon_greedy
 from multitask.agents.networks import MultiHeadNet
 from multitask.agents.replay import ReplayMemory
-from multitask.envs import GameSpec, VectorEnv, make_vector_env
+from multitask.envs import GameSpec, Step, VectorEnv, make_vector_env
 
 RECENT_EPISODES = 20  # the training return logged is the mean over the last 20 finished episodes
 
 
-class Acting:
-    """A game's envs played epsilon-greedily by one head of a network, every transition stored.
+class GamePlay:
+    """A game's vector envs as an agent plays them: what they show now, env steps, and the raw
+    whole-game returns of finished episodes. `Acting` (DQN: exploration and replay) builds on it;
+    the student-driven trainer plays with it directly."""
 
-    The replay memory is seeded with `seed`, the exploration RNG with seed + 1 (as the teacher has
-    always done, so its runs stay bit-identical)."""
-
-    def __init__(self, game: GameSpec, num_envs: int, replay_capacity: int, seed: int, life_loss_terminal: bool):
-        self.game, self.num_envs, self.life_loss_terminal = game, num_envs, life_loss_terminal
-        self.memory = ReplayMemory(replay_capacity, num_envs, game.frame_shape, game.stack, seed=seed)
-        self.rng = np.random.default_rng(seed + 1)  # exploration
+    def __init__(self, game: GameSpec, num_envs: int):
+        self.game, self.num_envs = game, num_envs
         self.env_steps, self.episodes = 0, 0
         self.recent: deque[float] = deque(maxlen=RECENT_EPISODES)  # raw whole-game returns
         self.episode_return = np.zeros(num_envs)
@@ -42,20 +39,11 @@ class Acting:
         if self.env is None:
             self.env = make_vector_env(self.game, self.num_envs)
         self.obs = self.env.reset(seed)
-        self.memory.begin_episodes(self.obs)
         self.episode_return[:] = 0.0
 
-    def act(self, net: MultiHeadNet, head: int, epsilon: float) -> None:
-        """Act epsilon-greedily in every env (one batched forward pass on the network's device),
-        store the transitions, count finished episodes."""
-        device = next(net.parameters()).device
-        with torch.no_grad():
-            q = net(torch.from_numpy(self.obs).to(device), head).cpu()  # no-ops on the CPU
-        actions = epsilon_greedy(q, epsilon, self.rng)
+    def step(self, actions: np.ndarray) -> Step:
+        """One vector step; counts steps and finished episodes."""
         step = self.env.step(actions)
-        # a lost life ends the episode for bootstrapping only; the game (and its score) goes on
-        terminal = step.life_lost if self.life_loss_terminal else step.terminated
-        self.memory.add(actions, step.reward, terminal, step.next_obs, step.done, step.obs)
         self.episode_return += step.reward
         for i in np.flatnonzero(step.done):
             self.recent.append(float(self.episode_return[i]))
@@ -63,6 +51,7 @@ class Acting:
             self.episodes += 1
         self.env_steps += self.num_envs
         self.obs = step.obs
+        return step
 
     def mean_return(self) -> float:
         return float(np.mean(self.recent)) if self.recent else float("nan")
@@ -71,6 +60,34 @@ class Acting:
         if self.env is not None:
             self.env.close()
             self.env = None
+
+class Acting(GamePlay):
+    """A game's envs played epsilon-greedily by one head of a network, every transition stored.
+
+    The replay memory is seeded with `seed`, the exploration RNG with seed + 1 (as the teacher has
+    always done, so its runs stay bit-identical)."""
+
+    def __init__(self, game: GameSpec, num_envs: int, replay_capacity: int, seed: int, life_loss_terminal: bool):
+        super().__init__(game, num_envs)
+        self.life_loss_terminal = life_loss_terminal
+        self.memory = ReplayMemory(replay_capacity, num_envs, game.frame_shape, game.stack, seed=seed)
+        self.rng = np.random.default_rng(seed + 1)  # exploration
+
+    def begin(self, seed: int) -> None:
+        super().begin(seed)
+        self.memory.begin_episodes(self.obs)
+
+    def act(self, net: MultiHeadNet, head: int, epsilon: float) -> None:
+        """Act epsilon-greedily in every env (one batched forward pass on the network's device),
+        store the transitions, count finished episodes."""
+        device = next(net.parameters()).device
+        with torch.no_grad():
+            q = net(torch.from_numpy(self.obs).to(device), head).cpu()  # no-ops on the CPU
+        actions = epsilon_greedy(q, epsilon, self.rng)
+        step = self.step(actions)
+        # a lost life ends the episode for bootstrapping only; the game (and its score) goes on
+        terminal = step.life_lost if self.life_loss_terminal else step.terminated
+        self.memory.add(actions, step.reward, terminal, step.next_obs, step.done, step.obs)
 
     def state_dict(self) -> dict:
         """Counts, replay and RNG states (env states cannot be saved: episodes restart on resume).

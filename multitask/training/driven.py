@@ -25,19 +25,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from multitask import config as configlib
-from multitask.agents.checkpoints import check_agent_game, load_agent
+from multitask.agents.checkpoints import load_teacher
 from multitask.agents.networks import MultiHeadNet, NetworkSpec, pad_channels
 from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
-from multitask.envs import GameSpec, make_vector_env
+from multitask.envs import GameSpec
 from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training import unified as u
-from multitask.training.baseline import resolve_games
+from multitask.training.acting import RECENT_EPISODES, GamePlay
+from multitask.training.baseline import GAME_SEED_STRIDE, RESTART_SEED_STRIDE, resolve_games  # the same episode seeds
 from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.losses import DEFAULT_TAU
 from multitask.training.run import Every, Rate, Run, default_run_name
@@ -45,9 +45,6 @@ from multitask.training.evaluating import final_evaluation, periodic_evaluation
 from multitask.training.scoring import Scores, teacher_card_scores
 from multitask.training.tracking import WandbMode
 
-GAME_SEED_STRIDE = 1_000  # game g's envs start at seed + 1,000 g
-RESTART_SEED_STRIDE = 7919  # after checkpoint k, env i of game g plays seed + 1,000 g + 7,919 k + i
-RECENT_EPISODES = 20
 RESUMABLE_CHANGES = ("total_steps_per_game", "num_threads", "eval_workers", "device")
 
 
@@ -155,39 +152,7 @@ def _load_teacher(path: Path, game: GameSpec) -> MultiHeadNet:
     if not path.is_file():
         raise UserError(f"no teacher for {game.name} at {path}; student-driven distillation needs one to label "
                         f"every state (list its path in `teachers`)")
-    agent = load_agent(path)
-    check_agent_game(agent, game)
-    return agent.net.eval()
-
-
-class GameEnvs:
-    """One game's vector envs as the student plays them: what they show now and recent returns."""
-
-    def __init__(self, game: GameSpec, num_envs: int):
-        self.game, self.num_envs = game, num_envs
-        self.env = make_vector_env(game, num_envs)
-        self.obs: np.ndarray | None = None
-        self.episode_return = np.zeros(num_envs)
-        self.recent: deque[float] = deque(maxlen=RECENT_EPISODES)
-        self.episodes = 0
-
-    def begin(self, seed: int) -> None:
-        self.obs = self.env.reset(seed)
-        self.episode_return[:] = 0.0
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Step every env; (raw rewards, episode ended) of the step."""
-        step = self.env.step(actions)
-        self.episode_return += step.reward
-        for i in np.flatnonzero(step.done):
-            self.recent.append(float(self.episode_return[i]))
-            self.episode_return[i] = 0.0
-            self.episodes += 1
-        self.obs = step.obs
-        return step.reward, step.done
-
-    def mean_return(self) -> float:
-        return float(np.mean(self.recent)) if self.recent else float("nan")
+    return load_teacher(path, game)[0].net.eval()
 
 
 class Driven:
@@ -208,7 +173,7 @@ class Driven:
         optimizer = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
         self.optimizer = optimizer(self.net.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # actions and mixture coins, on the CPU
-        self.envs = [GameEnvs(g, cfg.num_envs) for g in games]
+        self.envs = [GamePlay(g, cfg.num_envs) for g in games]
         self.env_steps, self.updates = 0, 0
         self.baselines = [0.0] * len(games)
         self.last = [{} for _ in games]  # the latest update's per-game metrics
@@ -234,8 +199,7 @@ class Driven:
             stamp = (st.st_size, st.st_mtime_ns)
             if stamp == self.teacher_stamps[g]:
                 continue
-            agent = load_agent(path)  # written atomically (rename): never half a file
-            check_agent_game(agent, game)
+            agent, _ = load_teacher(path, game)  # written atomically (rename): never half a file
             self.teachers[g] = agent.net.eval().to(self.device)
             self.teacher_stamps[g] = stamp
             self.teacher_env_steps[g] = agent.card.get("env_steps")
@@ -292,7 +256,8 @@ class Driven:
                     student_pick = torch.randint(q.shape[-1], student_pick.shape, generator=self.gen)
                 use_teacher = torch.rand(len(student_pick), generator=self.gen) < share
                 actions = torch.where(use_teacher, teacher_pick, student_pick)
-                reward, done = envs.step(actions.numpy())
+                step = envs.step(actions.numpy())
+                reward, done = step.reward, step.done
                 for k, v in (("obs", obs), ("teacher_log", teacher_log), ("teacher_value", teacher_value),
                              ("actions", actions.to(self.device)),
                              ("rewards", torch.from_numpy(reward).double().to(self.device)),
@@ -351,7 +316,7 @@ class Driven:
 
     def close(self) -> None:
         for e in self.envs:
-            e.env.close()
+            e.close()
 
 
 def _train(learner: Driven, run: Run, show_progress: bool) -> None:

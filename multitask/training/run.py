@@ -53,6 +53,13 @@ def config_differences(saved: dict, current: dict, may_differ: Sequence[str] = (
     return [(k, s.get(k), c.get(k)) for k in keys if k not in may_differ and s.get(k) != c.get(k)]
 
 
+def added_at_defaults(config: Any, saved: dict) -> list[str]:
+    """Keys of `config` (a config dataclass) that a saved config lacks and that hold their defaults:
+    keys added to the config since the run was saved, which do not make it another run."""
+    return [f.name for f in dataclasses.fields(config) if f.name not in saved
+            and f.default is not dataclasses.MISSING and getattr(config, f.name) == f.default]
+
+
 def default_run_name(games: Sequence[str], method: str, size: str, seed: int) -> str:
     """A run's default folder name: `<suite>-<Game>[-<Game>]-<method>-<size>-s<seed>`, games counted
     (`5games`) beyond two; e.g. `minatar-Breakout-kl-25pct-s0`."""
@@ -151,11 +158,9 @@ class Run:
             return False
         saved = self._read_state()
         saved_config = saved.get("config", {})
-        # keys added to the config since the run was saved resume where they hold their defaults
-        added = [f.name for f in dataclasses.fields(self.config) if f.name not in saved_config
-                 and f.default is not dataclasses.MISSING and getattr(self.config, f.name) == f.default]
         differences = config_differences({**saved_config, **{k: saved.get(k) for k in self.identity}},
-                                         {**self.config_dict, **self.identity}, [*may_differ, *added])
+                                         {**self.config_dict, **self.identity},
+                                         [*may_differ, *added_at_defaults(self.config, saved_config)])
         if differences:
             shown = "; ".join(f"{k} {_short(a)} then, {_short(b)} now" for k, a, b in differences[:3])
             more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""

@@ -119,7 +119,6 @@ def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) ->
     gen = torch.Generator().manual_seed(seed)
     logits = torch.zeros(mdps.batch, mdps.num_observations, mdps.num_actions, dtype=torch.float64, requires_grad=True)
     baseline = torch.zeros(mdps.batch, mdps.num_observations, dtype=torch.float64)
-    needs_student_value = variant.value_gate
     curve_updates, curve_returns, curve_labels = [], [], []
     labels = torch.zeros(mdps.batch, dtype=torch.long)
     opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([logits], lr=cfg.lr)
@@ -155,6 +154,6 @@ def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) ->
         update_baseline(baseline, obs, returns, ep["alive"], cfg.baseline_rate)
         if step % cfg.eval_every == 0 or step == cfg.updates:
             values = evaluate(step)
-            if needs_student_value:
+            if variant.value_gate:  # V_pi_theta for the gate, exact as of the last evaluation
                 student_values = values
     return logits.detach(), Curve(curve_updates, np.stack(curve_returns), np.stack(curve_labels))

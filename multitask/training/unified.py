@@ -105,9 +105,8 @@ def pseudo_reward(kind: PseudoReward, teacher_log: torch.Tensor, student_log: to
     """
     with torch.no_grad():
         t_log = teacher_log.clamp_min(MIN_LOG_PROB)
-        zero = torch.zeros(actions.shape, dtype=student_log.dtype)
         if kind == "none":
-            return zero
+            return torch.zeros(actions.shape, dtype=student_log.dtype)
         if kind == "teacher_log_prob":
             return t_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         if kind == "teacher_value":
