@@ -108,14 +108,27 @@ def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str = "") ->
                         f"{', '.join(prefix + n for n in names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name in data:
+        if dataclasses.is_dataclass(hints[f.name]):  # a table: its keys over the field's own default
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            given = data.get(f.name, {})
+            if not isinstance(given, dict):
+                raise UserError(f"config key '{prefix}{f.name}' in {source} must be a table, got {given!r}")
+            table = _merged(dataclasses.asdict(default), given) if default is not None else given
+            kwargs[f.name] = _build(hints[f.name], table, source, prefix + f.name + ".")
+        elif f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name, source)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], {}, source, prefix + f.name + ".")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ validation
         raise UserError(f"invalid config from {source}: {e}") from None
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` deep-merged onto `base` (tables merged key by key), neither changed."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -77,6 +77,21 @@ def test_layering_defaults_toml_overrides(tmp_path):
     assert again == cfg
 
 
+def test_a_nested_tables_own_default_is_kept_under_overrides():
+    # StudyConfig.counter_train's default differs from TabularConfig(): overriding one key keeps the rest
+    from multitask.training.gridworld_studies import StudyConfig
+    from multitask.training.tabular import TabularConfig
+
+    default = StudyConfig().counter_train
+    assert default != TabularConfig()
+    assert configlib.load(StudyConfig).counter_train == default
+    cfg = configlib.load(StudyConfig, None, ["counter_train.lr=0.3"])
+    assert cfg.counter_train.lr == 0.3 and cfg.counter_train.updates == default.updates
+    assert cfg.counter_train.optimizer == default.optimizer and cfg.train == TabularConfig()
+    with pytest.raises(UserError, match="must be a table"):
+        configlib.load(StudyConfig, None, ["counter_train=3"])
+
+
 def test_suite_presets_load_and_differ():
     atari, minatar = load_config("atari", None, []), load_config("minatar", None, [])
     assert atari.replay_capacity == 1_000_000 and minatar.replay_capacity == 100_000

@@ -2,14 +2,16 @@
 teachers, tabular students, and each study's finding at a micro size (seeded)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from multitask.envs.gridworld import GridConfig, TabularMDPs, optimal_q, policy_values, sample_grids
+from multitask.envs.gridworld import GridConfig, TabularMDPs, cyclic_fork, optimal_q, policy_values, sample_grids
 from multitask.training.gridworld_studies import StudyConfig, run_study
-from multitask.training.tabular import TabularConfig, make_teacher, train
+from multitask.training.tabular import (Teacher, TabularConfig, expected_loss, make_teacher, rollout, surrogate,
+                                         train)
 
 
 def _fork() -> TabularMDPs:
@@ -93,3 +95,66 @@ def test_actions_study_entropy_regularised_falls_behind_at_many_actions(tmp_path
     final = {r["variant"]: r["final_return"]["mean"] for r in report["rows"]}
     assert final["expected_entropy_regularised"] > final["entropy_regularised"]
     assert final["on_policy_distill"] > final["entropy_regularised"]
+
+
+def test_cyclic_fork_pays_the_previous_branchs_teacher_action():
+    mdps, q = cyclic_fork(1, 4.0)
+    policy = torch.zeros(1, 13, 3, dtype=torch.float64)
+    policy[:, 0, 1] = 1.0  # start -> M_2 (index 1) ...
+    policy[:, 1:4, 0] = 1.0  # ... where action 0, M_1's teacher action, pays
+    assert policy_values(mdps, policy)[0, 0] == pytest.approx(4.0)
+    greedy_teacher = torch.nn.functional.one_hot(q.argmax(-1), 3).to(torch.float64)
+    assert policy_values(mdps, greedy_teacher)[0, 0] == pytest.approx(0.0)  # right for a sibling task only
+    uniform = torch.full((1, 13, 3), 1 / 3, dtype=torch.float64)
+    assert policy_values(mdps, uniform)[0, 0] == pytest.approx(4.0 / 3)
+    assert mdps.observation[1:4].unique().numel() == 1  # the middle states are aliased
+
+
+def test_episodes_per_update_are_all_played_and_counted():
+    mdps, q = cyclic_fork(2, 4.0)
+    cfg = TabularConfig(variant="on_policy_distill", updates=3, eval_every=1, episodes=5)
+    _, curve = train(mdps, make_teacher(mdps, q, 0.1), cfg, seed=0)
+    assert curve.labels[-1].tolist() == [3 * 5 * 2, 3 * 5 * 2]  # updates x episodes x two steps each
+
+
+@pytest.mark.parametrize("variant", ["on_policy_distill+R", "n_distill+R"])
+def test_the_expected_updates_closed_form_is_the_mean_sampled_update(variant):
+    # the sampled surrogate's gradient, averaged over many episodes, is the closed form's
+    mdps, q = cyclic_fork(1, 4.0)
+    teacher = make_teacher(mdps, q, 0.1)
+    logits = torch.randn(1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    exact, = torch.autograd.grad(expected_loss(mdps, logits, teacher, variant), logits)
+    n = 40_000
+    played = mdps.repeat(n)
+    played_teacher = Teacher(teacher.log_probs.repeat(n, 1, 1), teacher.values.repeat(n, 1))
+    ep = rollout(played, "student", logits.detach().repeat(n, 1, 1), played_teacher, 5, torch.Generator().manual_seed(1))
+    b_idx = torch.zeros_like(ep["states"])
+    loss, _ = surrogate(mdps, teacher, variant, logits, ep, b_idx, torch.zeros(ep["states"].shape, dtype=torch.float64),
+                        1.0, teacher.values)
+    sampled, = torch.autograd.grad(loss, logits)
+    assert torch.allclose(sampled[0, :2], exact[0, :2], atol=0.03), (sampled, exact)
+    with pytest.raises(ValueError, match="expected updates exist"):
+        expected_loss(mdps, logits, teacher, "teacher_distill")
+
+
+def test_on_policy_and_n_distill_differ_only_where_visits_move():
+    mdps, q = cyclic_fork(1, 4.0)
+    teacher = make_teacher(mdps, q, 0.1)
+    logits = torch.randn(1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    on, nd = (torch.autograd.grad(expected_loss(mdps, logits, teacher, v), logits)[0]
+              for v in ("on_policy_distill", "n_distill"))
+    assert torch.allclose(on[:, 1:], nd[:, 1:])  # the middle row: visits do not depend on it
+    assert (on[:, 0] - nd[:, 0]).abs().max() > 0.01  # the start's choice moves the visits
+
+
+def test_counter_study_on_policy_plus_r_cycles_where_n_distill_plus_r_settles(tmp_path):
+    cfg = StudyConfig(counter_rewards=(4.0,), counter_students=4,
+                      counter_train=replace(StudyConfig().counter_train, updates=2000, lr=0.3))
+    report = run_study("counter", cfg, tmp_path, say=lambda s: None)
+    rows = {r["variant"]: r for r in report["rows"]}
+    on_policy, n_distill = rows["on_policy_distill+R"], rows["n_distill+R"]
+    assert on_policy["late_swing"]["low"] > n_distill["late_swing"]["high"]  # still cycling vs settled
+    assert n_distill["final_return"]["mean"] > on_policy["final_return"]["mean"]
+    assert on_policy["exact_swing"] > 0.2 and n_distill["exact_swing"] < 0.01  # the expected update itself
+    assert "return swing" in (tmp_path / "counter.md").read_text()
+    assert (tmp_path / "counter.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,9 +6,11 @@ import argparse
 from pathlib import Path
 
 from multitask.cli.common import add_config_options
+from multitask.training.gridworld_studies import STUDIES
 
 STUDIES_HELP = ("control: teacher- vs student-driven distillation speed; actions: entropy vs expected entropy "
-                "regularised at |A| = 4 and 4000")
+                "regularised at |A| = 4 and 4000; counter: on-policy distill +R cycles where n-distill +R converges, "
+                "on an aliased fork")
 
 
 def cmd_gridworld(args: argparse.Namespace) -> None:
@@ -18,13 +20,14 @@ def cmd_gridworld(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"mdps={args.mdps}"] if args.mdps is not None else [])
     cfg = configlib.load(StudyConfig, args.config, overrides)
     report = run_study(args.study, cfg, args.out)
-    print(f"gridworld {args.study}: {cfg.mdps if args.study == 'control' else cfg.actions_mdps} MDPs in "
-          f"{report['seconds']:.0f} s -> {args.out}/{args.study}.md, .json, .png")
+    size = {"control": f"{cfg.mdps} MDPs", "actions": f"{cfg.actions_mdps} MDPs",
+            "counter": f"{cfg.counter_students} students per reward"}[args.study]
+    print(f"gridworld {args.study}: {size} in {report['seconds']:.0f} s -> {args.out}/{args.study}.md, .json, .png")
 
 
 def add_commands(sub) -> None:
     g = sub.add_parser("gridworld", help="paper B's grid-world studies on sampled 20x20 MDPs with tabular students")
-    g.add_argument("study", choices=("control", "actions"), help=STUDIES_HELP)
+    g.add_argument("study", choices=STUDIES, help=STUDIES_HELP)
     add_config_options(g, "train.updates=400 grid.noise=0.2", "configs/gridworld/study.toml")
     g.add_argument("--mdps", type=int, help="sampled MDPs (default 32; paper B averaged over 1,000)")
     g.add_argument("--out", type=Path, default=Path("results/gridworld"), help="folder for <study>.json, .md, .png")

@@ -17,7 +17,7 @@ those probabilities or the noise: GridConfig's defaults say what was chosen and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -75,6 +75,14 @@ class TabularMDPs:
     def move_of(self, actions: torch.Tensor) -> torch.Tensor:
         return actions % self.num_moves
 
+    def repeat(self, k: int) -> TabularMDPs:
+        """The batch k times over (row j * B + b is MDP b), to play k episodes of each at once."""
+        if k == 1:
+            return self
+        tile = lambda t: None if t is None else t.repeat((k,) + (1,) * (t.dim() - 1))  # noqa: E731
+        return replace(self, next_state=tile(self.next_state), reward=tile(self.reward),
+                       terminal=tile(self.terminal), walls=tile(self.walls))
+
 
 def sample_grids(cfg: GridConfig, count: int, seed: int) -> TabularMDPs:
     """`count` random grid worlds (module doc), reproducible from `seed`."""
@@ -105,6 +113,32 @@ def sample_grids(cfg: GridConfig, count: int, seed: int) -> TabularMDPs:
                        cfg.noise, cfg.end_prob, cfg.num_actions, torch.arange(cells), torch.from_numpy(walls))
 
 
+def cyclic_fork(batch: int, reward: float) -> tuple[TabularMDPs, torch.Tensor]:
+    """The aliased counter-example MDP (docs/gridworld.md) and its teacher's Q (batch, 13, 3).
+
+    From the start (state 0) action i leads to middle state M_i (states 1-3), which the student sees
+    as one observation; in M_i action a ends the episode, paying `reward` when a = i - 1 (mod 3),
+    else 0. The teacher, optimal for a sibling task (Q = 1 for action i in M_i, 0 otherwise;
+    indifferent at the start), is wrong in every middle state: what it distils into the shared policy
+    pays in the next branch. Deterministic (no move noise, no random end); 13 states: start, three
+    middle states, nine terminals."""
+    s, m = 13, 3
+    next_state = torch.zeros(batch, s, m, dtype=torch.long)
+    rewards = torch.zeros(batch, s, dtype=torch.float64)
+    terminal = torch.zeros(batch, s, dtype=torch.bool)
+    q = torch.zeros(batch, s, m, dtype=torch.float64)
+    next_state[:, 0] = torch.arange(1, 4)
+    for i in range(3):
+        ends = 4 + 3 * i + torch.arange(3)
+        next_state[:, 1 + i] = ends
+        terminal[:, ends] = True
+        rewards[:, ends[(i - 1) % 3]] = reward
+        q[:, 1 + i, i] = 1.0
+    next_state[:, 4:] = torch.arange(4, s)[:, None]  # terminals: never left (the episode has ended)
+    observation = torch.tensor([0, 1, 1, 1] + [2] * 9)
+    return TabularMDPs(next_state, rewards, terminal, 0, 0.0, 0.0, m, observation), q
+
+
 def move_probs(mdps: TabularMDPs, policy: torch.Tensor) -> torch.Tensor:
     """(B, S, M) probability of each move actually made under `policy` (B, S, A), noise included."""
     m = mdps.num_moves
@@ -129,6 +163,18 @@ def policy_values(mdps: TabularMDPs, policy: torch.Tensor) -> torch.Tensor:
     keep = (~mdps.terminal).to(torch.float64) * (1 - mdps.end_prob)
     system = torch.eye(mdps.num_states, dtype=torch.float64) - p * keep.unsqueeze(1)
     return torch.linalg.solve(system, expected_reward).squeeze(-1)
+
+
+def visits(mdps: TabularMDPs, policy: torch.Tensor) -> torch.Tensor:
+    """Expected visits (B, S) of each state from the start until the episode ends (terminals are
+    entered, not visited: no action is taken there), solving v = e_start + v P diag((1 - terminal)
+    (1 - end_prob)); differentiable in `policy` (B, S, A)."""
+    p = transition_matrix(mdps, policy)
+    keep = (~mdps.terminal).to(torch.float64) * (1 - mdps.end_prob)
+    system = torch.eye(mdps.num_states, dtype=torch.float64) - p * keep.unsqueeze(1)
+    start = torch.zeros(mdps.batch, mdps.num_states, 1, dtype=torch.float64)
+    start[:, mdps.start] = 1.0
+    return torch.linalg.solve(system.transpose(1, 2), start).squeeze(-1)
 
 
 def optimal_q(mdps: TabularMDPs) -> torch.Tensor:

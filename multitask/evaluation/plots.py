@@ -114,20 +114,29 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
 
 def gridworld_curves(report: dict[str, Any], path: Path) -> str:
     """A grid-world study's mean exact return against updates, one panel per teacher temperature
-    (control) or action-space size (actions), the teachers' mean return dashed."""
+    (control), action-space size (actions) or fork reward (counter: three single students per
+    variant and the expected update's trajectory, dashed), the teachers' mean return dashed."""
     groups: dict[str, list[tuple[str, dict]]] = {}
     for key, c in report["curves"].items():
         variant, group = key.rsplit("@", 1)
         groups.setdefault(group, []).append((variant, c))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.4), squeeze=False)
-    what = "teacher temperature" if report["study"] == "control" else "|A|"
+    what = {"control": "teacher temperature", "actions": "|A|", "counter": "fork reward"}[report["study"]]
     for ax, (group, items) in zip(axes.flat, groups.items()):
-        for variant, c in items:
-            ax.plot(c["updates"], c["mean_return"], label=variant)
-        ax.axhline(items[0][1]["teacher"], color="black", linestyle="--", linewidth=0.8, label="teacher")
+        for i, (variant, c) in enumerate(items):
+            if report["study"] == "counter":  # single students: a mean over students would average the cycle away
+                for j, returns in enumerate(c["student_returns"]):
+                    ax.plot(c["updates"], returns, color=f"C{i}", linewidth=0.8, alpha=1 if j == 0 else 0.35,
+                            label=f"{variant} (students)" if j == 0 else None)
+                ax.plot(c["updates"], c["exact_returns"], color="black" if i == 0 else "grey", linewidth=1,
+                        linestyle="--", label=f"{variant}, expected update")
+            else:
+                ax.plot(c["updates"], c["mean_return"], label=variant)
+        if report["study"] != "counter":  # the fork's teacher is a sibling task's: it earns 0 there
+            ax.axhline(items[0][1]["teacher"], color="black", linestyle="--", linewidth=0.8, label="teacher")
         ax.set_title(f"{what} {group}")
         ax.set_xlabel("updates")
-        ax.set_ylabel("mean exact return")
+        ax.set_ylabel("exact return" if report["study"] == "counter" else "mean exact return")
         ax.legend(fontsize=7)
     return _save(fig, path)
 

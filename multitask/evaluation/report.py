@@ -298,6 +298,14 @@ def gridworld_table(report: dict) -> str:
                 lines.append(f"| {r['temperature']:g} | {r['variant']} | {ret(r['final_return'])} | "
                              f"{r['teacher_return']:.2f} | {r['reached']}/{r['mdps']} | {_opt(r['median_updates_to_reach'])} | "
                              f"{_opt(r['median_labels_to_reach'])} |")
+    elif report["study"] == "counter":
+        lines += ["| fork reward | variant | return swing over the last quarter [95% CI] | final return [95% CI] | "
+                  "swing, expected update (median) | final, expected update | best possible | students |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["rows"]:
+            lines.append(f"| {r['reward']:g} | {r['variant']} | {ret(r['late_swing'])} | {ret(r['final_return'])} | "
+                         f"{r['exact_swing']:.2f} | {r['exact_final_return']:.2f} | {r['best_return']:g} | "
+                         f"{r['students']} |")
     else:
         lines += ["| actions | variant | final return [95% CI] | teacher | MDPs |", "|---:|---|---:|---:|---:|"]
         for r in report["rows"]:

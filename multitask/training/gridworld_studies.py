@@ -5,6 +5,10 @@
   student is within `reach` of its teacher's return, and the ratio teacher-driven / student-driven.
 - actions: entropy regularised vs expected entropy regularised vs on-policy distill at |A| = 4 and
   |A| = 4000 (action a makes move a mod 4): final exact return, mean and 95% interval over MDPs.
+- counter: on-policy distill +R vs n-distill +R on the aliased cyclic fork (envs/gridworld.cyclic_fork):
+  how far each student's exact return still swings over the last quarter of training (a cycle) and
+  where it ends, over students and fork rewards; the same for the expected update itself (plain
+  gradient steps on its closed form, training/tabular.train_expected), free of sampling noise.
 
 Every study writes results/gridworld/<study>.json (every number and the config) and .md (the table)
 and a PNG plot; tables are made from the JSON only. Returns are exact (policy evaluation), so the
@@ -25,11 +29,11 @@ import torch
 from multitask import __version__
 from multitask import config as configlib
 from multitask.config import option
-from multitask.envs.gridworld import GridConfig, optimal_q, policy_values, sample_grids
+from multitask.envs.gridworld import GridConfig, cyclic_fork, optimal_q, policy_values, sample_grids
 from multitask.files import atomic_write_text
-from multitask.training.tabular import TabularConfig, make_teacher, train
+from multitask.training.tabular import TabularConfig, make_teacher, train, train_expected
 
-STUDIES = ("control", "actions")
+STUDIES = ("control", "actions", "counter")
 T_95 = 1.96  # normal 95% interval half-width in standard errors (means over >= 8 MDPs)
 
 
@@ -44,8 +48,19 @@ class StudyConfig:
     actions_mdps: int = option(8, "actions study: MDPs (|A| = 4000 tables are 8x400x4000 logits each)")
     actions_temperature: float = option(0.1, "actions study: teacher temperature")
     actions_updates: int = option(100, "actions study: updates (an update at |A| = 4000 costs ~0.6 s for 8 MDPs)")
+    counter_rewards: tuple[float, ...] = option((3.0, 4.0, 5.0), "counter study: the fork's rewards (measured with "
+                                                "exact updates: 3 settles at the centre, 4 cycles, 5 settles near "
+                                                "a corner; docs/gridworld.md)")
+    counter_temperature: float = option(0.1, "counter study: teacher temperature (the cycle holds for 0.05-0.2)")
+    counter_students: int = option(8, "counter study: students (seeds) per variant and reward")
     grid: GridConfig = option(GridConfig(), "the sampled grid worlds")
     train: TabularConfig = option(TabularConfig(), "the tabular students' training")
+    counter_train: TabularConfig = option(
+        TabularConfig(updates=8000, optimizer="sgd", lr=0.1, gamma=1.0, episodes=32),
+        "counter study's training: plain SGD (the claim is about the expected update's vector field, which Adam's "
+        "per-parameter scaling would change), gamma 1 (two-step episodes; n-distill +R is then the exact gradient "
+        "of E[return] - E[cross-entropies]), 32 episodes per update (noise small against the cycle), lr 0.1 (the "
+        "cycle's period is ~1,500 updates there, measured)")
 
 
 def _reached_at(steps: np.ndarray, returns: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -117,6 +132,36 @@ def actions_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
     return {"rows": rows, "curves": curves}
 
 
+def counter_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    rows, curves = [], {}
+    for reward in cfg.counter_rewards:
+        mdps, q = cyclic_fork(cfg.counter_students, reward)
+        teacher = make_teacher(mdps, q, cfg.counter_temperature)
+        for variant in ("on_policy_distill+R", "n_distill+R"):
+            t0 = time.perf_counter()
+            run = replace(cfg.counter_train, variant=variant)
+            _, sampled = train(mdps, teacher, run, cfg.seed)
+            _, exact = train_expected(mdps, teacher, run, cfg.seed)
+            curves[f"{variant}@{reward:g}"] = {"updates": sampled.updates,
+                                               "mean_return": sampled.returns.mean(1).tolist(),
+                                               "student_returns": sampled.returns[:, :3].T.tolist(),
+                                               "exact_returns": exact.returns[:, 0].tolist(),
+                                               "teacher": float(teacher.values[:, mdps.start].mean())}
+            rows.append({"reward": reward, "variant": variant, "late_swing": mean_interval(_late_swing(sampled)),
+                         "final_return": mean_interval(sampled.returns[-1]), "exact_swing": float(np.median(_late_swing(exact))),
+                         "exact_final_return": float(exact.returns[-1].mean()), "best_return": reward,
+                         "students": mdps.batch, "seconds": time.perf_counter() - t0})
+            say(f"counter reward {reward:g}: {variant} swings {rows[-1]['late_swing']['mean']:.2f} over the last "
+                f"quarter (exact update: {rows[-1]['exact_swing']:.2f}), ends at {rows[-1]['final_return']['mean']:.2f}")
+    return {"rows": rows, "curves": curves}
+
+
+def _late_swing(curve) -> np.ndarray:
+    """Per student, the range of its exact return over the last quarter of the updates."""
+    late = curve.returns[len(curve.updates) * 3 // 4:]
+    return late.max(0) - late.min(0)
+
+
 def _median(x: np.ndarray) -> float | None:
     return float(np.median(x)) if len(x) and np.isfinite(np.median(x)) else None
 
@@ -125,7 +170,7 @@ def _quartiles(x: np.ndarray) -> list[float] | None:
     return [float(np.percentile(x, 25)), float(np.percentile(x, 75))] if len(x) else None
 
 
-RUNNERS = {"control": control_study, "actions": actions_study}
+RUNNERS = {"control": control_study, "actions": actions_study, "counter": counter_study}
 
 
 def run_study(study: str, cfg: StudyConfig, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
