@@ -25,7 +25,7 @@ from multitask import config as configlib
 from multitask.config import option
 from multitask.envs import get_game
 from multitask.errors import UserError
-from multitask.training.run import added_at_defaults, config_differences
+from multitask.training.run import finished_with
 
 
 @dataclass(frozen=True)
@@ -63,23 +63,10 @@ def _run_dir(kind: str, trainer_cfg) -> Path:
     return Path("runs") / kind / trainer_cfg.run_name
 
 
-# keys a finished run may differ in and still be this stage's: how it ran, or what it filled in as built
-AS_BUILT = ("device", "num_threads", "eval_workers", "loader_workers", "width", "extra_fc", "name")
-
-
 def _finished_with(run_dir: Path, trainer_cfg) -> str | None:
-    """Why a finished run folder can be reused: its summary.json holds this config (the resume rule of
-    training/run.py: keys added since must hold their defaults)."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return None
-    try:
-        saved = json.loads(summary.read_text()).get("config", {})
-    except ValueError:
-        return None
-    if config_differences(saved, configlib.to_dict(trainer_cfg), [*AS_BUILT, *added_at_defaults(trainer_cfg, saved)]):
-        return None
-    return f"{run_dir} is finished with this config"
+    """Why a finished run folder can be reused: its summary.json holds this config (training/run.finished_with)."""
+    finished, differences = finished_with(run_dir, trainer_cfg)
+    return f"{run_dir} is finished with this config" if finished and not differences else None
 
 
 def stages(cfg: PipelineConfig) -> tuple[list[Stage], list[Path]]:

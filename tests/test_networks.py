@@ -8,6 +8,7 @@ import torch
 from multitask.agents.networks import MultiHeadNet, count_parameters
 from multitask.agents.sizes import (SIZE_FRACTIONS, parameter_count, sized_network, width_for_parameters)
 from multitask.envs import get_game
+from multitask.errors import UserError
 
 PRESETS = (*SIZE_FRACTIONS, "multitask", "custom")
 GAME_SETS = (("minatar/Breakout",), ("minatar/Breakout", "minatar/Freeway", "minatar/Asterix"),
@@ -58,3 +59,27 @@ def test_width_for_parameters_is_the_smallest_width_reaching_the_target():
         w = width_for_parameters(trunk, [6], target)
         assert parameter_count(replace(trunk, width=w), [6]) >= target
         assert parameter_count(replace(trunk, width=w - 1e-4), [6]) < target
+
+
+@pytest.mark.parametrize("conv_width", [1.0, 0.0])
+def test_strided_shape_keeps_conv_channels_and_reaches_every_fraction(conv_width):
+    games = [get_game("minatar/Seaquest")]
+    for size, fraction in SIZE_FRACTIONS.items():
+        spec, sized = sized_network(size, games, shape="strided", conv_width=conv_width)
+        convs, hidden = spec.trunk.layer_sizes()
+        assert [(k, s) for _, k, s in convs] == [(3, 1), (2, 2)]  # the teacher's conv, then the strided one
+        if conv_width == 1.0:
+            assert [c for c, _, _ in convs] == [16, 16]  # the bisection shrank the FC only
+        net = MultiHeadNet(spec)
+        assert count_parameters(net) == sized.parameters
+        assert net.trunk.fcs[0].in_features == convs[-1][0] * 4 * 4  # 10x10 -> 8x8 -> 4x4
+        assert sized.fraction_of_teacher >= fraction
+        narrower = replace(spec.trunk, width=spec.trunk.width - 1e-4)
+        assert parameter_count(narrower, spec.num_actions) < fraction * sized.teachers["minatar/Seaquest"] or \
+            fraction == 1.0
+        assert net(torch.zeros(2, 10, 10, 10, dtype=torch.uint8)).shape == (2, 6)
+
+
+def test_strided_shape_is_refused_for_atari():
+    with pytest.raises(UserError, match="for MinAtar networks"):
+        sized_network("7%", [get_game("atari/Pong")], shape="strided")

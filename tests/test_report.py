@@ -43,8 +43,22 @@ def test_sweep_table_columns_and_seed_averaging():
             summary("a/Y", "mse", "100%", 3, 2)]  # a second seed of a/Y mse
     table = sweep_table(runs, "loss", ["kl", "mse"])
     assert "| a/X | 10.00 | 10.00 (100%) | 5.00 (50%) |" in table
-    assert "| a/Y | 2.00 | 4.00 (200%) | 2.00 (100%) [2 seeds] |" in table
+    assert "| a/Y | 2.00 | 4.00 (200%) | 2.00 (100% [-535, 735]) [2 seeds] |" in table  # t(1) = 12.7
     assert "**141%**" in table and "**71%**" in table  # geomeans of (100, 200) and (50, 100)
+
+
+def test_sweep_table_intervals_over_seeds():
+    runs = []
+    for seed, (x, y) in enumerate([(9, 4), (10, 4), (11, 4)]):
+        for game, score, teacher in (("a/X", x, 10), ("a/Y", y, 4)):
+            runs.append(summary(game, "kl", "100%", score, teacher))
+            runs[-1]["config"]["seed"] = seed
+    table = sweep_table(runs, "loss", ["kl"])
+    # X: 90, 100, 110 % -> mean 100, s = 10, t(2) = 4.303: 100 -+ 24.8
+    assert "| a/X | 10.00 | 10.00 (100% [75, 125]) [3 seeds] |" in table
+    # per seed geometric means sqrt(90 * 100), sqrt(100 * 100), sqrt(110 * 100): 94.87, 100, 104.88 -> [87.5, 112.4]
+    assert "**100% [87, 112]**" in table
+    assert "Student-t interval over seeds" in table
 
 
 def test_offline_and_student_driven_runs_side_by_side_by_method():

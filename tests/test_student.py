@@ -296,3 +296,17 @@ def test_sweep_runs_the_grid_and_writes_its_table(data, tmp_path, monkeypatch, r
     assert len(json.loads((tmp_path / "results" / "tiny.json").read_text())) == 4
     code, _, err = run_cli("student", "sweep", sweep, "--wandb", "off", "--no-progress")  # all done: skipped
     assert code == 0 and err.count("(done)") == 4
+    # a finished run of another config under the same name is refused, never mixed in
+    code, _, err = run_cli("student", "sweep", sweep, "--wandb", "off", "--no-progress", "overrides=['lr=0.5']")
+    assert code == 2 and "is finished with another config (lr: 0.001 there, 0.5 here)" in err
+    assert len(json.loads((tmp_path / "results" / "tiny.json").read_text())) == 4
+
+
+def test_run_names_carry_a_non_uniform_trunk_shape():
+    from multitask.training.student import StudentConfig
+
+    base = dict(games=("minatar/Seaquest",), size="7%")
+    assert StudentConfig(**base).run_name == "minatar-Seaquest-kl-7pct-s0"
+    assert StudentConfig(**base, shape="strided").run_name == "minatar-Seaquest-kl-7pct-strided-s0"
+    assert StudentConfig(**base, shape="strided", conv_width=1.0, seed=2).run_name == \
+        "minatar-Seaquest-kl-7pct-strided-conv1-s2"

@@ -30,6 +30,12 @@ NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))  # Mnih et al. 2015
 NATURE_HIDDEN = 512  # Mnih et al. 2015
 MINATAR_CONVS = ((16, 3, 1),)  # Young & Tian 2019 (MinAtar paper): conv 16 3x3, FC 128
 MINATAR_HIDDEN = 128
+# The `strided` shape appends this conv: 8x8x16 features become 4x4x16 (a 2x2 kernel at stride 2
+# covers every cell; 3x3 at stride 2 would drop the last row and column), so the FC input shrinks from
+# 1,024 to 256 and a small network's parameters go to features and FC units, not to one wide FC
+# input (paper A's small students kept conv widths near the teacher's and shrank the FC).
+STRIDED_CONV = (16, 2, 2)
+TrunkShape = Literal["uniform", "strided"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,17 @@ class TrunkSpec:
     kind: TrunkKind
     in_channels: int
     in_size: int  # square input side: 84 (Atari) or 10 (MinAtar)
-    width: float = 1.0  # multiplies every conv's channels and every FC's units
+    width: float = 1.0  # multiplies every FC's units, and every conv's channels unless conv_width is set
     extra_fc: int = 0  # extra hidden FC layers after the first (paper A's multi-task student: 1)
+    shape: TrunkShape = "uniform"  # strided: STRIDED_CONV appended to the convs
+    conv_width: float = 0.0  # multiplies every conv's channels; 0: follow `width`
 
     def layer_sizes(self) -> tuple[tuple[tuple[int, int, int], ...], int]:
         convs, hidden = (NATURE_CONVS, NATURE_HIDDEN) if self.kind == "nature" else (MINATAR_CONVS, MINATAR_HIDDEN)
-        scaled = tuple((max(1, round(c * self.width)), k, s) for c, k, s in convs)
+        if self.shape == "strided":
+            convs = convs + (STRIDED_CONV,)
+        conv_width = self.conv_width or self.width
+        scaled = tuple((max(1, round(c * conv_width)), k, s) for c, k, s in convs)
         return scaled, max(1, round(hidden * self.width))
 
 

@@ -6,7 +6,9 @@ fraction of a teacher's parameters (Rusu et al. 2016's compression study); `mult
 network with `MULTITASK_FACTOR` times the mean teacher's parameters, heads included, and one extra
 hidden FC layer (Rusu et al. 2016's multi-task student); `custom` takes width and extra FC layers
 as given. Fractions are reached by scaling the trunk's width, found by one bisection
-(`width_for_parameters`).
+(`width_for_parameters`). The trunk's `shape` (networks.TrunkShape) and `conv_width` go through
+every preset: `strided` with conv_width 1 keeps the teacher's conv channels and lets the bisection
+shrink the FC units only.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from multitask.agents.networks import NetworkSpec, TrunkSpec, teacher_network_spec
+from multitask.agents.networks import NetworkSpec, TrunkShape, TrunkSpec, teacher_network_spec
 from multitask.envs import GameSpec
+from multitask.errors import UserError
 
 SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
 SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}  # Rusu et al. 2016, compression
@@ -82,9 +85,10 @@ class Size(NamedTuple):
                 "fraction_of_mean_teacher": self.fraction_of_mean_teacher}
 
 
-def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.0,
-                  extra_fc: int = 0) -> tuple[NetworkSpec, Size]:
-    """One head per game on a trunk sized by the preset (`width`, `extra_fc`: for `custom` only).
+def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.0, extra_fc: int = 0,
+                  shape: TrunkShape = "uniform", conv_width: float = 0.0) -> tuple[NetworkSpec, Size]:
+    """One head per game on a trunk sized by the preset (`width`, `extra_fc`: for `custom` only;
+    `shape`, `conv_width`: for every preset).
 
     The trunk takes the largest channel count of the games (MinAtar: 4-10, see `pad_channels`).
     Fractions are of the first game's teacher, one head each; `multitask` is of all heads against
@@ -93,11 +97,15 @@ def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.
     teacher_specs = [teacher_network_spec(g) for g in games]
     teachers = {g.name: parameter_count(s.trunk, s.num_actions) for g, s in zip(games, teacher_specs)}
     actions = tuple(g.num_actions for g in games)
-    base = replace(teacher_specs[0].trunk, in_channels=max(g.obs_shape[0] for g in games))
+    if shape != "uniform" and teacher_specs[0].trunk.kind != "minatar":
+        raise UserError(f"trunk shape {shape!r} is for MinAtar networks; Atari students scale uniformly")
+    base = replace(teacher_specs[0].trunk, in_channels=max(g.obs_shape[0] for g in games), shape=shape,
+                   conv_width=conv_width)
     if size in SIZE_FRACTIONS:
         fraction, teacher = SIZE_FRACTIONS[size], teacher_specs[0]
-        width = 1.0 if fraction == 1.0 else width_for_parameters(
-            teacher.trunk, teacher.num_actions, fraction * teachers[games[0].name])
+        shaped = replace(teacher.trunk, shape=shape, conv_width=conv_width)
+        width = 1.0 if fraction == 1.0 and shape == "uniform" else width_for_parameters(
+            shaped, teacher.num_actions, fraction * teachers[games[0].name])
         trunk = replace(base, width=width)
     elif size == "multitask":
         trunk = replace(base, extra_fc=MULTITASK_EXTRA_FC)

@@ -102,7 +102,10 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
         cell.setdefault((s["config"]["games"][0], column_value(s, column_key)), []).append(s)
     header = "| game | teacher | " + " | ".join(f"{c}: score (% of teacher)" for c in columns) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(columns)]
+    from multitask.evaluation.statistics import seed_interval  # statistics imports this module
+
     per_column: dict[str, list[float]] = {c: [] for c in columns}
+    per_seed: dict[str, dict[int, list[float]]] = {c: {} for c in columns}  # column -> seed -> % per game
     for g in games:
         teacher = next(s["teacher_scores"][g] for s in summaries if s["config"]["games"][0] == g)
         row = [g, _num(teacher)]
@@ -113,14 +116,25 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
                 continue
             score = float(np.mean([r["scores"][g] for r in runs]))
             pct = [r["pct_teacher"].get(g) for r in runs]
-            pct_mean = float(np.mean(pct)) if all(p is not None for p in pct) else None
-            if pct_mean is not None:
-                per_column[c].append(pct_mean)
-            seeds = f" [{len(runs)} seeds]" if len(runs) > 1 else ""
-            row.append(f"{score:.2f} ({_pct(pct_mean)}){seeds}")
+            if any(p is None for p in pct):
+                row.append(f"{score:.2f} ({_pct(None)})")
+                continue
+            per_column[c].append(float(np.mean(pct)))
+            for r, p in zip(runs, pct):
+                per_seed[c].setdefault(r["config"].get("seed", 0), []).append(p)  # runs before seeds: 0
+            row.append(f"{score:.2f} ({_pct_interval(*seed_interval(pct))})" + (f" [{len(runs)} seeds]" if len(runs) > 1 else ""))
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("| **geometric mean** | | " + " | ".join(
-        f"**{_pct(geomean(v))}**" if len(v) == len(games) else "-" for v in per_column.values()) + " |")
+    aggregate = []
+    for c, v in per_column.items():
+        if len(v) != len(games):
+            aggregate.append("-")
+            continue
+        whole = [geomean(p) for p in per_seed[c].values() if len(p) == len(games)]  # seeds that ran every game
+        aggregate.append(f"**{_pct_interval(*seed_interval(whole))}**" if len(whole) > 1 else f"**{_pct(geomean(v))}**")
+    lines.append("| **geometric mean** | | " + " | ".join(aggregate) + " |")
+    if any(len(per_seed[c]) > 1 for c in columns):
+        lines += ["", "With several seeds: mean over seeds [95% Student-t interval over seeds]; the geometric mean is "
+                      "each seed's geometric mean over games, then the same."]
     params = {}
     for s in summaries:
         params.setdefault(column_value(s, column_key), s["parameters"]["fraction_of_teacher"])
@@ -129,6 +143,10 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
         lines.append("Parameters relative to the teacher: " + ", ".join(
             f"{c}: {100 * params[c]:.1f}% (1/{1 / params[c]:.1f})" for c in columns if c in params))
     return "\n".join(lines)
+
+
+def _pct_interval(mean: float, low: float | None, high: float | None) -> str:
+    return _pct(mean) if low is None or high is None else f"{_pct(mean)} [{low:.0f}, {high:.0f}]"
 
 
 def column_value(summary: dict, key: str) -> str:

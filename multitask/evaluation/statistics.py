@@ -35,6 +35,19 @@ def _seeded(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
+def seed_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """Mean over seeds and its 95% Student-t interval: mean -+ t_{0.975, n-1} s / sqrt(n), s the
+    sample standard deviation (n - 1); no interval from one seed. Few seeds give wide intervals,
+    which is the honest answer (3 seeds: t = 4.30)."""
+    from scipy import stats  # rliable's own dependency
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), None, None
+    half = float(stats.t.ppf(0.5 + CI_SIZE / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
 def percent_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict[str, float], float | None]:
     """100 * agent / teacher per game and their geometric mean (report.pct_of_teacher).
 

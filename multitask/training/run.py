@@ -60,11 +60,30 @@ def added_at_defaults(config: Any, saved: dict) -> list[str]:
             and f.default is not dataclasses.MISSING and getattr(config, f.name) == f.default]
 
 
-def default_run_name(games: Sequence[str], method: str, size: str, seed: int) -> str:
-    """A run's default folder name: `<suite>-<Game>[-<Game>]-<method>-<size>-s<seed>`, games counted
-    (`5games`) beyond two; e.g. `minatar-Breakout-kl-25pct-s0`."""
+# Keys a finished run may differ in and still be the run asked for: how it ran, or what it filled in
+# as built (a preset's width and extra FC layers, a default name).
+AS_BUILT = ("device", "num_threads", "eval_workers", "loader_workers", "width", "extra_fc", "name")
+
+
+def finished_with(run_dir: Path, config: Any) -> tuple[bool, list[tuple[str, Any, Any]]]:
+    """Whether `run_dir` holds a finished run (summary.json), and how its saved config differs from
+    `config` (the resume rule: AS_BUILT keys and keys added since at their defaults do not count).
+    A finished run with no differences is this config's and may be reused."""
+    summary = run_dir / "summary.json"
+    try:
+        saved = json.loads(summary.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return False, []
+    return True, config_differences(saved, configlib.to_dict(config), [*AS_BUILT, *added_at_defaults(config, saved)])
+
+
+def default_run_name(games: Sequence[str], method: str, size: str, seed: int, shape: str = "") -> str:
+    """A run's default folder name: `<suite>-<Game>[-<Game>]-<method>-<size>[-<shape>]-s<seed>`,
+    games counted (`5games`) beyond two; e.g. `minatar-Breakout-kl-25pct-s0`,
+    `minatar-Seaquest-kl-7pct-strided-s1`."""
     names = "-".join(g.split("/")[1] for g in games) if len(games) <= 2 else f"{len(games)}games"
-    return f"{games[0].split('/')[0]}-{names}-{method}-{size.replace('%', 'pct')}-s{seed}"
+    shape = f"-{shape}" if shape else ""
+    return f"{games[0].split('/')[0]}-{names}-{method}-{size.replace('%', 'pct')}{shape}-s{seed}"
 
 
 class Clock:

@@ -23,7 +23,7 @@ import torch
 
 from multitask import config as configlib
 from multitask.agents.checkpoints import load_agent
-from multitask.agents.networks import MultiHeadNet, NetworkSpec
+from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkShape
 from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
 from multitask.data.control import KINDS as CONTROL_KINDS
@@ -65,6 +65,10 @@ class StudentConfig:
     size: SizePreset = option("100%", "student size relative to a teacher's parameters; multitask = ~4x plus one FC layer")
     width: float = option(1.0, "trunk width multiplier for size = custom; a run's saved config holds the width its preset built")
     extra_fc: int = option(0, "extra hidden FC layers for size = custom; a run's saved config holds what its preset built")
+    shape: TrunkShape = option("uniform", "MinAtar trunk shape for every size: uniform (the teacher's, width-scaled) or "
+                                          "strided (a 2x2 stride-2 conv after the teacher's: FC input 256, not 1,024)")
+    conv_width: float = option(0.0, "conv channel multiplier, kept while a size preset scales the FC (0: follow the "
+                                    "width); shape = strided with conv_width = 1 keeps the teacher's 16 channels")
     eval_every: int = option(5_000, "updates between evaluations of every game (0: only at the end)")
     eval_episodes: int = option(10, "episodes per game in periodic evaluations")
     final_eval_episodes: int = option(100, "episodes per game in the final evaluation of best.pt and of the teachers")
@@ -97,7 +101,8 @@ class StudentConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        return default_run_name(self.games, self.loss, self.size, self.seed)
+        shape = "" if self.shape == "uniform" else self.shape + (f"-conv{self.conv_width:g}" if self.conv_width else "")
+        return default_run_name(self.games, self.loss, self.size, self.seed, shape)
 
 
 class Inputs(NamedTuple):
@@ -151,7 +156,7 @@ def cosine_lr(lr: float, k: int, total: int) -> float:
 def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",
                   restart: bool = False, show_progress: bool = True) -> dict:
     inputs = resolve_inputs(cfg)
-    spec, size = sized_network(cfg.size, inputs.games, cfg.width, cfg.extra_fc)
+    spec, size = sized_network(cfg.size, inputs.games, cfg.width, cfg.extra_fc, cfg.shape, cfg.conv_width)
     cfg = replace(cfg, width=spec.trunk.width, extra_fc=spec.trunk.extra_fc)  # the config as built
     procs = start_processes(cfg.device)
     cfg = replace(cfg, device=procs.device.type)
@@ -191,8 +196,9 @@ class Student:
         c, trunk, cfg = self.counts, self.spec.trunk, self.cfg
         tau = f" (tau {cfg.tau}, teacher side)" if cfg.loss == "kl" else ""
         return (f"student {self.spec.games}: {c['student']:,} parameters ({c['student_one_head']:,} with one head = "
-                f"{100 * c['fraction_of_teacher']:.1f}% of a {c['teacher']:,}-parameter teacher); trunk width "
-                f"{trunk.width}, extra FC {trunk.extra_fc}, loss {cfg.loss}{tau}, {cfg.batch_mode} batches")
+                f"{100 * c['fraction_of_teacher']:.1f}% of a {c['teacher']:,}-parameter teacher); trunk {trunk.shape}, "
+                f"width {trunk.width}, conv channels {[out for out, _, _ in trunk.layer_sizes()[0]]}, FC "
+                f"{trunk.layer_sizes()[1]} x {1 + trunk.extra_fc}, loss {cfg.loss}{tau}, {cfg.batch_mode} batches")
 
     def learn(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[float, list[tuple[str, float]]]:
         """One update on a batch grouped by game: one trunk pass, each game's head on its rows,

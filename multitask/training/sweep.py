@@ -3,8 +3,9 @@
 A sweep is one TOML file (configs/sweeps/*.toml): a base student config, the games (one
 single-game student each), and the losses, sizes and seeds to cross. Runs live in
 runs/student/<run name>/, so sweeps that share a cell (the KL, 100% student is in both the loss and
-the size sweep) share its run. Finished runs (with a summary.json) are skipped, so a killed sweep
-continues where it stopped; unfinished runs resume from their checkpoints. Several processes may
+the size sweep) share its run. Finished runs (with a summary.json) of the same config are skipped,
+so a killed sweep continues where it stopped (a finished run of another config under the same name is
+refused, never mixed in); unfinished runs resume from their checkpoints. Several processes may
 work on the same sweeps at once: each claims a run with a lock file (`.lock`, holding its pid; a
 dead holder's lock is taken over), and the table is written once every run has finished. The
 table goes to results/<name>.md and the raw summaries to results/<name>.json.
@@ -27,6 +28,7 @@ from multitask.errors import UserError
 from multitask.agents.sizes import SizePreset
 from multitask.training.losses import LossName
 from multitask.evaluation.report import sweep_table
+from multitask.training.run import finished_with
 from multitask.training.student import StudentConfig, train_student
 from multitask.training.tracking import WandbMode
 
@@ -59,8 +61,12 @@ def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_prog
                                                    f"seed={seed}", *sweep.overrides], data=base)
         run_dir = Path("runs") / "student" / cfg.run_name
         run_dirs.append(run_dir)
-        done = run_dir / "summary.json"
-        if done.exists():
+        finished, differences = finished_with(run_dir, cfg)
+        if finished and differences:
+            key, saved, now = differences[0]
+            raise UserError(f"{run_dir} is finished with another config ({key}: {saved!r} there, {now!r} here); "
+                            f"remove it or give this sweep's runs other names")
+        if finished:
             print(f"[{i + 1}/{len(cells)}] {cfg.run_name} (done)", file=sys.stderr)
             continue
         if not _claim(run_dir):
