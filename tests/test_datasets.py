@@ -170,6 +170,11 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path, run_cli,
     code, out_text, _ = run_cli("dataset", "info", out, "--json")
     info = json.loads(out_text)
     assert info["steps"] == 300 and info["bytes_per_step"] > 0 and info["control"][0]["kind"] == "teacher"
+    with DatasetReader(out) as d:  # the steps of the episodes the budget cut (the last of each env's)
+        e = d.episodes
+        assert info["cut_steps"] == int(e["length"][~e["complete"]].sum()) > 0
+    code, text, _ = run_cli("dataset", "info", out)
+    assert f"{info['episodes'] - info['complete_episodes']} cut by the step budget, holding" in text
 
 
 def test_resume_continues_to_exactly_n(tmp_path, make_teacher):

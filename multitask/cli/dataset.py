@@ -53,7 +53,9 @@ def cmd_dataset_info(args: argparse.Namespace) -> None:
     teacher = s["teacher"]
     print(f"{s['file']}: {s['game']}, schema v{s['schema_version']}, {s['status']}")
     print(f"  steps     {s['steps']:,} of {s['target_steps']:,}")
-    print(f"  episodes  {s['episodes']:,} ({s['complete_episodes']:,} complete); {r}")
+    cut = s["episodes"] - s["complete_episodes"]
+    share = f", holding {100 * s['cut_steps'] / s['steps']:.0f}% of the steps" if cut and s["steps"] else ""
+    print(f"  episodes  {s['episodes']:,} ({s['complete_episodes']:,} complete, {cut:,} cut by the step budget{share}); {r}")
     print(f"  teacher   {teacher['path']} (sha256 {str(teacher['sha256'])[:12]}, "
           f"{teacher['source']}, eval {teacher['eval_mean']}), outputs: {s['teacher_output_kind']}")
     for c in s["control"]:

@@ -39,6 +39,8 @@ def summarize(path: Path) -> dict[str, Any]:
             "schema_version": int(info.attrs["schema_version"]),
             "steps": info.num_steps, "target_steps": info.target_steps,
             "episodes": info.num_episodes, "complete_episodes": int(complete.sum()),
+            # steps of episodes the step budget cut: states late in long games are missing from them
+            "cut_steps": int(e["length"][~complete].sum()),
             "return_mean": float(ret.mean()) if len(ret) else None,
             "return_min": float(ret.min()) if len(ret) else None,
             "return_max": float(ret.max()) if len(ret) else None,
