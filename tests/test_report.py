@@ -70,6 +70,19 @@ def test_offline_and_student_driven_runs_side_by_side_by_method():
     assert "| a/X | 10.00 | 10.00 (100%) | 6.00 (60%) |" in results_table([offline, driven])
 
 
+def test_columns_name_every_key_the_runs_vary():
+    runs = [summary("a/X", "kl", "7%", 5, 10, 0.07), summary("a/X", "kl", "7%", 6, 10, 0.07),
+            summary("a/X", "kl", "4%", 4, 10, 0.04)]
+    runs[1]["config"].update(shape="strided", conv_width=1.0)
+    assert sweep_columns(runs) == ("size+shape", ["7% uniform", "7% strided-conv1", "4% uniform"])
+    table = sweep_table(runs, *sweep_columns(runs))
+    assert "| a/X | 10.00 | 5.00 (50%) | 6.00 (60%) | 4.00 (40%) |" in table
+    assert "7% strided-conv1: 7.0% (1/14.3)" in table  # size among the keys: parameter fractions follow
+    data = [summary("a/X", "kl", "100%", 8, 10), summary("a/X", "kl", "100%", 9, 10)]
+    data[1]["config"]["datasets"] = ["datasets/minatar_envs16/X.h5"]
+    assert sweep_columns(data) == ("datasets", ["default", "datasets/minatar_envs16"])
+
+
 def test_size_sweep_reports_parameter_fractions():
     runs = [summary("a/X", "kl", "100%", 10, 10, 1.0), summary("a/X", "kl", "7%", 9, 10, 0.0702)]
     table = sweep_table(runs, "size", ["100%", "7%"])

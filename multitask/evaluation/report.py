@@ -138,7 +138,7 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     params = {}
     for s in summaries:
         params.setdefault(column_value(s, column_key), s["parameters"]["fraction_of_teacher"])
-    if column_key == "size":
+    if "size" in column_key.split("+"):
         lines.append("")
         lines.append("Parameters relative to the teacher: " + ", ".join(
             f"{c}: {100 * params[c]:.1f}% (1/{1 / params[c]:.1f})" for c in columns if c in params))
@@ -150,21 +150,37 @@ def _pct_interval(mean: float, low: float | None, high: float | None) -> str:
 
 
 def column_value(summary: dict, key: str) -> str:
-    """A run's value of what a sweep varied; `method`: a student-driven run's variant, else
-    `offline <loss>` (offline and student-driven students side by side)."""
+    """A run's value of what a sweep varied (`a+b`: both values, space-separated); `method`: a
+    student-driven run's variant, else `offline <loss>` (offline and student-driven students side by
+    side); `datasets`: their folders (`default` when the run took datasets/<suite>/)."""
     config = summary["config"]
+    if "+" in key:
+        return " ".join(column_value(summary, k) for k in key.split("+"))
     if key == "method":
         return str(config.get("variant") or f"offline {config.get('loss')}")
+    if key == "datasets":
+        folders = sorted({str(Path(d).parent) for d in config.get("datasets") or ()})
+        return ",".join(folders) or "default"
+    if key == "shape":  # as run names write it; runs from before shapes were uniform
+        conv = config.get("conv_width") or 0
+        return str(config.get("shape", "uniform")) + (f"-conv{conv:g}" if conv else "")
     return str(config.get(key))
 
 
+# Config keys a table of single-game runs may vary, in the order their values are named in a
+# column: seeds are averaged, never columns; games are the rows.
+COLUMN_KEYS = ("loss", "size", "shape", "tau", "updates", "datasets")
+
+
 def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:
-    """What a sweep varied (method where student-driven runs are among them, loss, else size) and
-    its values in the order the runs list them."""
+    """What a sweep varied and its values in the order the runs list them: `method` where
+    student-driven runs are among them, else every key of COLUMN_KEYS whose values differ, joined
+    with '+' (e.g. `size+shape`); `size` when none does."""
     if any("variant" in s["config"] for s in summaries):
         key = "method"
     else:
-        key = "loss" if len({str(s["config"].get("loss")) for s in summaries}) > 1 else "size"
+        varied = [k for k in COLUMN_KEYS if len({column_value(s, k) for s in summaries}) > 1]
+        key = "+".join(varied) or "size"
     return key, list(dict.fromkeys(column_value(s, key) for s in summaries))
 
 
