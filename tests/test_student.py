@@ -310,3 +310,13 @@ def test_run_names_carry_a_non_uniform_trunk_shape():
     assert StudentConfig(**base, shape="strided").run_name == "minatar-Seaquest-kl-7pct-strided-s0"
     assert StudentConfig(**base, shape="strided", conv_width=1.0, seed=2).run_name == \
         "minatar-Seaquest-kl-7pct-strided-conv1-s2"
+    assert StudentConfig(**base, tau=0.1).run_name == "minatar-Seaquest-kl-tau0.1-7pct-s0"
+    assert StudentConfig(**base, loss="nll", tau=0.1).run_name == "minatar-Seaquest-nll-7pct-s0"  # tau unused
+
+
+def test_a_sweep_varies_one_of_losses_sizes_and_taus():
+    from multitask.training.sweep import SweepConfig
+
+    SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",), taus=(1.0, 0.1), sizes=("7%",))
+    with pytest.raises(ValueError, match="vary one of losses, sizes and taus"):
+        SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",), taus=(1.0, 0.1), sizes=("7%", "4%"))

@@ -102,7 +102,8 @@ class StudentConfig:
         if self.name:
             return self.name
         shape = "" if self.shape == "uniform" else self.shape + (f"-conv{self.conv_width:g}" if self.conv_width else "")
-        return default_run_name(self.games, self.loss, self.size, self.seed, shape)
+        method = f"kl-tau{self.tau:g}" if self.loss == "kl" and self.tau != DEFAULT_TAU else self.loss
+        return default_run_name(self.games, method, self.size, self.seed, shape)
 
 
 class Inputs(NamedTuple):

@@ -27,7 +27,7 @@ from multitask.config import option
 from multitask.errors import UserError
 from multitask.agents.sizes import SizePreset
 from multitask.training.losses import LossName
-from multitask.evaluation.report import sweep_table
+from multitask.evaluation.report import sweep_columns, sweep_table
 from multitask.training.run import finished_with
 from multitask.training.student import StudentConfig, train_student
 from multitask.training.tracking import WandbMode
@@ -40,24 +40,25 @@ class SweepConfig:
     games: tuple[str, ...] = option((), "one single-game student per game")
     losses: tuple[LossName, ...] = option(("kl",), "losses to compare")
     sizes: tuple[SizePreset, ...] = option(("100%",), "student sizes to compare")
+    taus: tuple[float, ...] = option((), "KL temperatures to compare (empty: the base config's)")
     seeds: tuple[int, ...] = option((0,), "seeds per cell (the table averages them)")
     overrides: tuple[str, ...] = option((), "key=value applied to every run after the base config")
 
     def __post_init__(self):
         if not self.name or not self.base or not self.games:
             raise ValueError("a sweep needs name, base and games")
-        if len(self.losses) > 1 and len(self.sizes) > 1:
-            raise ValueError("vary either losses or sizes in one sweep, so that it makes one table")
+        if sum(len(v) > 1 for v in (self.losses, self.sizes, self.taus)) > 1:
+            raise ValueError("vary one of losses, sizes and taus in one sweep, so that it makes one table")
 
 
 def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_progress: bool) -> str:
     sweep = configlib.load(SweepConfig, path, overrides)
     base = configlib.read_toml(Path(sweep.base))
-    column_key, columns = ("loss", sweep.losses) if len(sweep.losses) > 1 else ("size", sweep.sizes)
-    cells = list(itertools.product(sweep.games, sweep.losses, sweep.sizes, sweep.seeds))
+    taus = [[f"tau={t!r}"] for t in sweep.taus] or [[]]
+    cells = list(itertools.product(sweep.games, sweep.losses, sweep.sizes, taus, sweep.seeds))
     run_dirs = []
-    for i, (game, loss, size, seed) in enumerate(cells):
-        cfg = configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}",
+    for i, (game, loss, size, tau, seed) in enumerate(cells):
+        cfg = configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}", *tau,
                                                    f"seed={seed}", *sweep.overrides], data=base)
         run_dir = Path("runs") / "student" / cfg.run_name
         run_dirs.append(run_dir)
@@ -82,7 +83,7 @@ def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_prog
             raise UserError(f"sweep {sweep.name}: some runs neither finished nor are running; run the sweep again")
         time.sleep(5)
     summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-    table = sweep_table(summaries, column_key, [str(c) for c in columns])
+    table = sweep_table(summaries, *sweep_columns(summaries))
     out = Path("results") / f"{sweep.name}.md"
     atomic_write_text(out, f"<!-- made by: multitask student sweep {path} -->\n{table}\n")
     atomic_write_text(out.with_suffix(".json"), json.dumps(summaries, indent=2) + "\n")
