@@ -63,3 +63,12 @@ def test_every_command_answers_help():
     assert len(results) == len(COMMANDS)
     for command, (code, text) in results.items():
         assert code in (0, None) and text.startswith("usage: multitask"), (command, code, text)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `multitask config student | head -1`: the pipe closes before the listing is written
+    p = subprocess.Popen([sys.executable, "-m", "multitask", "config", "student"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

@@ -8,6 +8,7 @@ as one sentence with exit code 2 and no traceback; anything else is a bug and ke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from multitask import __version__
@@ -45,4 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("multitask: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`multitask config student | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports it
     return 0
