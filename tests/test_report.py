@@ -83,6 +83,20 @@ def test_columns_name_every_key_the_runs_vary():
     assert sweep_columns(data) == ("datasets", ["default", "datasets/minatar_envs16"])
 
 
+def test_a_multi_task_run_fills_every_row_of_its_games():
+    runs = []
+    for seed, (x, y) in enumerate([(9, 4), (10, 4), (11, 4)]):
+        pct, geo = pct_of_teacher({"a/X": x, "a/Y": y}, {"a/X": 10, "a/Y": 4})
+        runs.append({"run": f"mt-s{seed}", "config": {"games": ["a/X", "a/Y"], "loss": "kl", "size": "multitask",
+                                                     "seed": seed},
+                     "scores": {"a/X": x, "a/Y": y}, "teacher_scores": {"a/X": 10, "a/Y": 4}, "pct_teacher": pct,
+                     "geomean_pct_teacher": geo, "parameters": {"fraction_of_teacher": 3.98}})
+    table = results_table(runs)
+    assert "| a/X | 10.00 | 10.00 (100% [75, 125]) [3 seeds] |" in table
+    assert "| a/Y | 4.00 | 4.00 (100% [100, 100]) [3 seeds] |" in table
+    assert "**100% [87, 112]**" in table and "multitask: 398.0% (4.0x)" in table
+
+
 def test_size_sweep_reports_parameter_fractions():
     runs = [summary("a/X", "kl", "100%", 10, 10, 1.0), summary("a/X", "kl", "7%", 9, 10, 0.0702)]
     table = sweep_table(runs, "size", ["100%", "7%"])

@@ -94,12 +94,14 @@ def run_table(summary: dict) -> str:
 
 
 def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[str]) -> str:
-    """Single-game runs: rows are games, columns one value of `column_key` (loss, size or method);
-    the cells are student score (% of teacher), averaged over seeds."""
-    games = sorted({s["config"]["games"][0] for s in summaries})
+    """Runs side by side: rows are games (a multi-task run fills every row of its games), columns
+    one value of `column_key` (loss, size, method, ...); the cells are student score (% of
+    teacher), averaged over seeds, with a 95% interval over seeds where there are several."""
+    games = sorted({g for s in summaries for g in s["config"]["games"]})
     cell: dict[tuple[str, str], list[dict]] = {}
-    for s in summaries:
-        cell.setdefault((s["config"]["games"][0], column_value(s, column_key)), []).append(s)
+    for s in summaries:  # a multi-task run fills a cell in every game's row
+        for g in s["config"]["games"]:
+            cell.setdefault((g, column_value(s, column_key)), []).append(s)
     header = "| game | teacher | " + " | ".join(f"{c}: score (% of teacher)" for c in columns) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(columns)]
     from multitask.evaluation.statistics import seed_interval  # statistics imports this module
@@ -107,7 +109,7 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     per_column: dict[str, list[float]] = {c: [] for c in columns}
     per_seed: dict[str, dict[int, list[float]]] = {c: {} for c in columns}  # column -> seed -> % per game
     for g in games:
-        teacher = next(s["teacher_scores"][g] for s in summaries if s["config"]["games"][0] == g)
+        teacher = next(s["teacher_scores"][g] for s in summaries if g in s["config"]["games"])
         row = [g, _num(teacher)]
         for c in columns:
             runs = cell.get((g, c), [])
@@ -141,7 +143,8 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     if "size" in column_key.split("+"):
         lines.append("")
         lines.append("Parameters relative to the teacher: " + ", ".join(
-            f"{c}: {100 * params[c]:.1f}% (1/{1 / params[c]:.1f})" for c in columns if c in params))
+            f"{c}: {100 * params[c]:.1f}% " + (f"(1/{1 / params[c]:.1f})" if params[c] <= 1 else f"({params[c]:.1f}x)")
+            for c in columns if c in params))
     return "\n".join(lines)
 
 
