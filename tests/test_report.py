@@ -81,6 +81,9 @@ def test_columns_name_every_key_the_runs_vary():
     data = [summary("a/X", "kl", "100%", 8, 10), summary("a/X", "kl", "100%", 9, 10)]
     data[1]["config"]["datasets"] = ["datasets/minatar_envs16/X.h5"]
     assert sweep_columns(data) == ("datasets", ["default", "datasets/minatar_envs16"])
+    data[1]["config"]["datasets"] = []
+    data[1]["config"]["tau"], data[0]["config"]["tau"] = 0.1, 0.01
+    assert sweep_columns(data) == ("tau", ["tau 0.01", "tau 0.1"])
 
 
 def test_a_multi_task_run_fills_every_row_of_its_games():

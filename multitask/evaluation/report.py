@@ -164,6 +164,8 @@ def column_value(summary: dict, key: str) -> str:
     if key == "datasets":
         folders = sorted({str(Path(d).parent) for d in config.get("datasets") or ()})
         return ",".join(folders) or "default"
+    if key == "tau":
+        return f"tau {config.get('tau'):g}"
     if key == "shape":  # as run names write it; runs from before shapes were uniform
         conv = config.get("conv_width") or 0
         return str(config.get("shape", "uniform")) + (f"-conv{conv:g}" if conv else "")
