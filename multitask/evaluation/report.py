@@ -165,7 +165,7 @@ def column_value(summary: dict, key: str) -> str:
         folders = sorted({str(Path(d).parent) for d in config.get("datasets") or ()})
         return ",".join(folders) or "default"
     if key == "tau":
-        return f"tau {config.get('tau'):g}"
+        return "tau -" if config.get("tau") is None else f"tau {config['tau']:g}"
     if key == "shape":  # as run names write it; runs from before shapes were uniform
         conv = config.get("conv_width") or 0
         return str(config.get("shape", "uniform")) + (f"-conv{conv:g}" if conv else "")
