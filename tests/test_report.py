@@ -2,6 +2,7 @@
 `multitask report show | export | docs` (slim JSON, marked tables in Markdown, stale detection)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,14 @@ def test_show_prints_run_and_sweep_tables(tmp_path, run_cli):
     assert code == 0
     assert "mt (" in out and "| **geometric mean** |" in out
     assert "100%: score (% of teacher)" in out and "sweep of 2 runs" in out
+
+
+def test_show_prints_a_comparison_and_a_grid_world_study(run_cli):
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    code, out, err = run_cli("report", "show", docs / "quickstart.json", docs / "gridworld" / "counter.json")
+    assert code == 0 and "Traceback" not in err, err
+    assert "multitask-compare (" in out and "geometric mean % of teacher" in out
+    assert "counter (" in out and "return swing" in out
 
 
 def test_docs_tables_are_rewritten_and_stale_ones_detected(tmp_path, run_cli):

@@ -51,7 +51,10 @@ def cmd_report_show(args: argparse.Namespace) -> None:
 
     for path in args.results:
         results = load_results(path)
-        name = results["run"] if isinstance(results, dict) else f"sweep of {len(results)} runs"
+        if isinstance(results, list):
+            name = f"sweep of {len(results)} runs"
+        else:  # a run's summary, a comparison report or a grid-world study
+            name = results.get("run") or results.get("study") or results.get("format", "results")
         print(f"{name} ({path}):\n{results_table(results)}\n")
 
 
