@@ -10,7 +10,7 @@ import torch
 
 from multitask.envs.gridworld import GridConfig, TabularMDPs, cyclic_fork, optimal_q, policy_values, sample_grids
 from multitask.training.gridworld_studies import StudyConfig, run_study
-from multitask.training.tabular import (Teacher, TabularConfig, expected_loss, make_teacher, rollout, surrogate,
+from multitask.training.tabular import (TabularConfig, expected_loss, make_teacher, rollout, surrogate,
                                          train)
 
 
@@ -126,7 +126,7 @@ def test_the_expected_updates_closed_form_is_the_mean_sampled_update(variant):
     exact, = torch.autograd.grad(expected_loss(mdps, logits, teacher, variant), logits)
     n = 40_000
     played = mdps.repeat(n)
-    played_teacher = Teacher(teacher.log_probs.repeat(n, 1, 1), teacher.values.repeat(n, 1))
+    played_teacher = teacher.repeat(n)
     ep = rollout(played, "student", logits.detach().repeat(n, 1, 1), played_teacher, 5, torch.Generator().manual_seed(1))
     b_idx = torch.zeros_like(ep["states"])
     loss, _ = surrogate(mdps, teacher, variant, logits, ep, b_idx, torch.zeros(ep["states"].shape, dtype=torch.float64),

@@ -38,6 +38,11 @@ STRIDED_CONV = (16, 2, 2)
 TrunkShape = Literal["uniform", "strided"]
 
 
+def shape_tag(shape: TrunkShape, conv_width: float) -> str:
+    """How run names and result tables write a trunk shape: `uniform`, `strided`, `strided-conv1`."""
+    return shape + (f"-conv{conv_width:g}" if conv_width else "")
+
+
 @dataclass(frozen=True)
 class TrunkSpec:
     kind: TrunkKind

@@ -158,20 +158,23 @@ def policy_values(mdps: TabularMDPs, policy: torch.Tensor) -> torch.Tensor:
     """Exact V_policy (B, S): expected sum of rewards until a terminal or the end, solving
     V = P r + P diag((1 - terminal) (1 - end_prob)) V. `policy` is (B, S, A) over states
     (expand a student's table with `policy[:, observation]`)."""
+    p, system = _continuation(mdps, policy)
+    return torch.linalg.solve(system, p @ mdps.reward.unsqueeze(-1)).squeeze(-1)
+
+
+def _continuation(mdps: TabularMDPs, policy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transition matrix P under `policy` and I - P diag((1 - terminal) (1 - end_prob)): the
+    linear system of values (solved as is) and of visits (transposed)."""
     p = transition_matrix(mdps, policy)
-    expected_reward = p @ mdps.reward.unsqueeze(-1)
     keep = (~mdps.terminal).to(torch.float64) * (1 - mdps.end_prob)
-    system = torch.eye(mdps.num_states, dtype=torch.float64) - p * keep.unsqueeze(1)
-    return torch.linalg.solve(system, expected_reward).squeeze(-1)
+    return p, torch.eye(mdps.num_states, dtype=torch.float64) - p * keep.unsqueeze(1)
 
 
 def visits(mdps: TabularMDPs, policy: torch.Tensor) -> torch.Tensor:
     """Expected visits (B, S) of each state from the start until the episode ends (terminals are
     entered, not visited: no action is taken there), solving v = e_start + v P diag((1 - terminal)
     (1 - end_prob)); differentiable in `policy` (B, S, A)."""
-    p = transition_matrix(mdps, policy)
-    keep = (~mdps.terminal).to(torch.float64) * (1 - mdps.end_prob)
-    system = torch.eye(mdps.num_states, dtype=torch.float64) - p * keep.unsqueeze(1)
+    _, system = _continuation(mdps, policy)
     start = torch.zeros(mdps.batch, mdps.num_states, 1, dtype=torch.float64)
     start[:, mdps.start] = 1.0
     return torch.linalg.solve(system.transpose(1, 2), start).squeeze(-1)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from multitask.agents.networks import shape_tag
 from multitask.config import as_typed
 
 from multitask.errors import UserError
@@ -102,10 +103,10 @@ def sweep_table(summaries: Sequence[dict], column_key: str, columns: Sequence[st
     for s in summaries:  # a multi-task run fills a cell in every game's row
         for g in s["config"]["games"]:
             cell.setdefault((g, column_value(s, column_key)), []).append(s)
-    header = "| game | teacher | " + " | ".join(f"{c}: score (% of teacher)" for c in columns) + " |"
-    lines = [header, "|---|---:|" + "---:|" * len(columns)]
     from multitask.evaluation.statistics import seed_interval  # statistics imports this module
 
+    header = "| game | teacher | " + " | ".join(f"{c}: score (% of teacher)" for c in columns) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(columns)]
     per_column: dict[str, list[float]] = {c: [] for c in columns}
     per_seed: dict[str, dict[int, list[float]]] = {c: {} for c in columns}  # column -> seed -> % per game
     for g in games:
@@ -167,8 +168,7 @@ def column_value(summary: dict, key: str) -> str:
     if key == "tau":
         return "tau -" if config.get("tau") is None else f"tau {config['tau']:g}"
     if key == "shape":  # as run names write it; runs from before shapes were uniform
-        conv = config.get("conv_width") or 0
-        return str(config.get("shape", "uniform")) + (f"-conv{conv:g}" if conv else "")
+        return shape_tag(config.get("shape", "uniform"), config.get("conv_width") or 0)
     return str(config.get(key))
 
 

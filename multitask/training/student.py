@@ -23,7 +23,7 @@ import torch
 
 from multitask import config as configlib
 from multitask.agents.checkpoints import load_agent
-from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkShape
+from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkShape, shape_tag
 from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
 from multitask.data.control import KINDS as CONTROL_KINDS
@@ -101,7 +101,7 @@ class StudentConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        shape = "" if self.shape == "uniform" else self.shape + (f"-conv{self.conv_width:g}" if self.conv_width else "")
+        shape = "" if self.shape == "uniform" else shape_tag(self.shape, self.conv_width)
         method = f"kl-tau{self.tau:g}" if self.loss == "kl" and self.tau != DEFAULT_TAU else self.loss
         return default_run_name(self.games, method, self.size, self.seed, shape)
 

@@ -49,6 +49,10 @@ class Teacher:
     log_probs: torch.Tensor
     values: torch.Tensor
 
+    def repeat(self, k: int) -> Teacher:
+        """The teacher of TabularMDPs.repeat(k): row j * B + b is MDP b's."""
+        return Teacher(self.log_probs.repeat(k, 1, 1), self.values.repeat(k, 1))
+
 
 def make_teacher(mdps: TabularMDPs, q: torch.Tensor, tau: float) -> Teacher:
     log_probs = u.teacher_log_probs(q, tau)
@@ -146,7 +150,7 @@ def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) ->
     labels = torch.zeros(mdps.batch, dtype=torch.long)
     opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([logits], lr=cfg.lr)
     played = mdps.repeat(cfg.episodes)  # row k * B + b plays MDP b for its student b
-    played_teacher = Teacher(teacher.log_probs.repeat(cfg.episodes, 1, 1), teacher.values.repeat(cfg.episodes, 1))
+    played_teacher = teacher.repeat(cfg.episodes)
 
     def evaluate(step: int) -> torch.Tensor:
         values = policy_values(mdps, student_policy(logits.detach(), mdps))
@@ -183,8 +187,8 @@ def expected_loss(mdps: TabularMDPs, logits: torch.Tensor, teacher: Teacher, var
     sum_s v(s) H^x(pi(s) || pi_theta(s)) (- V_pi_theta(start) with +R), v the expected visits. For
     on-policy distill v carries no gradient (the update ignores how the student moves its visits);
     for n-distill it does: its pseudo-reward is that missing term, so n-distill is the exact gradient."""
-    u.parse_variant(variant)  # a known name
-    name, plus_reward = variant.removesuffix("+R"), variant.endswith("+R")
+    _, plus_reward = u.parse_variant(variant)
+    name = variant.removesuffix("+R")
     if name not in EXPECTED_VARIANTS:
         raise ValueError(f"{variant}: expected updates exist for {', '.join(EXPECTED_VARIANTS)} (+R) only")
     policy = student_policy(logits, mdps)
