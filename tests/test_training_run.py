@@ -147,3 +147,33 @@ def test_a_key_added_to_the_config_later_resumes_only_at_its_default(tmp_path):
     assert _run(tmp_path).resume(Learning(), restart=False)  # threads holds its default: the same run
     with pytest.raises(UserError, match="threads None then, 4 now"):
         _run(tmp_path, Tiny(threads=4)).resume(Learning(), restart=False)
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    shape: str = "uniform"
+
+
+def test_fields_added_later_to_nested_tables_and_identity_specs_resume_only_at_their_defaults(tmp_path):
+    """A run saved before Inner.lr and Spec.shape existed (the first multi-task DQN runs predate
+    TrunkSpec.shape) resumes when they hold their defaults, and is refused when they do not."""
+    def run(cfg=Tiny(), spec=Spec("minatar")):
+        return Run(tmp_path, cfg, step_metric="updates", identity={"network": spec})
+
+    first = run()
+    first.resume(Learning(), restart=False)
+    first.start("off", name="t", job_type="test", group="tests")
+    first.save_state(Learning(5))
+    first.finish({})
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert saved["network"] == {"kind": "minatar", "shape": "uniform"}  # saved as a dict, loadable weights-only
+    del saved["config"]["inner"]["lr"], saved["network"]["shape"]
+    torch.save(saved, tmp_path / "state.pt")
+    assert run().resume(Learning(), restart=False)
+    with pytest.raises(UserError, match="network.shape None then, 'strided' now"):
+        run(spec=Spec("minatar", "strided")).resume(Learning(), restart=False)
+    with pytest.raises(UserError, match="inner.lr None then, 0.01 now"):
+        run(cfg=Tiny(inner=Inner(lr=1e-2))).resume(Learning(), restart=False)
+    with pytest.raises(UserError, match="network.kind 'minatar' then, 'nature' now"):
+        run(spec=Spec("nature")).resume(Learning(), restart=False)

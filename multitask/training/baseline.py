@@ -150,7 +150,7 @@ def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "baseline" / cfg.run_name, cfg, step_metric="env_steps",
-              identity={"network": spec.to_dict()})
+              identity={"network": spec})
     dqn = MultitaskDQN(spec, cfg, games, device, size.counts("network"), teacher_card_scores(teachers, games))
     run.say(dqn.describe())
     run.resume(dqn, restart, may_differ=RESUMABLE_CHANGES)

@@ -119,7 +119,7 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "driven" / cfg.run_name, cfg, step_metric="env_steps",
-              identity={"network": spec.to_dict()})
+              identity={"network": spec})
     learner = Driven(spec, cfg, games, teachers, device, size.counts("student"), teacher_card_scores(teacher_paths, games))
     learner.teacher_paths = teacher_paths
     learner.follow_teachers()

@@ -53,11 +53,19 @@ def config_differences(saved: dict, current: dict, may_differ: Sequence[str] = (
     return [(k, s.get(k), c.get(k)) for k in keys if k not in may_differ and s.get(k) != c.get(k)]
 
 
-def added_at_defaults(config: Any, saved: dict) -> list[str]:
-    """Keys of `config` (a config dataclass) that a saved config lacks and that hold their defaults:
-    keys added to the config since the run was saved, which do not make it another run."""
-    return [f.name for f in dataclasses.fields(config) if f.name not in saved
-            and f.default is not dataclasses.MISSING and getattr(config, f.name) == f.default]
+def added_at_defaults(config: Any, saved: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of `config` (a dataclass, nested ones searched too) that a saved config lacks and
+    that hold their defaults: keys added to the config or spec since the run was saved, which do not
+    make it another run (e.g. TrunkSpec.shape, added after the first multi-task DQN runs began)."""
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in saved:
+            if f.default is not dataclasses.MISSING and value == f.default:
+                out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(value) and isinstance(saved[f.name], dict):
+            out += added_at_defaults(value, saved[f.name], f"{prefix}{f.name}.")
+    return out
 
 
 # Keys a finished run may differ in and still be the run asked for: how it ran, or what it filled in
@@ -143,6 +151,10 @@ class Resumable(Protocol):
     def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
 
+def _as_dict(obj: Any) -> dict:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+
+
 class Run:
     """One training run's folder and all it writes there (on the writer process only)."""
 
@@ -151,7 +163,10 @@ class Run:
         self.folder = Path(folder)
         self.config = config  # the config dataclass as built
         self.config_dict = configlib.to_dict(config)
-        self.identity = dict(identity or {})
+        # Identity values may be dataclasses (a NetworkSpec): saved as dicts, kept as objects so that
+        # fields added to them since a run was saved are recognised at their defaults on resume.
+        self._identity_objects = {k: v for k, v in (identity or {}).items() if dataclasses.is_dataclass(v)}
+        self.identity = {k: _as_dict(v) if k in self._identity_objects else v for k, v in (identity or {}).items()}
         self.step_metric = step_metric  # the x-axis of metrics.jsonl and W&B: env_steps, updates, ...
         self.writer = writer
         self.state_path = self.folder / "state.pt"
@@ -179,7 +194,9 @@ class Run:
         saved_config = saved.get("config", {})
         differences = config_differences({**saved_config, **{k: saved.get(k) for k in self.identity}},
                                          {**self.config_dict, **self.identity},
-                                         [*may_differ, *added_at_defaults(self.config, saved_config)])
+                                         [*may_differ, *added_at_defaults(self.config, saved_config),
+                                          *(key for k, obj in self._identity_objects.items()
+                                            for key in added_at_defaults(obj, saved.get(k) or {}, f"{k}."))])
         if differences:
             shown = "; ".join(f"{k} {_short(a)} then, {_short(b)} now" for k, a, b in differences[:3])
             more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""

@@ -164,7 +164,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "student" / cfg.run_name, cfg, step_metric="updates",
-              identity={"network": spec.to_dict(), "world_size": procs.world}, writer=procs.main)
+              identity={"network": spec, "world_size": procs.world}, writer=procs.main)
     student = Student(spec, cfg, inputs, size.counts("student"), procs.device)
     run.say(student.describe())
     run.resume(student, restart, may_differ=RESUMABLE_CHANGES)
