@@ -119,6 +119,42 @@ def test_a_following_student_reloads_a_changed_teacher(tmp_path, teacher, make_t
     assert learner.curve_extra() == {"teacher_env_steps": {GAME: 5000}}
 
 
+def test_a_paced_student_waits_for_its_teacher_run_and_not_for_a_finished_or_stalled_one(tmp_path, teacher, monkeypatch):
+    from multitask.training import following
+
+    run = tmp_path / "teacher"
+    run.mkdir()
+    followed = run / "best.pt"
+    save_agent(followed, load_agent(teacher).net, "teacher", {"source": "training", "env_steps": 1000})
+    cfg = _cfg(followed, "follow=true", "follow_pace=2")
+    learner = type("L", (), {"cfg": cfg, "teacher_paths": [followed], "env_steps": 4000})()
+    assert following.teacher_run_progress(run) == (0, None)
+    (run / "config.toml").write_text("total_steps = 10000\n")
+    (run / "metrics.jsonl").write_text('{"env_steps": 1000, "x": 1}\n{"env_steps": 2000}\n{"env_st')  # torn last line
+    assert following.teacher_run_progress(run) == (2000, 10000)
+    following.keep_pace(learner)  # 4,000 labels at 2 per teacher step: the teacher's 2,000 suffice
+
+    polls = []
+    def teacher_steps(_):  # the teacher logs 1,000 more steps per poll
+        polls.append(1)
+        (run / "metrics.jsonl").write_text(f'{{"env_steps": {2000 + 1000 * len(polls)}}}\n')
+    monkeypatch.setattr(following.time, "sleep", teacher_steps)
+    learner.env_steps = 9000  # needs 4,500 teacher steps: three polls
+    following.keep_pace(learner)
+    assert len(polls) == 3
+
+    (run / "metrics.jsonl").write_text('{"env_steps": 10000}\n')  # finished: never waited for again
+    learner.env_steps = 10**6
+    following.keep_pace(learner)
+    (run / "metrics.jsonl").write_text('{"env_steps": 3000}\n')  # stalled below what is needed
+    monkeypatch.setattr(following, "FOLLOW_WAIT_SECONDS", 0)
+    monkeypatch.setattr(following.time, "sleep", lambda _: None)
+    with pytest.raises(UserError, match="logged no progress for 0 minutes \\(at 3,000 env steps\\); start it again"):
+        following.keep_pace(learner)
+    with pytest.raises(UserError, match="follow_pace is a ratio"):
+        _cfg(followed, "follow_pace=-1")
+
+
 @pytest.mark.slow
 def test_online_distillation_end_to_end(tmp_path, run_cli):
     """A teacher run publishes its best so far; a student follows it; the report puts both on one axis."""

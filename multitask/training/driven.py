@@ -18,8 +18,6 @@ summary.json, table.md, wandb/.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +35,7 @@ from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training import unified as u
 from multitask.training.acting import RECENT_EPISODES, GamePlay
+from multitask.training.following import keep_pace, wait_for_teachers
 from multitask.training.baseline import GAME_SEED_STRIDE, RESTART_SEED_STRIDE, resolve_games  # the same episode seeds
 from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.losses import DEFAULT_TAU
@@ -83,6 +82,9 @@ class DrivenConfig:
     follow: bool = option(False, "online distillation (paper A): reload each game's teacher whenever its file changes; "
                                  "point `teachers` at a training teacher's runs/teacher/<run>/best.pt")
     follow_every: int = option(5_000, "env steps per game between checks for a newer teacher when following")
+    follow_pace: float = option(0.0, "when following: teacher-labelled env steps per game the student may take per "
+                                     "env step its teacher run has logged (it waits otherwise), so that its curve "
+                                     "spans the teacher's training; 0: no waiting")
     num_threads: int = option(1, "torch CPU threads (0: torch's default; one leaves the other core to the envs)")
     device: DeviceName = option("auto", DEVICE_DOC)
 
@@ -98,6 +100,8 @@ class DrivenConfig:
             raise ValueError("teacher_share is a probability")
         if variant.control == "teacher" and (variant.pseudo_reward != "none" or plus):
             raise ValueError(f"{self.variant}: policy-gradient terms need the student's own trajectories")
+        if self.follow_pace < 0:
+            raise ValueError("follow_pace is a ratio of env steps, not negative")
         if min(self.num_envs, self.rollout, self.total_steps_per_game, self.updates_per_rollout) < 1 or self.lr <= 0 or self.tau < 0:
             raise ValueError("num_envs, rollout, total_steps_per_game and lr must be positive, tau not negative")
 
@@ -111,7 +115,7 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
                  restart: bool = False, show_progress: bool = True) -> dict:
     games, teacher_paths = resolve_games(cfg)
     if cfg.follow:
-        _wait_for_teachers(teacher_paths)
+        wait_for_teachers(teacher_paths)
     teachers = [_load_teacher(p, g) for p, g in zip(teacher_paths, games)]
     spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
     device = pick_device(cfg.device)
@@ -129,23 +133,6 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
               extra_config={"parameters": learner.counts})
     _train(learner, run, show_progress)
     return final_evaluation(learner, run, teacher_paths, "student", "student-driven", "driven")
-
-
-FOLLOW_WAIT_SECONDS = 3600  # how long a following student waits for a teacher run's first best.pt
-
-
-def _wait_for_teachers(paths: list[Path]) -> None:
-    """Following a teacher still training: wait until every teacher has published a checkpoint."""
-    deadline = time.monotonic() + FOLLOW_WAIT_SECONDS
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        print(f"waiting for {', '.join(map(str, missing))} (a teacher run writes best.pt at its first evaluation)",
-              file=sys.stderr)
-    while missing and time.monotonic() < deadline:
-        time.sleep(5)
-        missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"no teacher at {', '.join(map(str, missing))} after {FOLLOW_WAIT_SECONDS // 60} minutes")
 
 
 def _load_teacher(path: Path, game: GameSpec) -> MultiHeadNet:
@@ -333,6 +320,7 @@ def _train(learner: Driven, run: Run, show_progress: bool) -> None:
         learner.learn()
         bar.update(cfg.rollout * cfg.num_envs)
         if follow_due(learner.env_steps):
+            keep_pace(learner)
             learner.follow_teachers()
         last = learner.env_steps >= cfg.total_steps_per_game
         if log_due(learner.env_steps) or last:
