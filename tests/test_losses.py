@@ -71,3 +71,15 @@ def test_dispatch():
     assert distillation_loss("mse", z, q) == mse_loss(z, q)
     with pytest.raises(ValueError):
         distillation_loss("l1", z, q)
+
+
+def test_normalised_loss_divides_each_game_by_its_running_mean_held_constant():
+    from multitask.training.losses import normalised_loss
+
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+    loss, means = normalised_loss([a, b], [None, 0.25], rate=0.1)
+    # a's first value starts its mean (2/2 = 1); b is divided by its mean 0.25 (0.5/0.25 = 2)
+    assert loss.item() == pytest.approx((1.0 + 2.0) / 2)
+    assert means == pytest.approx([2.0, 0.9 * 0.25 + 0.1 * 0.5])
+    loss.backward()  # the means are constants: d/da (a / 2) / 2, d/db (b / 0.25) / 2
+    assert a.grad.item() == pytest.approx(0.25) and b.grad.item() == pytest.approx(2.0)

@@ -183,21 +183,26 @@ def test_pct_of_teacher_and_geomean():
     assert pct_of_teacher({"a": 1.0}, {"a": None})[1] is None
 
 
-def _train_cmd(data, run, updates):
+def _train_cmd(data, run, updates, *extra):
     _, paths, teachers = data
     return [sys.executable, "-m", "multitask", "student", "train", f"games={','.join(GAMES)}",
             f"datasets={','.join(paths)}", f"teachers={','.join(teachers)}", f"updates={updates}",
             "batch_size=32", "eval_every=0", "eval_episodes=1", "final_eval_episodes=1", "checkpoint_every=25",
             "log_every=25", "loader_workers=1", "eval_workers=1", "num_threads=1", "optimizer=adam", "lr=1e-3",
-            "--run-dir", str(run), "--wandb", "off", "--no-progress"]
+            *extra, "--run-dir", str(run), "--wandb", "off", "--no-progress"]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(data):
+    """With loss_norm, whose running means state.pt must carry for the resume to be exact."""
     tmp, _, _ = data
-    straight = subprocess.run(_train_cmd(data, tmp / "straight", 150), capture_output=True, text=True, timeout=600)
+
+    def cmd(run):
+        return _train_cmd(data, run, 150, "loss_norm=true")
+
+    straight = subprocess.run(cmd(tmp / "straight"), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
-    proc = subprocess.Popen(_train_cmd(data, tmp / "killed", 150), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd(tmp / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp / "killed" / "state.pt"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
@@ -205,7 +210,7 @@ def test_killed_run_resumes_to_the_same_weights(data):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert state.exists() and not (tmp / "killed" / "last.pt").exists()
-    resumed = subprocess.run(_train_cmd(data, tmp / "killed", 150), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd(tmp / "killed"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     a = load_agent(tmp / "straight" / "last.pt").net.state_dict()
@@ -312,6 +317,7 @@ def test_run_names_carry_a_non_uniform_trunk_shape():
         "minatar-Seaquest-kl-7pct-strided-conv1-s2"
     assert StudentConfig(**base, tau=0.1).run_name == "minatar-Seaquest-kl-tau0.1-7pct-s0"
     assert StudentConfig(**base, loss="nll", tau=0.1).run_name == "minatar-Seaquest-nll-7pct-s0"  # tau unused
+    assert StudentConfig(**base, tau=0.1, loss_norm=True).run_name == "minatar-Seaquest-kl-tau0.1-norm-7pct-s0"
 
 
 def test_a_sweep_varies_one_of_losses_sizes_and_taus():

@@ -167,6 +167,8 @@ def column_value(summary: dict, key: str) -> str:
         return ",".join(folders) or "default"
     if key == "tau":
         return "tau -" if config.get("tau") is None else f"tau {config['tau']:g}"
+    if key == "loss_norm":
+        return "loss norm" if config.get("loss_norm") else "plain loss"
     if key == "shape":  # as run names write it; runs from before shapes were uniform
         return shape_tag(config.get("shape", "uniform"), config.get("conv_width") or 0)
     return str(config.get(key))
@@ -174,7 +176,7 @@ def column_value(summary: dict, key: str) -> str:
 
 # Config keys a table of single-game runs may vary, in the order their values are named in a
 # column: seeds are averaged, never columns; games are the rows.
-COLUMN_KEYS = ("loss", "size", "shape", "tau", "updates", "datasets")
+COLUMN_KEYS = ("loss", "size", "shape", "tau", "loss_norm", "updates", "datasets")
 
 
 def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:

@@ -48,3 +48,18 @@ def distillation_loss(name: LossName, student_out: torch.Tensor, teacher_q: torc
     if name == "mse":
         return mse_loss(student_out, teacher_q)
     raise ValueError(f"unknown loss {name}")
+
+
+def normalised_loss(losses: list[torch.Tensor], means: list[float | None],
+                    rate: float) -> tuple[torch.Tensor, list[float]]:
+    """Per-game loss normalisation for multi-task students: each game's loss divided by a running
+    mean of its own values, so that games whose losses are larger (MinAtar: ~3x between Seaquest
+    and Freeway late in training) do not dominate the shared trunk's gradients or RMSProp's scale.
+
+    L = mean_g L_g / m_g (m_g held constant in the gradient), then m_g <- (1 - rate) m_g + rate L_g;
+    a game's first value starts its mean (None: not seen yet). Returns L and the updated means.
+    """
+    new = [float(l.detach()) if m is None else (1.0 - rate) * m + rate * float(l.detach())
+           for l, m in zip(losses, means)]
+    scaled = [l / max(m if m is not None else float(l.detach()), 1e-12) for l, m in zip(losses, means)]
+    return torch.stack(scaled).mean(), new

@@ -35,7 +35,7 @@ from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
 from multitask.devices import DEVICE_DOC, DeviceName
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
-from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss
+from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
                                         score_games, teacher_card_scores)
@@ -44,6 +44,7 @@ from multitask.training.tracking import WandbMode
 # A killed run may be resumed with these changed. width and extra_fc are left to the network
 # check (the run's identity: the architecture built), which any change that matters fails; so a run
 # saved before configs held the built width (a preset's width 1.0) resumes too.
+LOSS_NORM_RATE = 0.01  # loss_norm: a running mean over ~100 of a game's batches (our choice; one game's loss moves slowly)
 RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc", "device")
 
 
@@ -58,6 +59,8 @@ class StudentConfig:
     tau: float = option(DEFAULT_TAU, "teacher-side softmax temperature for kl (Rusu et al. 2016: 0.01, the best of 1, 0.1, 0.01, 0.001)")
     batch_mode: Literal["per_game", "mixed"] = option("per_game", "per_game: each batch one game (paper A's appendix); mixed: B/G rows of every game")
     batch_size: int = option(256, "rows per batch and process (paper A: not stated)")
+    loss_norm: bool = option(False, "divide each game's loss by a running mean of its own values (losses.normalised_loss; "
+                                    "not in paper A, which weighs each game's loss the same)")
     optimizer: Literal["rmsprop", "adam"] = option("rmsprop", "paper A used RMSProp")
     lr: float = option(1e-4, "learning rate (paper A: between 1e-4 and 1e-3)")
     lr_schedule: Literal["constant", "cosine"] = option("constant", "constant, or cosine decay to 0 over `updates` (paper A: not stated)")
@@ -103,6 +106,7 @@ class StudentConfig:
             return self.name
         shape = "" if self.shape == "uniform" else shape_tag(self.shape, self.conv_width)
         method = f"kl-tau{self.tau:g}" if self.loss == "kl" and self.tau != DEFAULT_TAU else self.loss
+        method += "-norm" if self.loss_norm else ""
         return default_run_name(self.games, method, self.size, self.seed, shape)
 
 
@@ -189,6 +193,7 @@ class Student:
         optimizer = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
         self.optimizer = optimizer(self.net.parameters(), lr=cfg.lr)
         self.update = 0
+        self.loss_means: list[float | None] = [None] * len(spec.games)  # loss_norm's running means
         self.history: list[dict] = []  # periodic evaluations: the learning curve
         # best.pt's Scores.selection_score (under its historical key) and update
         self.best = {"geomean": -float("inf"), "update": 0}
@@ -208,7 +213,13 @@ class Student:
         groups = [(g, slice(a, b)) for g, a, b in batch.groups]
         outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
         losses = [distillation_loss(cfg.loss, out, q.to(device), cfg.tau) for out, q in zip(outputs, batch.teacher)]
-        loss = torch.stack(losses).mean()
+        if cfg.loss_norm:
+            seen = [g for g, _ in groups]
+            loss, means = normalised_loss(losses, [self.loss_means[g] for g in seen], LOSS_NORM_RATE)
+            for g, m in zip(seen, means):
+                self.loss_means[g] = m
+        else:
+            loss = torch.stack(losses).mean()
         if cfg.lr_schedule == "cosine":
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, batch.index, cfg.updates)
@@ -232,12 +243,13 @@ class Student:
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "update": self.update,
-                "best": self.best, "history": self.history}
+                "best": self.best, "history": self.history, "loss_means": self.loss_means}
 
     def load_state_dict(self, saved: dict) -> None:
         self.net.load_state_dict(saved["net"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.update, self.best, self.history = saved["update"], saved["best"], saved["history"]
+        self.loss_means = saved.get("loss_means", self.loss_means)  # state.pt of runs before loss_norm lacks them
 
 
 def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -> None:
