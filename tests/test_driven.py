@@ -112,9 +112,11 @@ def test_a_following_student_reloads_a_changed_teacher(tmp_path, teacher, make_t
     learner.follow_teachers()
     assert learner.teacher_reloads == 1  # unchanged file: not read again
     other = load_agent(make_teacher(tmp_path / "other.pt", GAME, seed=9)).net
-    save_agent(followed, other, "teacher", {"source": "training", "env_steps": 5000})  # the teacher improved
+    save_agent(followed, other, "teacher", {"source": "training", "env_steps": 5000,
+                                            "eval": {"mean": 7.5}})  # the teacher improved
     learner.follow_teachers()
     assert learner.teacher_reloads == 2 and learner.teacher_env_steps == [5000]
+    assert learner.teacher_scores == {GAME: 7.5}  # % of teacher is of the one followed now
     assert all(torch.equal(a, b) for a, b in zip(learner.teachers[0].state_dict().values(), other.state_dict().values()))
     assert learner.curve_extra() == {"teacher_env_steps": {GAME: 5000}}
 

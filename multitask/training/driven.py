@@ -190,6 +190,8 @@ class Driven:
             self.teachers[g] = agent.net.eval().to(self.device)
             self.teacher_stamps[g] = stamp
             self.teacher_env_steps[g] = agent.card.get("env_steps")
+            # periodic % of teacher is of the teacher followed now, not of the first one read
+            self.teacher_scores[game.name] = (agent.card.get("eval") or {}).get("mean")
             self.teacher_reloads += 1
 
     def curve_extra(self) -> dict[str, Any]:
