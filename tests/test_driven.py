@@ -118,7 +118,7 @@ def test_a_following_student_reloads_a_changed_teacher(tmp_path, teacher, make_t
     assert learner.teacher_reloads == 2 and learner.teacher_env_steps == [5000]
     assert learner.teacher_scores == {GAME: 7.5}  # % of teacher is of the one followed now
     assert all(torch.equal(a, b) for a, b in zip(learner.teachers[0].state_dict().values(), other.state_dict().values()))
-    assert learner.curve_extra() == {"teacher_env_steps": {GAME: 5000}}
+    assert learner.curve_extra() == {"teacher_env_steps": {GAME: 5000}, "teacher_run_steps": {GAME: 0}}  # no metrics
 
 
 def test_a_paced_student_waits_for_its_teacher_run_and_not_for_a_finished_or_stalled_one(tmp_path, teacher, monkeypatch):
@@ -170,8 +170,25 @@ def test_online_distillation_end_to_end(tmp_path, run_cli):
     cfg = _cfg(best, "follow=true", "total_steps_per_game=128", "eval_every=64", "checkpoint_every=128")
     summary = train_driven(cfg, tmp_path / "student", wandb_mode="off", show_progress=False)
     assert [h["teacher_env_steps"][GAME] for h in summary["history"]] == [load_agent(best).card["env_steps"]] * 2
+    assert [h["teacher_run_steps"][GAME] for h in summary["history"]] == [3000] * 2  # the finished teacher run
     code, out, err = run_cli("report", "online", tmp_path / "student", tmp_path / "teacher", "--out", tmp_path / "r")
     assert code == 0, err
     report = json.loads((tmp_path / "r" / "online-minatar-Breakout.json").read_text())
     assert report["teacher"]["env_steps"] == [1000, 2000, 3000] and len(report["student"]["scores"]) == 2
+    assert report["student"]["env_steps"] == [3000, 3000]  # placed at the teacher's training, not its snapshot
     assert (tmp_path / "r" / "online-minatar-Breakout.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_online_curve_without_recorded_teacher_progress_needs_pace_one(tmp_path):
+    from multitask.evaluation.online import student_curve
+
+    history = [{"env_steps": 50_000, "teacher_env_steps": {GAME: 100_000}, "scores": {GAME: 3.0}},
+               {"env_steps": 100_000, "teacher_env_steps": {GAME: 100_000}, "scores": {GAME: 4.0}}]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"follow": True, "follow_pace": 1.0},
+                                                       "history": history}))
+    curve = student_curve(tmp_path, GAME)
+    assert curve["env_steps"] == [50_000, 100_000] and curve["x_axis"].startswith("student's labels")
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"follow": True, "follow_pace": 0.0},
+                                                       "history": history}))
+    with pytest.raises(UserError, match="recorded no teacher progress and did not keep pace 1"):
+        student_curve(tmp_path, GAME)

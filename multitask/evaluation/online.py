@@ -36,15 +36,28 @@ def teacher_curve(teacher_run: Path, game: str) -> dict[str, list]:
 
 
 def student_curve(student_run: Path, game: str) -> dict[str, list]:
-    """The student's periodic scores against the followed teacher's env steps at the time."""
+    """The student's periodic scores against the followed teacher run's env steps at the time
+    (`teacher_run_steps`: what the teacher run had logged), with the env steps of the snapshot it
+    was distilling from (`teacher_env_steps`: its best so far, which stays put while the teacher
+    does not improve). A run that did not record the former but kept pace 1 is placed at its own
+    labels, which trail the teacher's steps by at most follow_every plus the teacher's log_every
+    once the student has caught up (training/following.py)."""
     path = Path(student_run) / "summary.json"
     if not path.is_file():
         raise UserError(f"{student_run} has no summary.json; pass a finished `student drive follow=true` run folder")
     summary = json.loads(path.read_text())
-    if not summary.get("config", {}).get("follow"):
+    config = summary.get("config", {})
+    if not config.get("follow"):
         raise UserError(f"{student_run} did not follow a training teacher (follow = false)")
     points = [h for h in summary["history"] if (h.get("teacher_env_steps") or {}).get(game) is not None]
-    return {"teacher_env_steps": [h["teacher_env_steps"][game] for h in points],
+    if all(game in (h.get("teacher_run_steps") or {}) for h in points):
+        x, axis = [h["teacher_run_steps"][game] for h in points], "teacher run's env steps at each evaluation"
+    elif config.get("follow_pace") == 1:
+        x, axis = [h["env_steps"] for h in points], "student's labels, paced at one per teacher env step"
+    else:
+        raise UserError(f"{student_run} recorded no teacher progress and did not keep pace 1 (follow_pace); "
+                        f"rerun it to plot it against the teacher's training")
+    return {"env_steps": x, "x_axis": axis, "teacher_env_steps": [h["teacher_env_steps"][game] for h in points],
             "student_env_steps": [h["env_steps"] for h in points], "scores": [h["scores"][game] for h in points]}
 
 

@@ -146,7 +146,7 @@ def online_distillation(report: dict[str, Any], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     t, st = report["teacher"], report["student"]
     ax.plot(t["env_steps"], t["scores"], marker=".", color="black", label="DQN teacher (training)")
-    ax.plot(st["teacher_env_steps"], st["scores"], marker=".", color="C1", label="student following its best so far")
+    ax.plot(st["env_steps"], st["scores"], marker=".", color="C1", label="student following its best so far")
     ax.set_xlabel("teacher env steps")
     ax.set_ylabel("evaluation return")
     ax.set_title(f"online distillation, {_short(report['game'])}")

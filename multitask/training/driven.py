@@ -35,7 +35,7 @@ from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training import unified as u
 from multitask.training.acting import RECENT_EPISODES, GamePlay
-from multitask.training.following import keep_pace, wait_for_teachers
+from multitask.training.following import keep_pace, teacher_run_progress, wait_for_teachers
 from multitask.training.baseline import GAME_SEED_STRIDE, RESTART_SEED_STRIDE, resolve_games  # the same episode seeds
 from multitask.devices import DEVICE_DOC, DeviceName, pick_device
 from multitask.training.losses import DEFAULT_TAU
@@ -198,7 +198,9 @@ class Driven:
         """What a learning-curve point adds when following: each teacher's training env steps."""
         if not self.cfg.follow:
             return {}
-        return {"teacher_env_steps": dict(zip(self.spec.games, self.teacher_env_steps))}
+        return {"teacher_env_steps": dict(zip(self.spec.games, self.teacher_env_steps)),  # of the snapshot read
+                "teacher_run_steps": {game: teacher_run_progress(path.parent)[0]  # the teacher's training now
+                                      for game, path in zip(self.spec.games, self.teacher_paths)}}
 
     def teacher_share(self) -> float:
         cfg = self.cfg
