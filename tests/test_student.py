@@ -318,6 +318,8 @@ def test_run_names_carry_a_non_uniform_trunk_shape():
     assert StudentConfig(**base, tau=0.1).run_name == "minatar-Seaquest-kl-tau0.1-7pct-s0"
     assert StudentConfig(**base, loss="nll", tau=0.1).run_name == "minatar-Seaquest-nll-7pct-s0"  # tau unused
     assert StudentConfig(**base, tau=0.1, loss_norm=True).run_name == "minatar-Seaquest-kl-tau0.1-norm-7pct-s0"
+    assert StudentConfig(**base, shape="strided", conv_width=1.0, tag="20k").run_name == \
+        "minatar-Seaquest-kl-7pct-strided-conv1-20k-s0"
 
 
 def test_a_sweep_varies_one_of_losses_sizes_and_taus():

@@ -54,6 +54,8 @@ class StudentConfig:
     datasets: tuple[str, ...] = option((), "one dataset per game (default: datasets/<suite>/<Game>.h5)")
     teachers: tuple[str, ...] = option((), "teacher per game, for % of teacher (default: teachers/<suite>/<Game>.pt)")
     name: str = option("", "run name (default: derived from games, loss and size)")
+    tag: str = option("", "added to the default run name before the seed, for runs whose other settings the name "
+                          "does not show (e.g. `20k` updates), so that they get their own folders")
     seed: int = option(0, "seeds the student's initialisation and every batch (batch k = f(seed, k, rank))")
     loss: LossName = option("kl", "kl (Rusu et al. 2016's best), nll on the teacher's greedy action, or mse on Q-values")
     tau: float = option(DEFAULT_TAU, "teacher-side softmax temperature for kl (Rusu et al. 2016: 0.01, the best of 1, 0.1, 0.01, 0.001)")
@@ -107,7 +109,7 @@ class StudentConfig:
         shape = "" if self.shape == "uniform" else shape_tag(self.shape, self.conv_width)
         method = f"kl-tau{self.tau:g}" if self.loss == "kl" and self.tau != DEFAULT_TAU else self.loss
         method += "-norm" if self.loss_norm else ""
-        return default_run_name(self.games, method, self.size, self.seed, shape)
+        return default_run_name(self.games, method, self.size, self.seed, "-".join(x for x in (shape, self.tag) if x))
 
 
 class Inputs(NamedTuple):
