@@ -71,14 +71,30 @@ def _label(path: Path, run_dir: Path | None) -> str:
     return f"{path.parent.name}/{path.stem}" if path.stem in ("best", "last") else path.stem
 
 
-def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
-    """A run folder's saved config (None for a checkpoint or a folder without a readable one)."""
+def _run_config(run_dir: Path | None, kind: str) -> dict[str, Any] | None:
+    """A run folder's saved config with every key its config class has now (None for a checkpoint
+    or a folder without a readable one): a run saved before a key existed (e.g. `control`) holds
+    that key's default, as a resume takes it, so seeds saved by older code still pool."""
     if run_dir is None or not (run_dir / "config.toml").is_file():
         return None
     try:
-        return configlib.read_toml(run_dir / "config.toml")
+        saved = configlib.read_toml(run_dir / "config.toml")
     except Exception:  # an unreadable config only means the run is not pooled
         return None
+    try:
+        return configlib.to_dict(configlib.load(_config_class(kind, saved), run_dir / "config.toml"))
+    except Exception:  # a key removed since, or invalid now: compare the config as saved
+        return saved
+
+
+def _config_class(kind: str, config: dict[str, Any]) -> type:
+    from multitask.training.baseline import BaselineConfig
+    from multitask.training.driven import DrivenConfig
+    from multitask.training.student import StudentConfig
+
+    if kind == "multitask-dqn":
+        return BaselineConfig
+    return DrivenConfig if "variant" in config else StudentConfig
 
 
 def method_key(kind: str, config: dict[str, Any] | None) -> str | None:
@@ -102,7 +118,7 @@ def resolve_entrants(inputs: Sequence[Path], pool_seeds: bool = True) -> list[En
     members: list[tuple[str, str, str | None, Member]] = []
     for path in inputs:
         agent, run_dir = load_input(path)
-        config = _run_config(run_dir)
+        config = _run_config(run_dir, agent.kind)
         seed = config.get("seed") if config else None
         member = Member({g: agent for g in agent.net.games}, Path(path), run_dir, seed if isinstance(seed, int) else None)
         key = method_key(agent.kind, config) if pool_seeds and member.seed is not None else None
