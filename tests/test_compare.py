@@ -310,3 +310,10 @@ def test_a_comparison_report_is_a_docs_table(setup, run_cli, tmp_path):
     code, out, err = run_cli("report", "docs", md)
     assert code == 0, err
     assert table in md.read_text()
+
+
+def test_curve_labels_drop_the_panels_game_so_one_legend_serves_every_panel():
+    from multitask.evaluation.plots import _curve_label
+
+    assert _curve_label("minatar-Seaquest-on-policy-distill-100pct", "minatar/Seaquest") == "on-policy-distill-100pct"
+    assert _curve_label("minatar-3games-kl-multitask", "minatar/Seaquest") == "minatar-3games-kl-multitask"

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import EngFormatter, PercentFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from multitask.files import atomic_write_bytes  # noqa: E402
@@ -78,10 +79,19 @@ def raw_scores(report: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
+def _curve_label(label: str, game: str) -> str:
+    """An agent's label in one game's panel: a single-game run's name without the game
+    (`minatar-Seaquest-on-policy-distill-100pct` -> `on-policy-distill-100pct` under Seaquest), so
+    that one legend serves every panel."""
+    suite, name = game.split("/", 1)
+    return label.replace(f"{suite}-{name}-", "", 1)
+
+
 def learning_curves(report: dict[str, Any], path: Path) -> str | None:
     """One panel per game: each run's periodic-evaluation score against its step metric (pooled
     seeds: their mean, shaded between the lowest and highest seed), the teacher's and the random
-    policy's scores as horizontal lines. None when no run has a curve."""
+    policy's scores as horizontal lines; one legend below the panels, a label one colour in every
+    panel. None when no run has a curve."""
     runs = [a for a in report["agents"] if a.get("learning_curves")]
     if not runs:
         return None
@@ -90,26 +100,44 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
     rows = -(-len(games) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     teacher = next((a for a in report["agents"] if a["kind"] == "teacher"), {"games": {}})
+    colours: dict[str, str] = {}
+    handles: dict[str, Any] = {}
+    metrics = {c["step_metric"] for a in runs for c in a["learning_curves"].values()}
+    # runs counted in different units (a student's updates, a DQN's env steps) share an axis as the
+    # share of each run's own training, so that neither is squeezed against zero
+    shared = len(metrics) > 1
     for ax, g in zip(axes.flat, games):
-        metrics = set()
         for a in runs:
             c = a["learning_curves"].get(g)
             if c:
-                line, = ax.plot(c["steps"], c["scores"], marker=".",
-                                label=a["label"] + (f" (mean of {c['runs']} seeds)" if "runs" in c else ""))
+                label = _curve_label(a["label"], g) + (f" (mean of {c['runs']} seeds)" if "runs" in c else "")
+                colour = colours.setdefault(label, f"C{len(colours) % 10}")
+                x = np.asarray(c["steps"], dtype=float)
+                x = x / x.max() if shared and x.size and x.max() > 0 else x
+                handles[label], = ax.plot(x, c["scores"], marker=".", color=colour, label=label)
                 if "low" in c:  # pooled seeds: the band between the lowest and the highest seed
-                    ax.fill_between(c["steps"], c["low"], c["high"], color=line.get_color(), alpha=0.2)
-                metrics.add(c["step_metric"])
+                    ax.fill_between(x, c["low"], c["high"], color=colour, alpha=0.2)
         if g in teacher["games"]:
-            ax.axhline(teacher["games"][g]["mean"], color="black", linestyle="--", linewidth=0.8, label="teacher")
-        ax.axhline(report["random"][g]["mean"], color="grey", linestyle=":", linewidth=0.8, label="random")
+            handles["teacher"] = ax.axhline(teacher["games"][g]["mean"], color="black", linestyle="--",
+                                            linewidth=0.8, label="teacher")
+        handles["random"] = ax.axhline(report["random"][g]["mean"], color="grey", linestyle=":", linewidth=0.8,
+                                       label="random")
         ax.set_title(_short(g))
-        ax.set_xlabel(" / ".join(sorted(metrics)) or "step")
+        if shared:
+            ax.set_xlabel(f"share of each run's training ({' or '.join(sorted(metrics))})")
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        else:
+            ax.set_xlabel(" / ".join(sorted(metrics)) or "step")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 50k, 1.5M: step counts without overlap
         ax.set_ylabel("evaluation score")
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(games):]:
         ax.axis("off")
-    return _save(fig, path)
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+    plt.close(fig)
+    return path.name
 
 
 def gridworld_curves(report: dict[str, Any], path: Path) -> str:
