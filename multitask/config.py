@@ -10,6 +10,7 @@ name the key. Nothing mutates a config after it is built.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import tomllib
 import types
@@ -252,3 +253,21 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((f.name, _type_name(tp), default, f.metadata.get("doc", "")))
     return rows
+
+
+# The config dataclass of each command family, imported when asked for (this module is below them all).
+CONFIG_CLASSES = {"teacher": "multitask.training.teacher:TeacherConfig",
+                  "dataset": "multitask.data.build_config:DatasetConfig",
+                  "student": "multitask.training.student:StudentConfig",
+                  "baseline": "multitask.training.baseline:BaselineConfig",
+                  "driven": "multitask.training.driven:DrivenConfig",
+                  "gridworld": "multitask.training.gridworld_studies:StudyConfig"}
+
+
+def config_class(what: str) -> type:
+    """The config dataclass of a command family (`multitask config <what>`; run folders are matched
+    to theirs by `evaluation/entrants`)."""
+    if what not in CONFIG_CLASSES:
+        raise UserError(f"no config named {what}")
+    module, name = CONFIG_CLASSES[what].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from multitask.errors import UserError
-
-CONFIGS = ("teacher", "dataset", "student", "baseline", "driven", "gridworld")
+from multitask.config import CONFIG_CLASSES
 
 
 def cmd_games(args: argparse.Namespace) -> None:
@@ -25,30 +23,8 @@ def cmd_games(args: argparse.Namespace) -> None:
 def cmd_config(args: argparse.Namespace) -> None:
     from multitask import config as configlib
 
-    for key, tp, default, doc in configlib.describe(config_class(args.what)):
+    for key, tp, default, doc in configlib.describe(configlib.config_class(args.what)):
         print(f"{key:28s} {tp:10s} {default!r:>14}  {doc}")
-
-
-def config_class(what: str):
-    if what == "teacher":
-        from multitask.training.teacher import TeacherConfig
-        return TeacherConfig
-    if what == "dataset":
-        from multitask.data.build_config import DatasetConfig
-        return DatasetConfig
-    if what == "student":
-        from multitask.training.student import StudentConfig
-        return StudentConfig
-    if what == "baseline":
-        from multitask.training.baseline import BaselineConfig
-        return BaselineConfig
-    if what == "driven":
-        from multitask.training.driven import DrivenConfig
-        return DrivenConfig
-    if what == "gridworld":
-        from multitask.training.gridworld_studies import StudyConfig
-        return StudyConfig
-    raise UserError(f"no config named {what}")
 
 
 def add_commands(sub) -> None:
@@ -58,5 +34,5 @@ def add_commands(sub) -> None:
     g.set_defaults(func=cmd_games)
 
     c = sub.add_parser("config", help="list a config's keys, defaults and their sources")
-    c.add_argument("what", choices=CONFIGS)
+    c.add_argument("what", choices=tuple(CONFIG_CLASSES))
     c.set_defaults(func=cmd_config)

@@ -82,19 +82,10 @@ def _run_config(run_dir: Path | None, kind: str) -> dict[str, Any] | None:
     except Exception:  # an unreadable config only means the run is not pooled
         return None
     try:
-        return configlib.to_dict(configlib.load(_config_class(kind, saved), run_dir / "config.toml"))
+        what = "baseline" if kind == "multitask-dqn" else "driven" if "variant" in saved else "student"
+        return configlib.to_dict(configlib.load(configlib.config_class(what), data=saved))
     except Exception:  # a key removed since, or invalid now: compare the config as saved
         return saved
-
-
-def _config_class(kind: str, config: dict[str, Any]) -> type:
-    from multitask.training.baseline import BaselineConfig
-    from multitask.training.driven import DrivenConfig
-    from multitask.training.student import StudentConfig
-
-    if kind == "multitask-dqn":
-        return BaselineConfig
-    return DrivenConfig if "variant" in config else StudentConfig
 
 
 def method_key(kind: str, config: dict[str, Any] | None) -> str | None:

@@ -25,9 +25,14 @@ def _short(game: str) -> str:
     return game.split("/", 1)[1]
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: Path, legend: dict[str, Any] | None = None) -> str:
+    """Lay out, write and close `fig`; `legend` (label -> handle): one legend below all panels."""
     fig.tight_layout()
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(3, len(legend)), fontsize=8, frameon=False)
+    bbox = "tight" if legend else None  # the figure grows to hold the legend below it
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches=bbox))
     plt.close(fig)
     return path.name
 
@@ -132,12 +137,7 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
         ax.set_ylabel("evaluation score")
     for ax in list(axes.flat)[len(games):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(3, len(handles)), fontsize=8, frameon=False)
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
-    plt.close(fig)
-    return path.name
+    return _save(fig, path, legend=handles)
 
 
 def gridworld_curves(report: dict[str, Any], path: Path) -> str:

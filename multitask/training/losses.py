@@ -59,7 +59,7 @@ def normalised_loss(losses: list[torch.Tensor], means: list[float | None],
     L = mean_g L_g / m_g (m_g held constant in the gradient), then m_g <- (1 - rate) m_g + rate L_g;
     a game's first value starts its mean (None: not seen yet). Returns L and the updated means.
     """
-    new = [float(l.detach()) if m is None else (1.0 - rate) * m + rate * float(l.detach())
-           for l, m in zip(losses, means)]
-    scaled = [l / max(m if m is not None else float(l.detach()), 1e-12) for l, m in zip(losses, means)]
-    return torch.stack(scaled).mean(), new
+    values = [float(l.detach()) for l in losses]
+    divisors = [v if m is None else m for v, m in zip(values, means)]
+    scaled = [l / max(d, 1e-12) for l, d in zip(losses, divisors)]
+    return torch.stack(scaled).mean(), [v if m is None else (1.0 - rate) * m + rate * v for v, m in zip(values, means)]
