@@ -328,3 +328,17 @@ def test_a_sweep_varies_one_of_losses_sizes_and_taus():
     SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",), taus=(1.0, 0.1), sizes=("7%",))
     with pytest.raises(ValueError, match="vary one of losses, sizes and taus"):
         SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",), taus=(1.0, 0.1), sizes=("7%", "4%"))
+
+
+def test_sweep_cells_cross_the_grid_and_take_datasets_from_a_folder():
+    from multitask.training.sweep import SweepConfig, cell_configs
+
+    sweep = SweepConfig(name="t", base="b.toml", games=("minatar/Breakout", "minatar/Freeway"), taus=(1.0, 0.1),
+                        seeds=(0, 1), datasets_dir="datasets/agg", overrides=("tag=agg",))
+    cells = cell_configs(sweep, {"updates": 7})
+    assert [(c.games[0], c.tau, c.seed) for c in cells[:4]] == [
+        ("minatar/Breakout", 1.0, 0), ("minatar/Breakout", 1.0, 1), ("minatar/Breakout", 0.1, 0),
+        ("minatar/Breakout", 0.1, 1)]
+    assert [c.datasets for c in cells[::4]] == [("datasets/agg/Breakout.h5",), ("datasets/agg/Freeway.h5",)]
+    assert {c.updates for c in cells} == {7} and cells[0].run_name == "minatar-Breakout-kl-tau1-100pct-agg-s0"
+    assert cell_configs(SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",)), {})[0].datasets == ()

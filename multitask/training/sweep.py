@@ -43,6 +43,8 @@ class SweepConfig:
     taus: tuple[float, ...] = option((), "KL temperatures to compare (empty: the base config's)")
     seeds: tuple[int, ...] = option((0,), "seeds per cell (the table averages them)")
     overrides: tuple[str, ...] = option((), "key=value applied to every run after the base config")
+    datasets_dir: str = option("", "folder holding one <Game>.h5 per game, used instead of the students' default "
+                                    "datasets/<suite>/ (e.g. aggregated DAgger datasets)")
 
     def __post_init__(self):
         if not self.name or not self.base or not self.games:
@@ -53,13 +55,9 @@ class SweepConfig:
 
 def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_progress: bool) -> str:
     sweep = configlib.load(SweepConfig, path, overrides)
-    base = configlib.read_toml(Path(sweep.base))
-    taus = [[f"tau={t!r}"] for t in sweep.taus] or [[]]
-    cells = list(itertools.product(sweep.games, sweep.losses, sweep.sizes, taus, sweep.seeds))
+    cells = cell_configs(sweep, configlib.read_toml(Path(sweep.base)))
     run_dirs = []
-    for i, (game, loss, size, tau, seed) in enumerate(cells):
-        cfg = configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}", *tau,
-                                                   f"seed={seed}", *sweep.overrides], data=base)
+    for i, cfg in enumerate(cells):
         run_dir = Path("runs") / "student" / cfg.run_name
         run_dirs.append(run_dir)
         finished, differences = finished_with(run_dir, cfg)
@@ -90,6 +88,18 @@ def run_sweep(path: Path, overrides: list[str], wandb_mode: WandbMode, show_prog
     print(table)
     print(f"sweep {sweep.name}: {len(summaries)} runs -> {out}")
     return table
+
+
+def cell_configs(sweep: SweepConfig, base: dict) -> list[StudentConfig]:
+    """One student config per cell of games x losses x sizes x taus x seeds, in that order: the base
+    config, then the cell's keys, then the sweep's overrides."""
+    taus = [[f"tau={t!r}"] for t in sweep.taus] or [[]]
+    configs = []
+    for game, loss, size, tau, seed in itertools.product(sweep.games, sweep.losses, sweep.sizes, taus, sweep.seeds):
+        dataset = [f"datasets={Path(sweep.datasets_dir) / game.split('/')[-1]}.h5"] if sweep.datasets_dir else []
+        configs.append(configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}", *tau,
+                                                            f"seed={seed}", *dataset, *sweep.overrides], data=base))
+    return configs
 
 
 def _held_by_live_process(run_dir: Path) -> bool:
