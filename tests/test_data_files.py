@@ -113,3 +113,22 @@ def test_manifest_lists_every_dataset_under_the_folder(tmp_path, new_writer, run
     assert rows["Bad.h5"][-1].startswith("unreadable")
     code, _, err = run_cli("dataset", "manifest", tmp_path / "nowhere")
     assert code == 2 and "not a folder" in err
+
+
+def test_kl_targets_say_how_sharp_each_temperature_makes_the_teacher(tmp_path, make_teacher, run_cli):
+    from multitask.data.summary import kl_targets
+
+    k = kl_targets(np.array([[1.0, 0.0], [3.0, 3.0]], dtype=np.float32), taus=(1.0, 0.01))
+    assert k["top_two_gap_median"] == pytest.approx(0.5)  # gaps 1 and 0
+    # shares: 1 / (1 + e^-1) = 0.731 and 1/2 at tau 1 (median 0.616); ~1 and 1/2 at tau 0.01 (median 0.75)
+    assert k["top_share_median"] == pytest.approx({"1": (1 / (1 + np.exp(-1)) + 0.5) / 2, "0.01": 0.75})
+    assert k["uniform_share"] == 0.5 and k["states"] == 2
+    path = tmp_path / "d.h5"
+    build_dataset(GAME, make_teacher(tmp_path / "t.pt", GAME), path, DatasetConfig(steps=200, num_envs=4),
+                  show_progress=False)
+    code, out, _ = run_cli("dataset", "info", path)
+    assert code == 0 and "median share of the top action in softmax(q / tau)" in out and "(uniform 0.33)" in out
+    with DatasetReader(path) as d:
+        q = d.steps["teacher_outputs"]
+    code, out, _ = run_cli("dataset", "info", path, "--json")
+    assert json.loads(out)["kl_targets"] == json.loads(json.dumps(kl_targets(q)))  # every step: 200 < the sample

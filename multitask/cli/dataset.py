@@ -58,6 +58,11 @@ def cmd_dataset_info(args: argparse.Namespace) -> None:
     print(f"  episodes  {s['episodes']:,} ({s['complete_episodes']:,} complete, {cut:,} cut by the step budget{share}); {r}")
     print(f"  teacher   {teacher['path']} (sha256 {str(teacher['sha256'])[:12]}, "
           f"{teacher['source']}, eval {teacher['eval_mean']}), outputs: {s['teacher_output_kind']}")
+    if s["kl_targets"]:
+        k = s["kl_targets"]
+        shares = ", ".join(f"{v:.2f} at {tau}" for tau, v in k["top_share_median"].items())
+        print(f"  targets   teacher Q: median top-two gap {k['top_two_gap_median']:.4f}; median share of the top "
+              f"action in softmax(q / tau): {shares} (uniform {k['uniform_share']:.2f})")
     for c in s["control"]:
         print(f"  control   {c['kind']}: {c['episodes']:,} episodes, epsilon {c['epsilon']}")
     print(f"  size      {s['size_bytes'] / 2**20:.2f} MiB on disk, {per_step} bytes/step "

@@ -18,6 +18,8 @@ from multitask.errors import UserError
 from multitask.files import atomic_write_text
 
 MANIFEST = "MANIFEST.md"
+TARGET_TAUS = (1.0, 0.1, 0.01, 0.001)  # the KL temperatures Rusu et al. 2016 chose from
+TARGET_SAMPLE = 50_000  # evenly spaced steps: the medians move by < 0.01 beyond this (MinAtar, measured)
 COLUMNS = ("file", "game", "steps", "complete episodes", "mean return", "teacher sha256", "size on disk",
            "bytes/step", "status")
 
@@ -27,6 +29,21 @@ def bytes_per_step_on_disk(size: int, steps: int) -> float | None:
     return size / steps if steps else None
 
 
+def kl_targets(q: np.ndarray, taus=TARGET_TAUS) -> dict[str, Any]:
+    """How sharp the KL targets softmax(q / tau) are on these teacher Q-values (N, A): the median over
+    states of the gap between the two best Q-values, and for each tau the median over states of the
+    top action's probability max_a softmax(q / tau)(a) (1 / A: uniform, 1: the greedy action alone).
+    Tau acts on the Q-values' own scale, which differs by game and suite: this says what a tau does."""
+    q = q.astype(np.float64)
+    ordered = np.sort(q, axis=1)
+    shares = {}
+    for tau in taus:
+        z = (q - ordered[:, -1:]) / tau
+        shares[f"{tau:g}"] = float(np.median(1.0 / np.exp(z).sum(axis=1)))  # top action: exp(0) / sum
+    return {"top_two_gap_median": float(np.median(ordered[:, -1] - ordered[:, -2])), "top_share_median": shares,
+            "uniform_share": 1.0 / q.shape[1], "states": len(q)}
+
+
 def summarize(path: Path) -> dict[str, Any]:
     """One dataset's steps, episodes, returns, teacher, control policies and size (`dataset info --json`)."""
     with DatasetReader(path) as d:
@@ -34,6 +51,9 @@ def summarize(path: Path) -> dict[str, Any]:
         complete = e["complete"]
         ret = e["return"][complete]
         size = disk_bytes(path)
+        outputs = d.steps["teacher_outputs"]
+        sample = outputs[np.linspace(0, len(outputs) - 1, min(len(outputs), TARGET_SAMPLE)).astype(int)]
+        q_values = info.attrs["teacher_output_kind"] == "q_values" and len(outputs) > 0 and outputs.shape[1] > 1
         return {
             "file": str(path), "game": info.game, "status": info.status,
             "schema_version": int(info.attrs["schema_version"]),
@@ -46,6 +66,7 @@ def summarize(path: Path) -> dict[str, Any]:
             "return_max": float(ret.max()) if len(ret) else None,
             "teacher": {k: info.teacher.get(k) for k in ("path", "sha256", "source", "eval_mean")},
             "teacher_output_kind": info.attrs["teacher_output_kind"],
+            "kl_targets": kl_targets(sample) if q_values else None,
             "control": [{**p, "episodes": int((e["policy"] == i).sum()),
                          "epsilon": sorted(set(np.round(e["epsilon"][e["policy"] == i].astype(float), 4).tolist()))}
                         for i, p in enumerate(info.policies)],
