@@ -23,13 +23,29 @@ from multitask.errors import UserError
 T = TypeVar("T")
 
 
-def option(default: Any, doc: str) -> Any:
-    """A config field with a default and a one-line doc (what it does; source of the default)."""
+_ABSENT = object()
+
+
+def option(default: Any, doc: str, absent: Any = _ABSENT) -> Any:
+    """A config field with a default and a one-line doc (what it does; source of the default).
+    `absent`: the value runs saved before the key existed were built with, where that is not the
+    default (a default that changed meaning); `saved_config` fills it in."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults so that configs stay immutable")
+    metadata = {"doc": doc} if absent is _ABSENT else {"doc": doc, "absent": absent}
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: default, metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def saved_config(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the `absent` value of each key it lacks that has one: what a run saved
+    before that key existed was built with."""
+    filled = dict(saved)
+    for f in dataclasses.fields(cls):
+        if f.name not in filled and "absent" in f.metadata:
+            filled[f.name] = f.metadata["absent"]
+    return filled
 
 
 def _field_types(cls: type) -> dict[str, Any]:

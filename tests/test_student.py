@@ -311,15 +311,31 @@ def test_run_names_carry_a_non_uniform_trunk_shape():
     from multitask.training.student import StudentConfig
 
     base = dict(games=("minatar/Seaquest",), size="7%")
-    assert StudentConfig(**base).run_name == "minatar-Seaquest-kl-7pct-s0"
+    assert StudentConfig(**base, shape="uniform").run_name == "minatar-Seaquest-kl-7pct-s0"
     assert StudentConfig(**base, shape="strided").run_name == "minatar-Seaquest-kl-7pct-strided-s0"
     assert StudentConfig(**base, shape="strided", conv_width=1.0, seed=2).run_name == \
         "minatar-Seaquest-kl-7pct-strided-conv1-s2"
+    base["shape"] = "uniform"
     assert StudentConfig(**base, tau=0.1).run_name == "minatar-Seaquest-kl-tau0.1-7pct-s0"
     assert StudentConfig(**base, loss="nll", tau=0.1).run_name == "minatar-Seaquest-nll-7pct-s0"  # tau unused
     assert StudentConfig(**base, tau=0.1, loss_norm=True).run_name == "minatar-Seaquest-kl-tau0.1-norm-7pct-s0"
-    assert StudentConfig(**base, shape="strided", conv_width=1.0, tag="20k").run_name == \
+    assert StudentConfig(**{**base, "shape": "strided"}, conv_width=1.0, tag="20k").run_name == \
         "minatar-Seaquest-kl-7pct-strided-conv1-20k-s0"
+
+
+def test_the_size_preset_picks_the_trunk_shape_and_configs_hold_the_shape_built():
+    from multitask.training.student import StudentConfig
+
+    small = StudentConfig(games=("minatar/Seaquest",), size="4%")
+    assert (small.shape, small.conv_width) == ("strided", 1.0)
+    assert small.run_name == "minatar-Seaquest-kl-4pct-strided-conv1-s0"
+    from multitask import config as configlib
+    assert configlib.to_dict(small)["shape"] == "strided"
+    assert (StudentConfig(games=("minatar/Seaquest",), size="7%", conv_width=0.5).conv_width) == 0.5  # given: kept
+    for size, games in (("25%", ("minatar/Seaquest",)), ("100%", ("minatar/Seaquest",)), ("7%", ("atari/Pong",))):
+        cfg = StudentConfig(games=games, size=size)
+        assert (cfg.shape, cfg.conv_width) == ("uniform", 0.0), (size, games)
+    assert StudentConfig(games=("minatar/Seaquest",), size="7%", shape="uniform").shape == "uniform"
 
 
 def test_a_sweep_varies_one_of_losses_sizes_and_taus():

@@ -177,3 +177,19 @@ def test_fields_added_later_to_nested_tables_and_identity_specs_resume_only_at_t
         run(cfg=Tiny(inner=Inner(lr=1e-2))).resume(Learning(), restart=False)
     with pytest.raises(UserError, match="network.kind 'minatar' then, 'nature' now"):
         run(spec=Spec("nature")).resume(Learning(), restart=False)
+
+
+@dataclass(frozen=True)
+class Shaped:
+    shape: str = option("preset", "test", absent="uniform")  # a default that changed meaning
+
+
+def test_a_key_whose_default_changed_meaning_counts_absent_as_the_value_old_runs_were_built_with():
+    from multitask.training.run import added_at_defaults
+
+    assert added_at_defaults(Shaped(shape="uniform"), {}) == ["shape"]  # saved without it: built uniform
+    assert added_at_defaults(Shaped(), {}) == [] and added_at_defaults(Shaped(shape="strided"), {}) == []
+    assert added_at_defaults(Tiny(), {}) == ["steps", "threads"]  # no `absent`: the default, as before
+    assert configlib.saved_config(Shaped, {}) == {"shape": "uniform"}
+    assert configlib.saved_config(Shaped, {"shape": "strided"}) == {"shape": "strided"}
+    assert configlib.saved_config(Tiny, {}) == {}

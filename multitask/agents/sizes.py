@@ -27,8 +27,21 @@ SizePreset = Literal["100%", "25%", "7%", "4%", "multitask", "custom"]
 SIZE_FRACTIONS = {"100%": 1.0, "25%": 0.25, "7%": 0.07, "4%": 0.04}  # Rusu et al. 2016, compression
 MULTITASK_FACTOR = 4.0  # Rusu et al. 2016: the multi-task student had ~4x a teacher's parameters
 MULTITASK_EXTRA_FC = 1  # Rusu et al. 2016: ... and one more hidden FC layer than a teacher
+# The trunk shape a student's size preset picks (`shape = "preset"`), by suite: MinAtar students at 7%
+# and 4% keep the teacher's 16 conv channels behind a strided conv and shrink the FC (docs/results.md,
+# "Compression": 63% vs 52% at 7% and 53% vs 46% at 4% of the teachers with tau 0.01, and at tau 0.1
+# the strided students are the ones measured over three seeds). Any other preset and suite: uniform.
+PRESET_SHAPES: dict[tuple[str, str], tuple[TrunkShape, float]] = {
+    ("minatar", "7%"): ("strided", 1.0), ("minatar", "4%"): ("strided", 1.0)}
 WIDTH_RANGE = (1e-3, 16.0)  # bisection bounds: from a near-empty trunk to 16x a teacher's (~256x its parameters)
 WIDTH_DECIMALS = 4  # widths are rounded up to 4 decimals, so that configs hold short numbers
+
+
+def preset_shape(size: str, games: Sequence[str]) -> tuple[TrunkShape, float]:
+    """The (shape, conv_width) that `size` picks for these games (`<suite>/<Game>` names): PRESET_SHAPES,
+    else the teacher's uniform shape with conv channels following the width."""
+    suite = games[0].split("/")[0] if games else ""
+    return PRESET_SHAPES.get((suite, size), ("uniform", 0.0))
 
 
 def parameter_count(trunk: TrunkSpec, num_actions: Sequence[int]) -> int:

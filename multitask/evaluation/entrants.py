@@ -83,7 +83,8 @@ def _run_config(run_dir: Path | None, kind: str) -> dict[str, Any] | None:
         return None
     try:
         what = "baseline" if kind == "multitask-dqn" else "driven" if "variant" in saved else "student"
-        return configlib.to_dict(configlib.load(configlib.config_class(what), data=saved))
+        cls = configlib.config_class(what)
+        return configlib.to_dict(configlib.load(cls, data=configlib.saved_config(cls, saved)))
     except Exception:  # a key removed since, or invalid now: compare the config as saved
         return saved
 

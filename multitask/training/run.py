@@ -55,13 +55,15 @@ def config_differences(saved: dict, current: dict, may_differ: Sequence[str] = (
 
 def added_at_defaults(config: Any, saved: dict, prefix: str = "") -> list[str]:
     """Dotted keys of `config` (a dataclass, nested ones searched too) that a saved config lacks and
-    that hold their defaults: keys added to the config or spec since the run was saved, which do not
+    that hold their defaults (or the value such runs were built with, where the option names one:
+    config.option's `absent`): keys added to the config or spec since the run was saved, which do not
     make it another run (e.g. TrunkSpec.shape, added after the first multi-task DQN runs began)."""
     out = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name not in saved:
-            if f.default is not dataclasses.MISSING and value == f.default:
+            expected = f.metadata.get("absent", f.default)
+            if expected is not dataclasses.MISSING and value == expected:
                 out.append(prefix + f.name)
         elif dataclasses.is_dataclass(value) and isinstance(saved[f.name], dict):
             out += added_at_defaults(value, saved[f.name], f"{prefix}{f.name}.")

@@ -23,8 +23,8 @@ import torch
 
 from multitask import config as configlib
 from multitask.agents.checkpoints import load_agent
-from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkShape, shape_tag
-from multitask.agents.sizes import SizePreset, sized_network
+from multitask.agents.networks import MultiHeadNet, NetworkSpec, shape_tag
+from multitask.agents.sizes import SizePreset, preset_shape, sized_network
 from multitask.config import option
 from multitask.data.control import KINDS as CONTROL_KINDS
 from multitask.data.loader import LoaderSpec, TrainBatch, make_loader, played_by
@@ -70,8 +70,11 @@ class StudentConfig:
     size: SizePreset = option("100%", "student size relative to a teacher's parameters; multitask = ~4x plus one FC layer")
     width: float = option(1.0, "trunk width multiplier for size = custom; a run's saved config holds the width its preset built")
     extra_fc: int = option(0, "extra hidden FC layers for size = custom; a run's saved config holds what its preset built")
-    shape: TrunkShape = option("uniform", "MinAtar trunk shape for every size: uniform (the teacher's, width-scaled) or "
-                                          "strided (a 2x2 stride-2 conv after the teacher's: FC input 256, not 1,024)")
+    shape: Literal["preset", "uniform", "strided"] = option(
+        "preset", "MinAtar trunk shape: uniform (the teacher's, width-scaled), strided (a 2x2 stride-2 conv after the "
+                  "teacher's: FC input 256, not 1,024), or preset: the size preset's (sizes.PRESET_SHAPES: strided with "
+                  "conv_width 1 for MinAtar at 7% and 4%, else uniform); saved configs hold the shape built",
+        absent="uniform")  # runs saved before the key existed were uniform
     conv_width: float = option(0.0, "conv channel multiplier, kept while a size preset scales the FC (0: follow the "
                                     "width); shape = strided with conv_width = 1 keeps the teacher's 16 channels")
     eval_every: int = option(5_000, "updates between evaluations of every game (0: only at the end)")
@@ -91,6 +94,10 @@ class StudentConfig:
     def __post_init__(self):
         if not self.games:
             raise ValueError("name at least one game in `games`")
+        if self.shape == "preset":  # resolved here, so that run names and saved configs name the shape built
+            shape, conv_width = preset_shape(self.size, self.games)
+            object.__setattr__(self, "shape", shape)
+            object.__setattr__(self, "conv_width", self.conv_width or conv_width)  # a conv_width given stays
         if self.datasets and len(self.datasets) != len(self.games):
             raise ValueError("`datasets` needs one path per game")
         if self.teachers and len(self.teachers) != len(self.games):
