@@ -112,10 +112,11 @@ def _datasets_complete(games, steps: int) -> str | None:
     """Why the datasets can be reused: each is complete, holds `steps` and was labelled by the
     teacher file that is there now."""
     from multitask.data.reader import root_attrs
+    from multitask.data.schema import dataset_path
     from multitask.files import file_sha256
 
     for g in games:
-        path = Path("datasets") / g.suite / f"{g.game}.h5"
+        path = dataset_path(g)
         if not path.is_file():
             return None
         attrs = root_attrs(path)

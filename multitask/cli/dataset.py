@@ -17,6 +17,7 @@ BUILD_FLAGS = {"--steps": "steps", "--epsilon": "epsilon", "--control": "control
 def cmd_dataset_build(args: argparse.Namespace) -> None:
     from multitask.data.build import BuildJob, build_many
     from multitask.data.build_config import load_config
+    from multitask.data.schema import dataset_path
     from multitask.envs import get_game
 
     words = list(args.game or [])  # key=value overrides may stand among the game names
@@ -30,7 +31,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
                         "teachers/<suite>/<Game>.pt and datasets/<suite>/<Game>.h5 are used")
     cfg = load_config(args.config, overrides, **{key: getattr(args, key) for key in BUILD_FLAGS.values()})
     jobs = [BuildJob(g.name, args.teacher or Path("teachers") / g.suite / f"{g.game}.pt",
-                     args.out or Path("datasets") / g.suite / f"{g.game}.h5", cfg, args.resume, args.overwrite,
+                     args.out or dataset_path(g), cfg, args.resume, args.overwrite,
                      not args.no_progress) for g in games]
     results = build_many(jobs, cfg.workers, args.executor, args.jobs_dir)
     if len(results) > 1:

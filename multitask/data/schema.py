@@ -23,6 +23,14 @@ import numpy as np
 
 from multitask.errors import UserError
 
+DATASETS_DIR = Path("datasets")  # default home of the per-game files: datasets/<suite>/<Game>.h5
+
+
+def dataset_path(game, folder: Path | str | None = None) -> Path:
+    """Where a game's dataset lives by default: `<folder>/<Game>.h5`, the folder being
+    datasets/<suite>/ unless given (`game`: a GameSpec)."""
+    return (Path(folder) if folder is not None else DATASETS_DIR / game.suite) / f"{game.game}.h5"
+
 SCHEMA = "multitask-teacher-dataset"
 SCHEMA_VERSION = 1
 

@@ -30,11 +30,12 @@ def bytes_per_step_on_disk(size: int, steps: int) -> float | None:
 
 
 def kl_targets(q: np.ndarray, taus=TARGET_TAUS) -> dict[str, Any]:
-    """How sharp the KL targets softmax(q / tau) are on these teacher Q-values (N, A): the median over
-    states of the gap between the two best Q-values, and for each tau the median over states of the
-    top action's probability max_a softmax(q / tau)(a) (1 / A: uniform, 1: the greedy action alone).
-    Tau acts on the Q-values' own scale, which differs by game and suite: this says what a tau does."""
-    q = q.astype(np.float64)
+    """How sharp the KL targets softmax(q / tau) are on these teacher Q-values (N, A; at most
+    TARGET_SAMPLE evenly spaced rows are used): the median over states of the gap between the two
+    best Q-values, and for each tau the median over states of the top action's probability
+    max_a softmax(q / tau)(a) (1 / A: uniform, 1: the greedy action alone). Tau acts on the
+    Q-values' own scale, which differs by game and suite: this says what a tau does."""
+    q = q[np.linspace(0, len(q) - 1, min(len(q), TARGET_SAMPLE)).astype(int)].astype(np.float64)
     ordered = np.sort(q, axis=1)
     shares = {}
     for tau in taus:
@@ -52,7 +53,6 @@ def summarize(path: Path) -> dict[str, Any]:
         ret = e["return"][complete]
         size = disk_bytes(path)
         outputs = d.steps["teacher_outputs"]
-        sample = outputs[np.linspace(0, len(outputs) - 1, min(len(outputs), TARGET_SAMPLE)).astype(int)]
         q_values = info.attrs["teacher_output_kind"] == "q_values" and len(outputs) > 0 and outputs.shape[1] > 1
         return {
             "file": str(path), "game": info.game, "status": info.status,
@@ -66,7 +66,7 @@ def summarize(path: Path) -> dict[str, Any]:
             "return_max": float(ret.max()) if len(ret) else None,
             "teacher": {k: info.teacher.get(k) for k in ("path", "sha256", "source", "eval_mean")},
             "teacher_output_kind": info.attrs["teacher_output_kind"],
-            "kl_targets": kl_targets(sample) if q_values else None,
+            "kl_targets": kl_targets(outputs) if q_values else None,
             "control": [{**p, "episodes": int((e["policy"] == i).sum()),
                          "epsilon": sorted(set(np.round(e["epsilon"][e["policy"] == i].astype(float), 4).tolist()))}
                         for i, p in enumerate(info.policies)],

@@ -33,6 +33,7 @@ from multitask.errors import UserError
 from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
+from multitask.data.schema import dataset_path
 from multitask.devices import DEVICE_DOC, DeviceName
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
@@ -130,7 +131,7 @@ class Inputs(NamedTuple):
 def resolve_inputs(cfg: StudentConfig) -> Inputs:
     """Games, datasets and teachers, checked: datasets exist, carry teacher outputs, share a trunk."""
     games = [get_game(g) for g in cfg.games]
-    datasets = [Path(p) for p in cfg.datasets] or [Path("datasets") / g.suite / f"{g.game}.h5" for g in games]
+    datasets = [Path(p) for p in cfg.datasets] or [dataset_path(g) for g in games]
     teachers = [Path(p) for p in cfg.teachers] or [Path("teachers") / g.suite / f"{g.game}.pt" for g in games]
     suites = {g.suite for g in games}
     if len(suites) > 1:

@@ -24,6 +24,8 @@ from pathlib import Path
 from multitask import config as configlib
 from multitask.files import atomic_write_text
 from multitask.config import option
+from multitask.data.schema import dataset_path
+from multitask.envs import get_game
 from multitask.errors import UserError
 from multitask.agents.sizes import SizePreset
 from multitask.training.losses import LossName
@@ -96,7 +98,7 @@ def cell_configs(sweep: SweepConfig, base: dict) -> list[StudentConfig]:
     taus = [[f"tau={t!r}"] for t in sweep.taus] or [[]]
     configs = []
     for game, loss, size, tau, seed in itertools.product(sweep.games, sweep.losses, sweep.sizes, taus, sweep.seeds):
-        dataset = [f"datasets={Path(sweep.datasets_dir) / game.split('/')[-1]}.h5"] if sweep.datasets_dir else []
+        dataset = [f"datasets={dataset_path(get_game(game), sweep.datasets_dir)}"] if sweep.datasets_dir else []
         configs.append(configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}", *tau,
                                                             f"seed={seed}", *dataset, *sweep.overrides], data=base))
     return configs
