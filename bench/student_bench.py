@@ -13,12 +13,16 @@ resident memory of the loader worker against the budget and the dataset size.
 On a GPU (--device cuda) the in-memory limit's tensors live on the GPU already (no transfer at all)
 and the loader's batches are copied there as the trainer copies them.
 
-    python bench/student_bench.py [--suite minatar|atari|all] [--seconds 20] [--device auto|cpu|cuda] [--batch B]
+With --layouts it also trains the in-memory student in bf16 autocast, in channels-last layout and in
+both, and prints each one's samples/s against fp32's (the `precision` and `channels_last` keys).
+
+    python bench/student_bench.py [--suite minatar|atari|all] [--seconds 20] [--device auto|cpu|cuda] [--batch B] [--layouts]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing
 import os
 import tempfile
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from multitask.agents.checkpoints import save_agent
-from multitask.devices import pick_device
+from multitask.devices import Precision, arrange, autocast, pick_device
 from multitask.envs import get_game
 from multitask.data.loader import LoaderSpec, make_loader
 from multitask.training.losses import kl_loss
@@ -101,14 +105,17 @@ class PeakMemory:
         self._thread.join()
 
 
-def train_for(seconds: float, batches, net: MultiHeadNet) -> float:
+def train_for(seconds: float, batches, net: MultiHeadNet, precision: Precision = "fp32") -> float:
     """Samples/s of KL distillation updates drawn from `batches` (an iterator of (obs, q)), on the
-    net's device (batches copied there as the student trainer copies them)."""
+    net's device (batches copied there as the student trainer copies them), forward passes in
+    `precision` as the student trainer runs them."""
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-4)
     device = next(net.parameters()).device
 
     def step(obs, q):
-        loss = kl_loss(net(obs.to(device, non_blocking=True), 0), q.to(device, non_blocking=True), 0.01)
+        with autocast(device, precision):
+            out = net(obs.to(device, non_blocking=True), 0)
+        loss = kl_loss(out.float(), q.to(device, non_blocking=True), 0.01)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,7 +129,7 @@ def train_for(seconds: float, batches, net: MultiHeadNet) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size: int = 0) -> None:
+def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size: int = 0, layouts: bool = False) -> None:
     device = pick_device(device_name)
     game_name, steps, batch = SETTINGS[suite]
     batch = batch_size or batch
@@ -158,6 +165,10 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size
         all_obs, all_q = all_obs.to(device), all_q.to(device)  # the limit: data already where the net is
         batches = memory_batches(all_obs, all_q)
         mem_rate = train_for(seconds, batches, net)
+        variants = {}  # the same in-memory limit in bf16 and channels-last (the config keys precision, channels_last)
+        if layouts:
+            for name, precision, nhwc in (("bf16", "bf16", False), ("channels-last", "fp32", True), ("both", "bf16", True)):
+                variants[name] = train_for(seconds, batches, arrange(copy.deepcopy(net), nhwc), precision)
         batches.close()
         del all_obs, batches
         with PeakMemory() as full:
@@ -173,6 +184,8 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size
     print(f"\n== {game_name} on {device}: student {sum(p.numel() for p in net.parameters()):,} parameters, batch {batch}, "
           f"torch threads {torch.get_num_threads()}, dataset {steps:,} steps ({frames_bytes / 2**20:.0f} MiB of frames)")
     print(f"  in-memory tensors          {mem_rate:10,.0f} samples/s")
+    for name, rate in variants.items():
+        print(f"  in-memory, {name:<14}{rate:10,.0f} samples/s -> ratio {rate / mem_rate:.2f} of fp32")
     print(f"  HDF5 loader (frames in RAM){h5_rate:10,.0f} samples/s -> ratio {h5_rate / mem_rate:.2f} (goal >= 0.9)")
     print(f"  HDF5 loader, budget 1/4    {window_rate:10,.0f} samples/s -> ratio {window_rate / mem_rate:.2f}")
     print(f"  loader worker peak private memory: {full.peak / 2**20:.0f} MiB with all frames in RAM, "
@@ -186,9 +199,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: the suite's)")
+    p.add_argument("--layouts", action="store_true", help="also the in-memory limit in bf16 and channels-last")
     args = p.parse_args()
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
-        bench_suite(suite, args.seconds, args.device, args.batch)
+        bench_suite(suite, args.seconds, args.device, args.batch, args.layouts)
 
 
 if __name__ == "__main__":

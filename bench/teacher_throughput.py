@@ -11,12 +11,16 @@ the trainer's steady-state rate and its ratio to that limit.
 On a GPU (--device cuda) it also prints the train-bound limit U / r (env steps/s if only the
 updates cost time) and the env-bound limit E.
 
-    python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10] [--device auto|cpu|cuda]
+With --layouts it also measures U in bf16 autocast, in channels-last layout and in both, against
+fp32's U (the `precision` and `channels_last` keys).
+
+    python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10] [--device auto|cpu|cuda] [--layouts]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from multitask.agents.dqn import DQNLearner
-from multitask.devices import pick_device
+from multitask.devices import arrange, pick_device
 from multitask.envs import get_game, make_vector_env
 from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 from multitask.agents.replay import ReplayMemory
@@ -45,7 +49,7 @@ def timed(fn, seconds: float) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def bench_suite(suite: str, seconds: float, device_name: str = "cpu") -> dict:
+def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: bool = False) -> dict:
     device = pick_device(device_name)
     game = get_game(GAMES[suite])
     cfg = load_config(suite, None, [])
@@ -77,6 +81,12 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu") -> dict:
     learner = DQNLearner(net, cfg.dqn)
     calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
     update_rate = calls / dt
+    variants = {}  # U in bf16 autocast and channels-last (the config keys precision, channels_last)
+    for name, precision, nhwc in (("bf16", "bf16", False), ("channels-last", "fp32", True), ("both", "bf16", True)):
+        if layouts:
+            other = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
+            calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
+            variants[name] = calls / dt
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
     # The real trainer, past learning_starts, long enough for several log intervals.
@@ -98,7 +108,8 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu") -> dict:
     return {"suite": suite, "game": game.name, "device": str(device), "num_envs": n, "update_ratio": cfg.update_ratio,
             "batch_size": cfg.dqn.batch_size, "threads": torch.get_num_threads(),
             "env_steps_per_s": env_rate, "act_steps_per_s": act_rate, "updates_per_s": update_rate,
-            "limit_steps_per_s": limit, "train_steps_per_s": train_rate, "ratio": train_rate / limit}
+            "limit_steps_per_s": limit, "train_steps_per_s": train_rate, "ratio": train_rate / limit,
+            "updates_per_s_variants": variants}
 
 
 def main() -> None:
@@ -106,14 +117,17 @@ def main() -> None:
     p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--layouts", action="store_true", help="also U in bf16 autocast and in channels-last layout")
     args = p.parse_args()
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
-        r = bench_suite(suite, args.seconds, args.device)
+        r = bench_suite(suite, args.seconds, args.device, args.layouts)
         print(f"{r['game']} on {r['device']}: {r['num_envs']} envs, {r['threads']} torch thread(s), update ratio "
               f"{r['update_ratio']}, batch {r['batch_size']}")
         print(f"  raw vector env      E = {r['env_steps_per_s']:10,.0f} env steps/s")
         print(f"  batched acting      A = {r['act_steps_per_s']:10,.0f} env steps/s")
         print(f"  raw DQN train step  U = {r['updates_per_s']:10,.1f} updates/s")
+        for name, rate in r["updates_per_s_variants"].items():
+            print(f"    U {name:<17} = {rate:10,.1f} updates/s -> ratio {rate / r['updates_per_s']:.2f} of fp32")
         print(f"  limit 1/(1/E+1/A+r/U) = {r['limit_steps_per_s']:10,.0f} env steps/s")
         print(f"  teacher training      = {r['train_steps_per_s']:10,.0f} env steps/s "
               f"-> ratio {r['ratio']:.2f} of the limit")

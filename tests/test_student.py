@@ -358,3 +358,13 @@ def test_sweep_cells_cross_the_grid_and_take_datasets_from_a_folder():
     assert [c.datasets for c in cells[::4]] == [("datasets/agg/Breakout.h5",), ("datasets/agg/Freeway.h5",)]
     assert {c.updates for c in cells} == {7} and cells[0].run_name == "minatar-Breakout-kl-tau1-100pct-agg-s0"
     assert cell_configs(SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",)), {})[0].datasets == ()
+
+
+def test_a_student_distils_in_bf16_channels_last(data, tmp_path):
+    summary = train_student(config(data, updates=20, eval_every=0, precision="bf16", channels_last=True),
+                            run_dir=tmp_path / "bf16", wandb_mode="off", show_progress=False)
+    assert summary["config"]["precision"] == "bf16" and summary["config"]["channels_last"] is True
+    losses = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    values = [v for x in losses for k, v in x.items() if k.endswith("/loss")]
+    assert values and np.isfinite(values).all()
+    assert load_agent(tmp_path / "bf16" / "last.pt").net.trunk.convs[0].weight.dtype == torch.float32

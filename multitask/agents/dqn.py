@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from multitask.config import option
 from multitask.agents.networks import MultiHeadNet
 from multitask.agents.replay import ReplayBatch
+from multitask.devices import Precision, autocast
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
 class DQNLearner:
     """Online and target networks, Adam, and the update rule."""
 
-    def __init__(self, net: MultiHeadNet, cfg: DQNConfig):
-        self.net, self.cfg = net, cfg
+    def __init__(self, net: MultiHeadNet, cfg: DQNConfig, precision: Precision = "fp32"):
+        self.net, self.cfg, self.precision = net, cfg, precision
         self.target = copy.deepcopy(net).requires_grad_(False)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.updates = 0
@@ -102,12 +103,15 @@ class DQNLearner:
         every game weighs the same whatever its rows. One group is exactly `update`."""
         cfg = self.cfg
         reward = batch.reward.clamp(-1.0, 1.0) if cfg.reward_clip else batch.reward
-        with torch.no_grad():
+        with torch.no_grad(), autocast(batch.obs.device, self.precision):
             next_target = self.target(batch.next_obs, groups=groups)
             next_online = self.net(batch.next_obs, groups=groups) if cfg.double else [None] * len(groups)
-            ys = [td_targets(reward[rows], batch.terminal[rows], t, o, cfg.gamma)
+        with torch.no_grad():  # targets and losses in fp32 whatever the forward passes ran in
+            ys = [td_targets(reward[rows], batch.terminal[rows], t.float(), None if o is None else o.float(), cfg.gamma)
                   for (_, rows), t, o in zip(groups, next_target, next_online)]
-        qs = self.net(batch.obs, groups=groups)
+        with autocast(batch.obs.device, self.precision):
+            qs = self.net(batch.obs, groups=groups)
+        qs = [q.float() for q in qs]
         losses = [td_loss(q, batch.action[rows], y, cfg.huber_delta) for (_, rows), q, y in zip(groups, qs, ys)]
         loss = grouped_mean(losses)
         self.optimizer.zero_grad(set_to_none=True)

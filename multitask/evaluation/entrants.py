@@ -25,7 +25,7 @@ TEACHER_LABEL = "teacher"
 RANDOM_LABEL = "random"
 # Config keys that say how a run was executed, not what it learned: runs differing only in these
 # (and in seed and name) are seeds of one method.
-EXECUTION_KEYS = frozenset({"seed", "name", "eval_workers", "loader_workers", "num_threads", "device",
+EXECUTION_KEYS = frozenset({"seed", "name", "eval_workers", "loader_workers", "num_threads", "device", "channels_last",
                             "memory_budget_mb", "window_batches", "checkpoint_every", "log_every"})
 _SEED_SUFFIX = re.compile(r"^(.*)-s\d+$")  # training.run.default_run_name ends in -s<seed>
 

@@ -43,7 +43,8 @@ from multitask.errors import UserError
 from multitask.progress import Progress
 from multitask.training.acting import Acting
 from multitask.training.run import Every, Rate, Run, default_run_name
-from multitask.devices import DEVICE_DOC, DeviceName, pick_device
+from multitask.devices import (CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange,
+                               pick_device)
 from multitask.training.evaluating import final_evaluation, periodic_evaluation
 from multitask.training.scoring import Scores, teacher_card_scores
 from multitask.training.teacher import load_config as load_teacher_config
@@ -54,7 +55,7 @@ TEACHER = "None: the teacher's suite preset"
 FOLLOWS_TEACHER = ("num_envs", "replay_capacity", "learning_starts", "update_ratio", "eps_start", "eps_end",
                    "eps_decay_steps", "life_loss_terminal", "eval_every", "eval_episodes", "checkpoint_every",
                    "log_every", "num_threads")
-RESUMABLE_CHANGES = ("total_steps_per_game", "num_threads", "eval_workers", "device")
+RESUMABLE_CHANGES = ("total_steps_per_game", "num_threads", "eval_workers", "device", "precision", "channels_last")
 GAME_SEED_STRIDE = 1_000  # game g's replay, exploration and env seeds start at seed + 1,000 g
 RESTART_SEED_STRIDE = 7919  # after checkpoint k, env i of game g plays seed + 1,000 g + 7,919 k + i
 
@@ -87,6 +88,8 @@ class BaselineConfig:
     log_every: int | None = option(None, f"env steps per game between metric logs ({TEACHER})")
     num_threads: int | None = option(None, f"torch CPU threads, 0: torch's default ({TEACHER})")
     device: DeviceName = option("auto", DEVICE_DOC)
+    precision: Precision = option("fp32", PRECISION_DOC)
+    channels_last: bool = option(False, CHANNELS_LAST_DOC)
     dqn: DQNConfig = option(DQNConfig(), "the DQN learner ([dqn] table; unset keys: the teacher preset's [dqn])")
 
     def __post_init__(self):
@@ -169,8 +172,8 @@ class MultitaskDQN:
         self.spec, self.cfg, self.games, self.counts, self.teacher_scores = spec, cfg, games, counts, teacher_scores
         torch.manual_seed(cfg.seed)
         self.device = device
-        self.net = MultiHeadNet(spec).to(device)
-        self.learner = DQNLearner(self.net, cfg.dqn)
+        self.net = arrange(MultiHeadNet(spec).to(device), cfg.channels_last)
+        self.learner = DQNLearner(self.net, cfg.dqn, cfg.precision)
         self.acting = [Acting(g, cfg.num_envs, cfg.replay_capacity, cfg.seed + GAME_SEED_STRIDE * i,
                               cfg.life_loss_terminal) for i, g in enumerate(games)]
         self.update_credit = 0.0

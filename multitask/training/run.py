@@ -72,7 +72,7 @@ def added_at_defaults(config: Any, saved: dict, prefix: str = "") -> list[str]:
 
 # Keys a finished run may differ in and still be the run asked for: how it ran, or what it filled in
 # as built (a preset's width and extra FC layers, a default name).
-AS_BUILT = ("device", "num_threads", "eval_workers", "loader_workers", "width", "extra_fc", "name")
+AS_BUILT = ("device", "channels_last", "num_threads", "eval_workers", "loader_workers", "width", "extra_fc", "name")
 
 
 def finished_with(run_dir: Path, config: Any) -> tuple[bool, list[tuple[str, Any, Any]]]:

@@ -34,7 +34,7 @@ from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
 from multitask.data.schema import dataset_path
-from multitask.devices import DEVICE_DOC, DeviceName
+from multitask.devices import CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange, autocast
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
@@ -46,7 +46,7 @@ from multitask.training.tracking import WandbMode
 # check (the run's identity: the architecture built), which any change that matters fails; so a run
 # saved before configs held the built width (a preset's width 1.0) resumes too.
 LOSS_NORM_RATE = 0.01  # loss_norm: a running mean over ~100 of a game's batches (our choice; one game's loss moves slowly)
-RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc", "device")
+RESUMABLE_CHANGES = ("updates", "num_threads", "eval_workers", "width", "extra_fc", "device", "precision", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ class StudentConfig:
     window_batches: int = option(500, "batches drawn from one window of chunks when a dataset exceeds its budget")
     num_threads: int = option(0, "torch CPU threads per process (0: torch's default)")
     device: DeviceName = option("auto", DEVICE_DOC + "; under torchrun, process k takes cuda:k")
+    precision: Precision = option("fp32", PRECISION_DOC)
+    channels_last: bool = option(False, CHANNELS_LAST_DOC)
     control: tuple[str, ...] = option((), "train only on episodes these control policies played (teacher, student, "
                                           "mixture; `dataset info` lists a file's); empty: every episode")
 
@@ -199,7 +201,7 @@ class Student:
         self.spec, self.cfg, self.inputs, self.counts = spec, cfg, inputs, counts
         self.teacher_scores = teacher_card_scores(inputs.teachers, inputs.games)  # for periodic % of teacher
         torch.manual_seed(cfg.seed)
-        self.net = MultiHeadNet(spec).to(device)
+        self.net = arrange(MultiHeadNet(spec).to(device), cfg.channels_last)
         optimizer = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
         self.optimizer = optimizer(self.net.parameters(), lr=cfg.lr)
         self.update = 0
@@ -221,8 +223,9 @@ class Student:
         each game's loss weighing the same. The mean loss and (game, loss) per group."""
         cfg, device = self.cfg, next(self.net.parameters()).device
         groups = [(g, slice(a, b)) for g, a, b in batch.groups]
-        outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
-        losses = [distillation_loss(cfg.loss, out, q.to(device), cfg.tau) for out, q in zip(outputs, batch.teacher)]
+        with autocast(device, cfg.precision):
+            outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
+        losses = [distillation_loss(cfg.loss, out.float(), q.to(device), cfg.tau) for out, q in zip(outputs, batch.teacher)]
         if cfg.loss_norm:
             seen = [g for g, _ in groups]
             loss, means = normalised_loss(losses, [self.loss_means[g] for g in seen], LOSS_NORM_RATE)

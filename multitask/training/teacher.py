@@ -26,7 +26,8 @@ from multitask.envs import GameSpec, get_game
 from multitask.evaluation.protocol import evaluate_game
 from multitask.progress import Progress
 from multitask.training.acting import Acting
-from multitask.devices import DEVICE_DOC, DeviceName, pick_device
+from multitask.devices import (CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange,
+                               pick_device)
 from multitask.training.run import Every, Rate, Run
 from multitask.training.scoring import PERIODIC_EVAL_SEED, score_games
 from multitask.training.tracking import WandbMode
@@ -55,6 +56,8 @@ class TeacherConfig:
     log_every: int = option(20_000, "env steps between metric logs")
     num_threads: int = option(0, "torch CPU threads (0: torch's default)")
     device: DeviceName = option("auto", DEVICE_DOC)
+    precision: Precision = option("fp32", PRECISION_DOC)
+    channels_last: bool = option(False, CHANNELS_LAST_DOC)
     dqn: DQNConfig = option(DQNConfig(), "the DQN learner ([dqn] table)")
 
     def __post_init__(self):
@@ -73,7 +76,7 @@ def load_config(suite: str, path: Path | None, overrides: list[str]) -> TeacherC
     return configlib.load(TeacherConfig, path, overrides)
 
 
-RESUMABLE_CHANGES = ("total_steps", "num_threads", "device")  # a killed run may be resumed with these changed
+RESUMABLE_CHANGES = ("total_steps", "num_threads", "device", "precision", "channels_last")  # a killed run may be resumed with these changed
 RESUME_SEED_STRIDE = 7919  # a resumed run starts fresh episodes: env seeds seed + 7919 * resumes + i
 EVAL_SEED_STRIDE = 100  # periodic evaluation i plays env seeds seed + 10_000 + 100 i + (0..31 envs)
 FINAL_EVAL_SEED_OFFSET = 999_983  # the card's evaluation plays seeds no periodic evaluation played
@@ -112,8 +115,8 @@ class Teacher:
 
     def __init__(self, game: GameSpec, cfg: TeacherConfig, device: torch.device = torch.device("cpu")):
         self.game, self.cfg, self.device = game, cfg, device
-        self.net = MultiHeadNet(teacher_network_spec(game, cfg.width)).to(device)
-        self.learner = DQNLearner(self.net, cfg.dqn)
+        self.net = arrange(MultiHeadNet(teacher_network_spec(game, cfg.width)).to(device), cfg.channels_last)
+        self.learner = DQNLearner(self.net, cfg.dqn, cfg.precision)
         self.acting = Acting(game, cfg.num_envs, cfg.replay_capacity, cfg.seed, cfg.life_loss_terminal)
         self.history: list[dict] = []  # periodic evaluations: the learning curve
         self.best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
