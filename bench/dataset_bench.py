@@ -17,7 +17,11 @@ Reading: random batches of 256 (obs, next obs, teacher outputs, actions...) thro
 disk (chunk cache), beside the same gather from arrays already in memory; plus a sweep of frame
 compression settings (size, full decompression rate, random-batch rate) that backs the defaults.
 
+With several --inference modes (lanes: the teacher in each lane's process; server: one inference
+server for all lanes) each round builds once per mode, so the modes are compared side by side.
+
     python bench/dataset_bench.py [--suite minatar|atari|all] [--steps N] [--teacher PATH] [--rounds 3]
+                                  [--device cpu|cuda] [--inference lanes server] [--lanes N]
 """
 
 from __future__ import annotations
@@ -67,14 +71,13 @@ def teacher_for(game_name: str, path: str | None, tmp: Path) -> tuple[Path, str]
     return tmp / "random.pt", "RANDOM-INIT teacher (no trained teacher found; sizes are not representative)"
 
 
-def timed_build(game_name: str, teacher_path: Path, steps: int, out: Path, n: int, device: str = "cpu"):
+def timed_build(game_name: str, teacher_path: Path, steps: int, out: Path, cfg: DatasetConfig):
     """A build as `multitask dataset build` runs it, in a fresh process (this one has run torch with
     two threads and holds the E env; a forked helper inheriting that state ran ~9% slower). The
     emulator is imported first: importing MinAtar (seaborn, scipy) takes seconds, once per process."""
     make_vector_env(game_name, 1).close()
     t0 = time.perf_counter()
-    res = build_dataset(game_name, teacher_path, out, DatasetConfig(steps=steps, num_envs=n, device=device),
-                        show_progress=False)
+    res = build_dataset(game_name, teacher_path, out, cfg, show_progress=False)
     return time.perf_counter() - t0, res
 
 
@@ -88,12 +91,15 @@ def gather_in_memory(frames, frame_index, q, action, idx, stack):
 
 
 def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float, num_rounds: int,
-                device_name: str = "cpu", reading: bool = True) -> None:
+                device_name: str = "cpu", reading: bool = True, inference: tuple[str, ...] = ("auto",),
+                lanes: int = 0) -> None:
     device = pick_device(device_name)
     game = get_game(GAMES[suite])
     n = SUITE_NUM_ENVS[suite]
-    lanes = 1 if device.type == "cuda" else DatasetConfig().lanes  # a GPU teacher plays one lane
-    batch = n // lanes  # the teacher's batch: one lane
+    # each build as the CLI resolves it (on a GPU, inference = lanes plays one lane)
+    configs = [DatasetConfig(steps=steps, num_envs=n, device=device.type, inference=mode,
+                             lanes=lanes or DatasetConfig().lanes).resolved(game) for mode in inference]
+    batch = n // configs[0].lanes  # the teacher's batch: one lane
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
         teacher_path, teacher_note = teacher_for(game.name, teacher_arg, tmp)
@@ -118,33 +124,42 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
         # measurements is a coin toss. Each round's limit takes the faster of the E and I measured
         # just before and just after its build (the stricter limit); the median round is reported.
         samples = [measure_limit()]
-        rounds = []
+        rounds: dict[int, list] = {k: [] for k in range(len(configs))}
         for r in range(num_rounds):
-            out = tmp / f"d{r}.h5"
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                wall, res = pool.submit(timed_build, game.name, teacher_path, steps, out, n, device.type).result()
+            builds = []
+            for k, cfg in enumerate(configs):  # the inference modes interleaved within each round
+                out = tmp / f"d{r}-{k}.h5"
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    builds.append(pool.submit(timed_build, game.name, teacher_path, steps, out, cfg).result())
+                if r + 1 < num_rounds or k + 1 < len(configs):
+                    out.unlink()
             samples.append(measure_limit())
             e_rate, i_rate = max(samples[r][0], samples[r + 1][0]), max(samples[r][1], samples[r + 1][1])
-            limit = 1.0 / (1.0 / e_rate + 1.0 / i_rate)
-            rounds.append((e_rate, i_rate, limit, res.added_steps / wall, wall, res))
-            if r + 1 < num_rounds:
-                out.unlink()
+            for k, (cfg, (wall, res)) in enumerate(zip(configs, builds)):
+                # the envs and the teacher share the CPU, or take turns in one GPU lane; a GPU server
+                # infers while the lanes step, so there the slower of the two is the limit
+                parallel = cfg.device == "cuda" and cfg.inference == "server"
+                limit = min(e_rate, i_rate) if parallel else 1.0 / (1.0 / e_rate + 1.0 / i_rate)
+                rounds[k].append((e_rate, i_rate, limit, res.added_steps / wall, wall, res))
         env.close()
         size = disk_bytes(out)
         raw_stacked = int(np.prod(game.obs_shape))
-        ratios = [rec / limit for _, _, limit, rec, _, _ in rounds]
 
         print(f"\n== {game.name}: {teacher_note}")
-        print(f"recording ({n} envs in {lanes} lanes, teacher batch {batch}, {steps:,} steps per build; "
-              f"E and I with torch threads {torch.get_num_threads()}):")
-        print("  round  raw vector env E  raw teacher I  limit 1/(1/E+1/I)  recorder (steps/s)  ratio"
-              "   (after start-up: steps/s, ratio)")
-        for r, ((e_rate, i_rate, limit, rec, wall, res), ratio) in enumerate(zip(rounds, ratios)):
-            steady = res.added_steps / res.seconds  # from the first vector step to the consolidated file
-            print(f"  {r + 1:5d}  {e_rate:16,.0f}  {i_rate:13,.0f}  {limit:17,.0f}  {rec:18,.0f}  {ratio:5.2f}"
-                  f"   ({steady:,.0f}, {steady / limit:.2f}; {wall:.1f}s in all, start-up {wall - res.seconds:.1f}s)")
-        print(f"  median ratio over {num_rounds} rounds: {statistics.median(ratios):.2f} "
-              f"(min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= 0.80)")
+        for cfg, runs in zip(configs, rounds.values()):
+            ratios = [rec / limit for _, _, limit, rec, _, _ in runs]
+            form = "min(E, I)" if cfg.device == "cuda" and cfg.inference == "server" else "1/(1/E+1/I)"
+            print(f"recording ({n} envs in {cfg.lanes} lanes, teacher forward passes in the {cfg.inference} on "
+                  f"{cfg.device}, batch {n // cfg.lanes}, {steps:,} steps per build; E and I with torch threads "
+                  f"{torch.get_num_threads()}, I at batch {batch}):")
+            print(f"  round  raw vector env E  raw teacher I  limit {form:>11}  recorder (steps/s)  ratio"
+                  "   (after start-up: steps/s, ratio)")
+            for r, ((e_rate, i_rate, limit, rec, wall, res), ratio) in enumerate(zip(runs, ratios)):
+                steady = res.added_steps / res.seconds  # from the first vector step to the consolidated file
+                print(f"  {r + 1:5d}  {e_rate:16,.0f}  {i_rate:13,.0f}  {limit:17,.0f}  {rec:18,.0f}  {ratio:5.2f}"
+                      f"   ({steady:,.0f}, {steady / limit:.2f}; {wall:.1f}s in all, start-up {wall - res.seconds:.1f}s)")
+            print(f"  median ratio over {num_rounds} rounds: {statistics.median(ratios):.2f} "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= 0.80)")
         print(f"size: {size / steps:.1f} bytes/step on disk vs {raw_stacked:,} raw stacked "
               f"-> 1/{raw_stacked / (size / steps):.0f} of raw (Atari goal: <= 1/40)")
 
@@ -203,12 +218,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="recording rounds (E, I, build), median reported")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the teacher infers")
     p.add_argument("--no-reading", action="store_true", help="recording and size only")
+    p.add_argument("--inference", nargs="+", choices=("auto", "lanes", "server"), default=["auto"],
+                   help="where the teacher's forward passes run (the build's `inference` key); several are "
+                        "interleaved in each round")
+    p.add_argument("--lanes", type=int, default=0, help="lanes per build (default: the build's default)")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
         bench_suite(suite, args.steps or STEPS[suite], args.teacher if args.suite != "all" else None, args.seconds,
-                    args.rounds, args.device, reading=not args.no_reading)
+                    args.rounds, args.device, reading=not args.no_reading, inference=tuple(args.inference),
+                    lanes=args.lanes)
 
 
 if __name__ == "__main__":

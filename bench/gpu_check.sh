@@ -1,6 +1,8 @@
 #!/bin/bash
 # One GPU check for a GPU machine lent for minutes (issue 18): Atari teacher training, student training
-# fed from HDF5 and recording, each against a limit measured in the same run. Ends within ~6 minutes.
+# fed from HDF5 and recording, each against a limit measured in the same run; the DQN update and the
+# student's in bf16 autocast and channels-last against fp32; recording with the teacher in one lane
+# against the inference server feeding four. Ends within ~6 minutes.
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repo root
 #   QUICK=1 bash bench/gpu_check.sh    # the same steps on MinAtar, short: to try the script on a CPU
@@ -48,10 +50,10 @@ run() {  # run <seconds> <name> <command...>
 
 if [ "${QUICK:-0}" = 1 ]; then SUITE=minatar; T=2; STEPS=20000; else SUITE=atari; T=8; STEPS=20000; fi
 if has torch numpy tqdm gymnasium ale_py minatar; then
-  run 150 "teacher training ($SUITE)" $P bench/teacher_throughput.py --suite $SUITE --seconds $T --device $DEVICE
-  run 120 "student from HDF5 ($SUITE)" $P bench/student_bench.py --suite $SUITE --seconds $T --device $DEVICE
+  run 150 "teacher training ($SUITE)" $P bench/teacher_throughput.py --suite $SUITE --seconds $T --device $DEVICE --layouts
+  run 120 "student from HDF5 ($SUITE)" $P bench/student_bench.py --suite $SUITE --seconds $((T * 3 / 4)) --device $DEVICE --layouts
   run 100 "recording ($SUITE)" $P bench/dataset_bench.py --suite $SUITE --steps $STEPS --rounds 1 --seconds 2 \
-      --device $DEVICE --no-reading
+      --device $DEVICE --no-reading --inference lanes server --lanes 4
 else
   SKIPPED+=("every bench: missing ${missing[*]}")
 fi

@@ -3,9 +3,10 @@ several games built in parallel when one of them fails."""
 
 import json
 
+import numpy as np
 import pytest
 
-from multitask.data.build import BuildJob, build_many
+from multitask.data.build import BuildJob, build_dataset, build_many
 from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
 from multitask.data.reader import DatasetReader
 from multitask.devices import pick_device
@@ -27,7 +28,8 @@ def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, mak
         assert json.loads(d.info.attrs["compression"])["level"] == 4
     want = {**DatasetConfig().__dict__, "steps": 200, "seed": 4, "epsilon": 0.2, "level": 4, "lanes": 1,
             "flush_seconds": 30.0, "num_envs": SUITE_NUM_ENVS["minatar"],  # num_envs 0: the suite's
-            "device": pick_device("auto").type}  # auto: the device used
+            "device": pick_device("auto").type,  # auto: the device used
+            "inference": "server" if pick_device("auto").type == "cuda" else "lanes"}  # auto: server on a GPU
     assert {k: v for k, v in cfg.items() if k != "flush_steps"} == {k: v for k, v in want.items() if k != "flush_steps"}
     assert cfg["flush_steps"] > 0  # resolved from flush_bytes
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,
@@ -35,6 +37,22 @@ def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, mak
     assert code == 2 and "epsilon must be in [0, 1]" in err
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--out", tmp_path / "c.h5")
     assert code == 2 and "--steps" in err and not (tmp_path / "c.h5").exists()
+
+
+def test_a_build_through_the_inference_server_records_what_the_lanes_record(tmp_path, make_teacher):
+    """Same seeds, same lanes: the server's forward passes are the lanes' own, so the files agree."""
+    teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout", seed=2)
+    recorded = {}
+    for inference in ("lanes", "server"):
+        out = tmp_path / f"{inference}.h5"
+        build_dataset("minatar/Breakout", teacher, out, DatasetConfig(steps=2500, num_envs=12, lanes=2, device="cpu",
+                                                                      inference=inference), show_progress=False)
+        with DatasetReader(out) as d:
+            assert verify_invariants(d) == []
+            assert json.loads(d.info.attrs["builds"])[-1]["config"]["inference"] == inference
+            recorded[inference] = {k: d.steps[k].copy() for k in ("teacher_outputs", "action", "reward")}
+    for k, v in recorded["lanes"].items():
+        assert np.array_equal(v, recorded["server"][k]), k
 
 
 def test_config_dataset_lists_every_key_with_its_default_and_source(run_cli):

@@ -203,7 +203,7 @@ def test_a_build_is_a_function_of_its_seed(tmp_path, monkeypatch, make_teacher):
     for name in ("a.h5", "b.h5", "c.h5"):
         with monkeypatch.context() as m:
             if name == "b.h5":
-                m.setattr("multitask.data.lanes.background_supported", lambda: False)
+                m.setattr("multitask.data.lanes.shared_counters_supported", lambda: False)
             cfg = DatasetConfig(steps=900, num_envs=6, seed=1 if name != "c.h5" else 2, epsilon=0.3)
             build_dataset("minatar/Freeway", teacher, tmp_path / name, cfg, show_progress=False)
         with DatasetReader(tmp_path / name) as d:

@@ -7,6 +7,7 @@ concern, in the order data flows:
   build         `dataset build`: checks, root attributes, opening the file, several games at once
   recorder      the play loop: lanes' turns -> episodes -> writer
   lanes         a vector env played by the teacher, here or in a helper process
+  inference     the teacher's forward passes: in each lane, or one server process for all lanes
   packing       episodes -> the arrays a writer appends
   writer        the crash-safe writer (part files, atomic master, consolidation)
   background    the writer in a child process

@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 from multitask import config as configlib
 from multitask.config import option
 from multitask.data.control import check_spec as check_control
+from multitask.data.processes import shared_counters_supported
 from multitask.devices import pick_device
 from multitask.data.schema import Compression, bytes_per_step
 from multitask.envs import GameSpec
@@ -41,8 +42,12 @@ class DatasetConfig:
                            " (measured: MinAtar 200k steps in 5.0 s with 128 envs a lane vs 6.9 s with 32; "
                            "Atari's forward pass is cheapest per observation in batches of 16)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "where the teacher's forward passes run; auto: cuda when "
-                                                    "torch sees a GPU. On a GPU the build plays one lane (a forked "
-                                                    "helper cannot use the parent's CUDA context)")
+                                                    "torch sees a GPU")
+    inference: Literal["auto", "lanes", "server"] = option(
+        "auto", "who runs the teacher's forward passes: lanes (each lane's process, the teacher copied into each; on a "
+                "GPU then one lane, since a forked helper cannot use the parent's CUDA context) or server (one spawned "
+                "process for every lane, data/inference.py; x86-64 Linux); auto: server on a GPU, lanes on a CPU "
+                "(where the lanes' own forward passes keep the cores busy; data/lanes.py)")
     lanes: int = option(2, "env groups, each played by the teacher in its own process, about one per core "
                            "(2: the 2-core dev machine; 1 plays in this process alone; --games builds use 1 each)")
     workers: int = option(2, "processes building several games at once (--games), one per core of the "
@@ -85,9 +90,14 @@ class DatasetConfig:
             raise UserError("give the dataset's size: --steps N (or steps=N)")
         num_envs = self.num_envs or SUITE_NUM_ENVS[game.suite]
         device = pick_device(self.device).type
-        lanes = 1 if device == "cuda" else min(self.lanes, num_envs)
+        inference = self.inference
+        if inference == "auto":
+            inference = "server" if device == "cuda" and shared_counters_supported() else "lanes"
+        if inference == "server" and not shared_counters_supported():
+            raise UserError("inference = server needs x86-64 Linux; use inference=lanes")
+        lanes = 1 if device == "cuda" and inference == "lanes" else min(self.lanes, num_envs)
         return dataclasses.replace(
-            self, num_envs=num_envs, lanes=lanes, device=device,
+            self, num_envs=num_envs, lanes=lanes, device=device, inference=inference,
             flush_steps=self.flush_steps or max(1, self.flush_bytes // bytes_per_step(game.frame_shape, game.num_actions)))
 
 

@@ -21,14 +21,15 @@ hand-off on the dev VM and let the woken process preempt the waker (measured), s
 counters in shared memory, yielding the core for a short while and then sleeping in short naps.
 The counters are plain stores read by the other process: x86-64 keeps stores in order (a slot's
 data is visible before its counter), so `start` uses helpers only there.
+
+The teacher's outputs come from a `Forward` (data/inference.py): the teacher in the lane's own
+process, or the inference server that answers every lane from one process (a GPU build's).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import platform
-import time
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -36,10 +37,9 @@ import torch
 
 from multitask.envs import GameSpec, Step, VectorEnv, make_vector_env
 from multitask.data.control import Act  # act(teacher outputs, observations) -> actions
-from multitask.data.processes import background_supported, become_helper, fork_context, stop_process
+from multitask.data.inference import Forward
+from multitask.data.processes import become_helper, fork_context, shared_counters_supported, stop_process, wait_until
 
-SPIN_SECONDS = 200e-6  # yield-spin this long before napping: covers MinAtar's gaps between turns
-NAP_SECONDS = 50e-6
 # Turns a helper may play ahead of the caller: enough to ride out the caller's bookkeeping bursts
 # (cutting episodes, handing a flush to the writer) without the helper waiting.
 RING = 4
@@ -67,25 +67,10 @@ def _shared(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
-def _wait_until(ready: Callable[[], bool], alive: Callable[[], bool]) -> bool:
-    """Poll `ready`: yield-spin for SPIN_SECONDS, then nap; False as soon as `alive` is not."""
-    start, naps = time.perf_counter(), 0
-    while not ready():
-        if time.perf_counter() - start < SPIN_SECONDS:
-            os.sched_yield()
-            continue
-        time.sleep(NAP_SECONDS)
-        naps += 1
-        if naps % 256 == 0 and not alive():
-            return False
-    return True
-
-
-def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.ndarray, device: torch.device) -> Turn:
-    """One forward pass on `device` (the net's: a GPU teacher plays in the caller's lane only, no
-    CUDA after fork), the actions, one vector step."""
-    with torch.inference_mode():
-        outputs = net(torch.from_numpy(obs).to(device), head).cpu().numpy()
+def _turn(forward: Forward, act: Act, env: VectorEnv, obs: np.ndarray) -> Turn:
+    """The teacher's outputs (`forward`: in this process, or from the inference server), the
+    actions, one vector step."""
+    outputs = forward(obs)
     actions = np.asarray(act(outputs, obs), dtype=np.int64)
     return Turn(outputs, actions, env.step(actions))
 
@@ -93,11 +78,9 @@ def _turn(net: torch.nn.Module, head: int, act: Act, env: VectorEnv, obs: np.nda
 class LocalLane:
     """A lane played in the caller: each `turn()` runs the forward pass and the env step."""
 
-    def __init__(self, game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head: int, act: Act,
-                 env_threads: int = 0):
+    def __init__(self, game: GameSpec, num_envs: int, seed: int, forward: Forward, act: Act, env_threads: int = 0):
         self.num_envs = num_envs
-        self._net, self._head, self._act = net, head, act
-        self._device = next(net.parameters()).device
+        self._forward, self._act = forward, act
         self._env = make_vector_env(game, num_envs, num_threads=env_threads)
         self._obs = self._env.reset(seed)
 
@@ -106,7 +89,7 @@ class LocalLane:
         return self._obs
 
     def turn(self) -> Turn:
-        turn = _turn(self._net, self._head, self._act, self._env, self._obs, self._device)
+        turn = _turn(self._forward, self._act, self._env, self._obs)
         self._obs = turn.step.obs
         return turn
 
@@ -151,28 +134,27 @@ class _Ring(NamedTuple):
 class RemoteLane:
     """A lane played in a forked helper, up to RING turns ahead; `turn()` returns them in order."""
 
-    def __init__(self, game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head: int, act: Act,
-                 env_threads: int = 0):
+    def __init__(self, game: GameSpec, num_envs: int, seed: int, forward: Forward, act: Act, env_threads: int = 0):
         self.num_envs = num_envs
         self._ring = _Ring.create(num_envs, game.obs_shape, game.num_actions)
         self._read = 0
         ctx = fork_context()
         self._errors, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_serve, args=(game, num_envs, seed, net, head, act, env_threads, self._ring,
+        self._proc = ctx.Process(target=_serve, args=(game, num_envs, seed, forward, act, env_threads, self._ring,
                                                       child, os.getpid()),
                                  daemon=True, name="lane")
         self._proc.start()
         child.close()
 
     @classmethod
-    def start(cls, game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head: int, act: Act,
+    def start(cls, game: GameSpec, num_envs: int, seed: int, forward: Forward, act: Act,
               env_threads: int = 0) -> "RemoteLane | LocalLane":
-        if not background_supported() or platform.machine() not in ("x86_64", "AMD64"):
-            return LocalLane(game, num_envs, seed, net, head, act, env_threads)
-        return cls(game, num_envs, seed, net, head, act, env_threads)
+        if not shared_counters_supported():
+            return LocalLane(game, num_envs, seed, forward, act, env_threads)
+        return cls(game, num_envs, seed, forward, act, env_threads)
 
     def _wait(self, ready: Callable[[], bool]) -> None:
-        if not _wait_until(ready, self._proc.is_alive) and not ready():
+        if not wait_until(ready, self._proc.is_alive) and not ready():
             error = self._errors.recv_bytes().decode() if self._errors.poll() else "it exited"
             self.close()
             raise RuntimeError(f"the helper process playing a lane failed: {error}")
@@ -195,7 +177,7 @@ class RemoteLane:
         self._errors.close()
 
 
-def _serve(game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head: int, act: Act, env_threads: int,
+def _serve(game: GameSpec, num_envs: int, seed: int, forward: Forward, act: Act, env_threads: int,
            ring: _Ring, errors, parent: int) -> None:
     """Helper side: build and reset the lane's env, then play turns into the ring until asked to stop."""
     if not become_helper(parent):
@@ -209,10 +191,9 @@ def _serve(game: GameSpec, num_envs: int, seed: int, net: torch.nn.Module, head:
         ring.first[:] = obs
         seq[2] = 1
         played = 0
-        device = next(net.parameters()).device
         while not seq[3]:
-            turn = _turn(net, head, act, env, obs, device)  # played before waiting for a free slot
-            if not _wait_until(lambda: seq[0] - seq[1] < RING or seq[3], lambda: os.getppid() == parent) or seq[3]:
+            turn = _turn(forward, act, env, obs)  # played before waiting for a free slot
+            if not wait_until(lambda: seq[0] - seq[1] < RING or seq[3], lambda: os.getppid() == parent) or seq[3]:
                 return
             ring.put(played % RING, turn)
             played += 1

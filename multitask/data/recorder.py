@@ -1,7 +1,8 @@
 """Recording: the control policy plays and every step becomes part of an episode for the writer.
 
 The teacher (or a student, or a mixture: data/control.py) acts epsilon-greedily on batches of
-observations; the teacher's raw outputs for the observation acted on are stored with the step. The envs play in lanes (`lanes`), each in its own process:
+observations; the teacher's raw outputs for the observation acted on are stored with the step (its
+forward passes run in each lane, or in one inference server: `inference`). The envs play in lanes (`lanes`), each in its own process:
 the caller plays the first and a helper each other one, every lane alternating the teacher's
 forward pass and its env step, so that the cores stay busy; the caller reads the helpers' turns in
 order and keeps the books of every lane (`_Lane`).
@@ -29,6 +30,7 @@ from multitask.agents.checkpoints import Agent
 from multitask.data.background import BackgroundWriter
 from multitask.data.build_config import DatasetConfig
 from multitask.data.control import Control, make_act
+from multitask.data.inference import Forward, InferenceServer, NetForward
 from multitask.data.lanes import LocalLane, RemoteLane, cores
 from multitask.data.schema import Episode, now_iso
 from multitask.data.writer import DatasetWriter
@@ -166,7 +168,6 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
     sizes = [len(s) for s in np.array_split(np.arange(n), lanes)]
     firsts = [int(f) for f in np.cumsum([0, *sizes[:-1]])]
     head = teacher.net.head_index(game.name)
-    net = teacher.net.to(cfg.device)  # cfg is resolved: cpu or cuda (then one lane)
     # Each lane's process alternates a forward pass and an env step, so the cores are shared out
     # between lanes: the envs' threads (ale-py) get cores / lanes each, and each lane's forward pass
     # one torch thread (a forked helper must run one; see lanes._serve). One lane runs one thread as
@@ -175,14 +176,22 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
     share = max(1, cores() // lanes)
     torch_threads = torch.get_num_threads()
     players: list[LocalLane | RemoteLane] = []
+    server = None
     try:
         torch.set_num_threads(1)
+        # The teacher's forward passes: in one server process for all lanes (cfg is resolved: a GPU
+        # build's default), or in each lane's process (on cuda, then, one lane: no CUDA after fork).
+        if cfg.inference == "server":
+            server = InferenceServer(teacher.net, head, cfg.device, sizes, game.obs_shape, game.num_actions)
+            forwards: list[Forward] = list(server.clients())
+        else:
+            forwards = [NetForward(teacher.net.to(cfg.device), head)] * lanes
 
         def lane(k: int, start: Callable[..., LocalLane | RemoteLane]) -> LocalLane | RemoteLane:
             # each lane draws its exploration from its own generator, in the process that plays it
             rng = np.random.default_rng([stream_seed + 1_000_003, firsts[k]])
-            return start(game, sizes[k], stream_seed + firsts[k], net, head,
-                         make_act(control, game, epsilon, rng), share)
+            return start(game, sizes[k], stream_seed + firsts[k], forwards[k], make_act(control, game, epsilon, rng),
+                         share)
         # helpers first: they build their envs while this process builds its own
         players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))
         players.insert(0, lane(0, LocalLane))
@@ -192,6 +201,8 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
     finally:
         for player in players:
             player.close()
+        if server is not None:
+            server.close()
         torch.set_num_threads(torch_threads)
 
 
