@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.multiprocessing
 
-from multitask.data.processes import become_helper, shared_counters_supported, stop_process, wait_until
+from multitask.data.processes import become_helper, stop_process, wait_until
 
 # observations (n, *obs_shape) uint8 -> the teacher's raw outputs (n, num_outputs) float32
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -82,13 +82,14 @@ class ServerForward:
         self._seq[0] = wanted
         seq, state = self._seq, self._state
         if not wait_until(lambda: seq[1] == wanted or state[1], lambda: _running(self._pid)) or state[1]:
-            message = bytes(self._error).rstrip(b"\0").decode() or "it exited"
+            message = bytes(self._error).rstrip(b"\0").decode(errors="replace") or "it exited"
             raise RuntimeError(f"the teacher's inference server failed: {message}")
         return self._outputs.copy()
 
 
 class InferenceServer:
-    """A spawned process answering every lane's forward passes with the teacher on `device`."""
+    """A spawned process answering every lane's forward passes with the teacher on `device`. The
+    teacher is sent from the CPU (`net` is moved there) and moved to the device in the server."""
 
     def __init__(self, net: torch.nn.Module, head: int, device: str, lane_sizes: Sequence[int],
                  obs_shape: tuple[int, ...], num_outputs: int):
