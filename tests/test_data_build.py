@@ -5,11 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from multitask.data.build import BuildJob, build_dataset, build_many
 from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
 from multitask.data.reader import DatasetReader
 from multitask.devices import pick_device
+from multitask.envs import get_game
 from multitask.data.verify import verify_invariants
 from multitask.errors import UserError
 
@@ -29,7 +31,7 @@ def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, mak
     want = {**DatasetConfig().__dict__, "steps": 200, "seed": 4, "epsilon": 0.2, "level": 4, "lanes": 1,
             "flush_seconds": 30.0, "num_envs": SUITE_NUM_ENVS["minatar"],  # num_envs 0: the suite's
             "device": pick_device("auto").type,  # auto: the device used
-            "inference": "server" if pick_device("auto").type == "cuda" else "lanes"}  # auto: server on a GPU
+            "inference": "lanes"}  # auto: the server only on a GPU with more than one lane
     assert {k: v for k, v in cfg.items() if k != "flush_steps"} == {k: v for k, v in want.items() if k != "flush_steps"}
     assert cfg["flush_steps"] > 0  # resolved from flush_bytes
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--steps", 200,
@@ -37,6 +39,18 @@ def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, mak
     assert code == 2 and "epsilon must be in [0, 1]" in err
     code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--teacher", teacher, "--out", tmp_path / "c.h5")
     assert code == 2 and "--steps" in err and not (tmp_path / "c.h5").exists()
+
+
+def test_where_the_teacher_infers_resolves_per_device_and_lanes(monkeypatch):
+    game = get_game("minatar/Breakout")
+    assert DatasetConfig(steps=10, device="cpu").resolved(game).inference == "lanes"
+    monkeypatch.setattr("multitask.data.build_config.pick_device", lambda name: torch.device("cuda"))
+    on_gpu = {(mode, lanes): DatasetConfig(steps=10, inference=mode, lanes=lanes).resolved(game)
+              for mode in ("auto", "lanes", "server") for lanes in (1, 4)}
+    assert [(c.inference, c.lanes) for c in on_gpu.values()] == [
+        ("lanes", 1), ("server", 4),  # auto: a server only where there are lanes to feed
+        ("lanes", 1), ("lanes", 1),  # the teacher in the lanes on a GPU: no CUDA after fork, one lane
+        ("server", 1), ("server", 4)]
 
 
 def test_a_build_through_the_inference_server_records_what_the_lanes_record(tmp_path, make_teacher):

@@ -46,7 +46,8 @@ class DatasetConfig:
     inference: Literal["auto", "lanes", "server"] = option(
         "auto", "who runs the teacher's forward passes: lanes (each lane's process, the teacher copied into each; on a "
                 "GPU then one lane, since a forked helper cannot use the parent's CUDA context) or server (one spawned "
-                "process for every lane, data/inference.py; x86-64 Linux); auto: server on a GPU, lanes on a CPU "
+                "process for every lane, data/inference.py; x86-64 Linux); auto: server on a GPU with more than one lane, "
+                "else lanes, as on a CPU "
                 "(where the lanes' own forward passes keep the cores busy; data/lanes.py)")
     lanes: int = option(2, "env groups, each played by the teacher in its own process, about one per core "
                            "(2: the 2-core dev machine; 1 plays in this process alone; --games builds use 1 each)")
@@ -92,7 +93,8 @@ class DatasetConfig:
         device = pick_device(self.device).type
         inference = self.inference
         if inference == "auto":
-            inference = "server" if device == "cuda" and shared_counters_supported() else "lanes"
+            # one lane gains nothing from a server: its forward passes and env steps take turns anyway
+            inference = "server" if device == "cuda" and self.lanes > 1 and shared_counters_supported() else "lanes"
         if inference == "server" and not shared_counters_supported():
             raise UserError("inference = server needs x86-64 Linux; use inference=lanes")
         lanes = 1 if device == "cuda" and inference == "lanes" else min(self.lanes, num_envs)
