@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from multitask.agents.sizes import sized_network
 from multitask.training.baseline import MultitaskDQN, load_config, resolve_games
+from teacher_throughput import timed  # bench/ is on sys.path when a bench runs as a script
 
 FILL_STEPS = 2_000  # env steps per game stored before timing (learning_starts is set to this)
 
 
-def timed(fn, seconds: float) -> float:
-    """Seconds per call of fn(), called until `seconds` pass (one warm-up call first)."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+def per_call(fn, seconds: float) -> float:
+    """Seconds per call of fn(), called until `seconds` pass (teacher_throughput's timing)."""
+    calls, elapsed = timed(fn, seconds)
+    return elapsed / calls
 
 
 def build(config: Path) -> MultitaskDQN:
@@ -52,17 +48,17 @@ def build(config: Path) -> MultitaskDQN:
 def one_round(dqn: MultitaskDQN, threads: int, seconds: float) -> dict:
     torch.set_num_threads(threads)
     n = len(dqn.games)
-    act = timed(lambda: dqn.act(0.05), seconds / 4)
+    act = per_call(lambda: dqn.act(0.05), seconds / 4)
 
     def update():
         g = dqn.learner.updates % n
         dqn.learner.update(dqn.acting[g].memory.sample(dqn.cfg.dqn.batch_size), head=g)
-    upd = timed(update, seconds / 4)
+    upd = per_call(update, seconds / 4)
 
     def loop():
         dqn.act(0.05)
         dqn.learn()
-    per_round = timed(loop, seconds)
+    per_round = per_call(loop, seconds)
     k = n * dqn.cfg.num_envs * dqn.cfg.update_ratio
     return {"act_s": act, "update_s": upd, "limit": dqn.cfg.num_envs / (act + k * upd),
             "loop": dqn.cfg.num_envs / per_round}

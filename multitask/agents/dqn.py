@@ -103,15 +103,12 @@ class DQNLearner:
         every game weighs the same whatever its rows. One group is exactly `update`."""
         cfg = self.cfg
         reward = batch.reward.clamp(-1.0, 1.0) if cfg.reward_clip else batch.reward
-        with torch.no_grad(), autocast(batch.obs.device, self.precision):
-            next_target = self.target(batch.next_obs, groups=groups)
-            next_online = self.net(batch.next_obs, groups=groups) if cfg.double else [None] * len(groups)
-        with torch.no_grad():  # targets and losses in fp32 whatever the forward passes ran in
-            ys = [td_targets(reward[rows], batch.terminal[rows], t.float(), None if o is None else o.float(), cfg.gamma)
+        with torch.no_grad():
+            next_target = self._forward(self.target, batch.next_obs, groups)
+            next_online = self._forward(self.net, batch.next_obs, groups) if cfg.double else [None] * len(groups)
+            ys = [td_targets(reward[rows], batch.terminal[rows], t, o, cfg.gamma)
                   for (_, rows), t, o in zip(groups, next_target, next_online)]
-        with autocast(batch.obs.device, self.precision):
-            qs = self.net(batch.obs, groups=groups)
-        qs = [q.float() for q in qs]
+        qs = self._forward(self.net, batch.obs, groups)
         losses = [td_loss(q, batch.action[rows], y, cfg.huber_delta) for (_, rows), q, y in zip(groups, qs, ys)]
         loss = grouped_mean(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,6 +121,12 @@ class DQNLearner:
             self.target.load_state_dict(self.net.state_dict())
         return {"loss": loss.item(), "q_mean": grouped_mean([q.detach().mean() for q in qs]).item(),
                 "losses": [x.item() for x in losses] if len(losses) > 1 else [loss.item()]}
+
+    def _forward(self, net: MultiHeadNet, obs: torch.Tensor, groups: Sequence[tuple[int, slice]]) -> list[torch.Tensor]:
+        """Each group's outputs, computed in `precision` and returned in fp32 (targets and losses
+        are fp32 whatever the forward passes ran in; for fp32, `.float()` returns the tensor itself)."""
+        with autocast(obs.device, self.precision):
+            return [q.float() for q in net(obs, groups=groups)]
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "target": self.target.state_dict(),

@@ -93,11 +93,11 @@ class InferenceServer:
 
     def __init__(self, net: torch.nn.Module, head: int, device: str, lane_sizes: Sequence[int],
                  obs_shape: tuple[int, ...], num_outputs: int):
-        def shared(*shape, dtype):
+        def shared(dtype, *shape):
             return torch.zeros(shape, dtype=dtype).share_memory_()
-        self._shared = _Shared(tuple(_Slot(shared(n, *obs_shape, dtype=torch.uint8), shared(n, num_outputs, dtype=torch.float32),
-                                           shared(2, dtype=torch.int64)) for n in lane_sizes),
-                               shared(2, dtype=torch.int64), shared(ERROR_BYTES, dtype=torch.uint8))
+        slots = tuple(_Slot(shared(torch.uint8, n, *obs_shape), shared(torch.float32, n, num_outputs),
+                            shared(torch.int64, 2)) for n in lane_sizes)
+        self._shared = _Shared(slots, shared(torch.int64, 2), shared(torch.uint8, ERROR_BYTES))
         ctx = torch.multiprocessing.get_context("spawn")
         self._proc = ctx.Process(target=_serve, args=(net.cpu(), head, device, self._shared, os.getpid()),
                                  daemon=True, name="teacher-server")

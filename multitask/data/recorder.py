@@ -2,10 +2,10 @@
 
 The teacher (or a student, or a mixture: data/control.py) acts epsilon-greedily on batches of
 observations; the teacher's raw outputs for the observation acted on are stored with the step (its
-forward passes run in each lane, or in one inference server: `inference`). The envs play in lanes (`lanes`), each in its own process:
-the caller plays the first and a helper each other one, every lane alternating the teacher's
-forward pass and its env step, so that the cores stay busy; the caller reads the helpers' turns in
-order and keeps the books of every lane (`_Lane`).
+forward passes run in each lane, or in one inference server: `inference`). The envs play in lanes
+(`lanes`), each in its own process: the caller plays the first and a helper each other one, every
+lane alternating the teacher's forward pass and its env step, so that the cores stay busy; the
+caller reads the helpers' turns in order and keeps the books of every lane (`_Lane`).
 Per vector step a lane only appends whole arrays to a time log; an env's episode is cut out of the
 log when it ends, so bookkeeping costs O(1) numpy calls per vector step whatever the number of envs.
 Completed episodes are flushed to disk in the background (`background`; see `writer` for the

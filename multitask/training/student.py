@@ -225,7 +225,8 @@ class Student:
         groups = [(g, slice(a, b)) for g, a, b in batch.groups]
         with autocast(device, cfg.precision):
             outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
-        losses = [distillation_loss(cfg.loss, out.float(), q.to(device), cfg.tau) for out, q in zip(outputs, batch.teacher)]
+        losses = [distillation_loss(cfg.loss, out.float(), q.to(device), cfg.tau)  # fp32 losses in bf16 too
+                  for out, q in zip(outputs, batch.teacher)]
         if cfg.loss_norm:
             seen = [g for g, _ in groups]
             loss, means = normalised_loss(losses, [self.loss_means[g] for g in seen], LOSS_NORM_RATE)

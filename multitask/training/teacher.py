@@ -76,7 +76,8 @@ def load_config(suite: str, path: Path | None, overrides: list[str]) -> TeacherC
     return configlib.load(TeacherConfig, path, overrides)
 
 
-RESUMABLE_CHANGES = ("total_steps", "num_threads", "device", "precision", "channels_last")  # a killed run may be resumed with these changed
+# a killed run may be resumed with these changed
+RESUMABLE_CHANGES = ("total_steps", "num_threads", "device", "precision", "channels_last")
 RESUME_SEED_STRIDE = 7919  # a resumed run starts fresh episodes: env seeds seed + 7919 * resumes + i
 EVAL_SEED_STRIDE = 100  # periodic evaluation i plays env seeds seed + 10_000 + 100 i + (0..31 envs)
 FINAL_EVAL_SEED_OFFSET = 999_983  # the card's evaluation plays seeds no periodic evaluation played
