@@ -12,7 +12,8 @@ On a GPU (--device cuda) it also prints the train-bound limit U / r (env steps/s
 updates cost time) and the env-bound limit E.
 
 With --layouts it also measures U in bf16 autocast, in channels-last layout and in both, against
-fp32's U (the `precision` and `channels_last` keys).
+fp32's U (the `precision` and `channels_last` keys), and U with torch's per-tensor Adam in place of
+the fused one the learner uses.
 
     python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10] [--device auto|cpu|cuda] [--layouts]
 """
@@ -87,6 +88,11 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
             other = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
             calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
             variants[name] = calls / dt
+    if layouts:
+        other = DQNLearner(copy.deepcopy(net), cfg.dqn)
+        other.optimizer = torch.optim.Adam(other.net.parameters(), lr=cfg.dqn.lr, eps=cfg.dqn.adam_eps, foreach=False)
+        calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
+        variants["per-tensor Adam"] = calls / dt
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
     # The real trainer, past learning_starts, long enough for several log intervals.
@@ -117,7 +123,7 @@ def main() -> None:
     p.add_argument("--suite", choices=("minatar", "atari", "all"), default="all")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    p.add_argument("--layouts", action="store_true", help="also U in bf16 autocast and in channels-last layout")
+    p.add_argument("--layouts", action="store_true", help="also U in bf16 autocast, in channels-last layout and with per-tensor Adam")
     args = p.parse_args()
     for suite in ("minatar", "atari") if args.suite == "all" else (args.suite,):
         r = bench_suite(suite, args.seconds, args.device, args.layouts)

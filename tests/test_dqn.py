@@ -1,5 +1,7 @@
 """DQN targets and loss against hand-computed values; the learner's update mechanics."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,28 @@ def test_learner_fits_a_fixed_target_and_copies_target_net():
     # the target net was copied at update 300 and differs from the online net only by one step
     for p, t in zip(learner.net.parameters(), learner.target.parameters()):
         assert torch.allclose(p, t, atol=1e-2)
+
+
+def test_learner_uses_fused_adam_and_resumes_an_unfused_run_fused():
+    """The learner's Adam is torch's fused one (same rule as the per-tensor loop, a faster kernel);
+    a state saved by a per-tensor optimizer (runs saved before the switch) resumes fused, and its
+    next steps follow the per-tensor optimizer's to rounding."""
+    torch.manual_seed(0)
+    spec = NetworkSpec(TrunkSpec("minatar", 2, 10, width=0.5), ("g",), (3,))
+    cfg = DQNConfig(lr=1e-3, batch_size=16, gamma=0.5, reward_clip=False)
+    obs = torch.randint(0, 2, (16, 2, 10, 10), dtype=torch.uint8)
+    batch = ReplayBatch(obs, torch.randint(0, 3, (16,)), torch.linspace(-1, 1, 16), torch.zeros(16), obs)
+    old = DQNLearner(MultiHeadNet(spec), cfg)
+    assert old.optimizer.param_groups[0]["fused"] is True
+    old.optimizer = torch.optim.Adam(old.net.parameters(), lr=cfg.lr, eps=cfg.adam_eps, foreach=False)
+    for _ in range(5):
+        old.update(batch)
+    resumed = DQNLearner(MultiHeadNet(spec), cfg)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as from disk: no tensors shared
+    assert resumed.optimizer.param_groups[0]["fused"] is True
+    for _ in range(5):
+        old.update(batch)
+        resumed.update(batch)
+    for p, q in zip(old.net.parameters(), resumed.net.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)
+    assert not all(torch.equal(p, q) for p, q in zip(old.net.parameters(), MultiHeadNet(spec).parameters()))
