@@ -38,6 +38,9 @@ from multitask.agents.replay import ReplayMemory
 from multitask.training.teacher import load_config, train_teacher
 
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
+# --layouts: name, precision, channels_last, fused Adam
+VARIANTS = (("bf16", "bf16", False, True), ("channels-last", "fp32", True, True), ("both", "bf16", True, True),
+            ("per-tensor Adam", "fp32", False, False))
 
 
 def timed(fn, seconds: float) -> tuple[int, float]:
@@ -82,17 +85,13 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
     learner = DQNLearner(net, cfg.dqn)
     calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
     update_rate = calls / dt
-    variants = {}  # U in bf16 autocast and channels-last (the config keys precision, channels_last)
-    for name, precision, nhwc in (("bf16", "bf16", False), ("channels-last", "fp32", True), ("both", "bf16", True)):
-        if layouts:
-            other = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
-            calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
-            variants[name] = calls / dt
-    if layouts:
-        other = DQNLearner(copy.deepcopy(net), cfg.dqn)
-        other.optimizer = torch.optim.Adam(other.net.parameters(), lr=cfg.dqn.lr, eps=cfg.dqn.adam_eps, foreach=False)
+    variants = {}  # U in bf16 autocast, channels-last (the config keys precision, channels_last), per-tensor Adam
+    for name, precision, nhwc, fused in VARIANTS if layouts else ():
+        other = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
+        if not fused:
+            other.optimizer = torch.optim.Adam(other.net.parameters(), lr=cfg.dqn.lr, eps=cfg.dqn.adam_eps, foreach=False)
         calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
-        variants["per-tensor Adam"] = calls / dt
+        variants[name] = calls / dt
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
     # The real trainer, past learning_starts, long enough for several log intervals.

@@ -91,9 +91,9 @@ class DQNLearner:
         self.net, self.cfg, self.precision = net, cfg, precision
         self.target = copy.deepcopy(net).requires_grad_(False)
         # fused: one kernel over every parameter instead of a loop of per-tensor ops. Same Adam rule
-        # (rounding may differ in the last bit); measured 1.17x per update of the five-game multi-task
-        # DQN on the 2-core CPU (12.2 -> 10.4 ms; the Adam step 1.07 -> 0.33 ms), and torch's fastest on
-        # a GPU. `python bench/teacher_throughput.py --suite minatar --layouts` measures it.
+        # (rounding may differ in the last bit); measured 1.11-1.17x per update of the five-game
+        # multi-task DQN on the 2-core CPU (10.5 -> 9.4 ms idle; the Adam step 1.17 -> 0.32 ms), and
+        # torch's fastest on a GPU. `python bench/teacher_throughput.py --suite minatar --layouts` measures it.
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
         self.updates = 0
 
