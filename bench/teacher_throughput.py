@@ -13,7 +13,8 @@ updates cost time) and the env-bound limit E.
 
 With --layouts it also measures U in bf16 autocast, in channels-last layout and in both, against
 fp32's U (the `precision` and `channels_last` keys), and U with torch's per-tensor Adam in place of
-the fused one the learner uses.
+the fused one the learner uses: each variant and fp32 in 3 interleaved rounds, printed as the median
+of the per-round ratios and their range.
 
     python bench/teacher_throughput.py [--suite minatar|atari|all] [--seconds 10] [--device auto|cpu|cuda] [--layouts]
 """
@@ -41,6 +42,8 @@ GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 # --layouts: name, precision, channels_last, fused Adam
 VARIANTS = (("bf16", "bf16", False, True), ("channels-last", "fp32", True, True), ("both", "bf16", True, True),
             ("per-tensor Adam", "fp32", False, False))
+LAYOUT_ROUNDS = 3
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before a suite's config sets them: --suite all must not carry them over
 
 
 def timed(fn, seconds: float) -> tuple[int, float]:
@@ -57,7 +60,7 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
     device = pick_device(device_name)
     game = get_game(GAMES[suite])
     cfg = load_config(suite, None, [])
-    torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.num_threads or TORCH_DEFAULT_THREADS)
     n = cfg.num_envs
     rng = np.random.default_rng(0)
 
@@ -85,13 +88,24 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
     learner = DQNLearner(net, cfg.dqn)
     calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
     update_rate = calls / dt
-    variants = {}  # U in bf16 autocast, channels-last (the config keys precision, channels_last), per-tensor Adam
-    for name, precision, nhwc, fused in VARIANTS if layouts else ():
-        other = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
-        if not fused:
-            other.optimizer = torch.optim.Adam(other.net.parameters(), lr=cfg.dqn.lr, eps=cfg.dqn.adam_eps, foreach=False)
-        calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
-        variants[name] = calls / dt
+    variants = {}  # name -> per-round ratios of U to fp32's U in the same round
+    if layouts:  # bf16 autocast, channels-last (the config keys precision, channels_last), per-tensor Adam
+        others = {"fp32": learner}
+        for name, precision, nhwc, fused in VARIANTS:
+            others[name] = DQNLearner(arrange(copy.deepcopy(net), nhwc), cfg.dqn, precision)
+            if not fused:
+                others[name].optimizer = torch.optim.Adam(others[name].net.parameters(), lr=cfg.dqn.lr,
+                                                          eps=cfg.dqn.adam_eps, foreach=False)
+        # interleaved rounds, each variant beside fp32 in time: this machine's speed drifts by up to
+        # 50% within a minute (docs/performance.md), so single back-to-back windows mislead
+        per_round = {name: [] for name in others}
+        for _ in range(LAYOUT_ROUNDS):
+            for name, other in others.items():
+                calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)),
+                                  max(1.0, seconds / LAYOUT_ROUNDS))
+                per_round[name].append(calls / dt)
+        variants = {name: [r / f for r, f in zip(rates, per_round["fp32"])]
+                    for name, rates in per_round.items() if name != "fp32"}
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
     # The real trainer, past learning_starts, long enough for several log intervals.
@@ -114,7 +128,7 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
             "batch_size": cfg.dqn.batch_size, "threads": torch.get_num_threads(),
             "env_steps_per_s": env_rate, "act_steps_per_s": act_rate, "updates_per_s": update_rate,
             "limit_steps_per_s": limit, "train_steps_per_s": train_rate, "ratio": train_rate / limit,
-            "updates_per_s_variants": variants}
+            "u_ratios_vs_fp32": variants}
 
 
 def main() -> None:
@@ -131,8 +145,9 @@ def main() -> None:
         print(f"  raw vector env      E = {r['env_steps_per_s']:10,.0f} env steps/s")
         print(f"  batched acting      A = {r['act_steps_per_s']:10,.0f} env steps/s")
         print(f"  raw DQN train step  U = {r['updates_per_s']:10,.1f} updates/s")
-        for name, rate in r["updates_per_s_variants"].items():
-            print(f"    U {name:<17} = {rate:10,.1f} updates/s -> ratio {rate / r['updates_per_s']:.2f} of fp32")
+        for name, ratios in r["u_ratios_vs_fp32"].items():
+            print(f"    U {name:<17} -> ratio {np.median(ratios):.2f} of fp32 (median of {len(ratios)} interleaved "
+                  f"rounds, {min(ratios):.2f}-{max(ratios):.2f})")
         print(f"  limit 1/(1/E+1/A+r/U) = {r['limit_steps_per_s']:10,.0f} env steps/s")
         print(f"  teacher training      = {r['train_steps_per_s']:10,.0f} env steps/s "
               f"-> ratio {r['ratio']:.2f} of the limit")
