@@ -9,6 +9,7 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repo root
 #   bash bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log   # through the device tool: the whole log back
 #   QUICK=1 bash bench/gpu_check.sh    # the same steps on MinAtar, short: to try the script on a CPU
+#   BUDGET_S=200 bash bench/gpu_check.sh   # a shorter budget than 345 s (steps left without time are skipped)
 #
 # A bare machine is expected: python3 with torch, h5py, einops and numpy, without gymnasium, ale-py,
 # minatar or tqdm. Those come from wheels placed beside the repo in .whl/ (see
