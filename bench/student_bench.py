@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import multiprocessing
 import os
 import tempfile
@@ -45,8 +46,9 @@ from multitask.data.build import build_dataset
 from multitask.data.build_config import DatasetConfig
 from multitask.data.reader import DatasetReader
 
+from interleave import ROUNDS, describe, interleaved_ratios
+
 LAYOUTS = (("bf16", "bf16", False), ("channels-last", "fp32", True), ("both", "bf16", True))  # name, precision, NHWC
-LAYOUT_ROUNDS = 3
 SETTINGS = {  # game, dataset steps, batch size
     "minatar": ("minatar/Breakout", 100_000, 256),
     "atari": ("atari/Breakout", 20_000, 64),
@@ -169,16 +171,13 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size
         all_obs, all_q = all_obs.to(device), all_q.to(device)  # the limit: data already where the net is
         batches = memory_batches(all_obs, all_q)
         variants = {}  # name -> per-round ratios to fp32 of the in-memory limit in bf16 and channels-last
-        if layouts:  # (the config keys precision, channels_last), each beside fp32 in interleaved rounds:
-            # this machine's speed drifts by up to 50% within a minute (docs/performance.md)
+        if layouts:  # (the config keys precision, channels_last), each beside fp32 in interleaved rounds
             nets = {"fp32": (net, "fp32")}
             nets.update({name: (arrange(copy.deepcopy(net), nhwc), precision) for name, precision, nhwc in LAYOUTS})
-            rates = {name: [] for name in nets}
-            for _ in range(LAYOUT_ROUNDS):
-                for name, (variant, precision) in nets.items():
-                    rates[name].append(train_for(max(1.0, seconds / LAYOUT_ROUNDS), batches, variant, precision))
-            variants = {name: [r / f for r, f in zip(rates[name], rates["fp32"])] for name in nets if name != "fp32"}
-            mem_rate = float(np.median(rates["fp32"]))
+            fp32_rates, variants = interleaved_ratios(
+                {name: functools.partial(train_for, max(1.0, seconds / ROUNDS), batches, variant, precision)
+                 for name, (variant, precision) in nets.items()}, "fp32")
+            mem_rate = float(np.median(fp32_rates))
         else:
             mem_rate = train_for(seconds, batches, net)
         batches.close()
@@ -197,8 +196,7 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size
           f"torch threads {torch.get_num_threads()}, dataset {steps:,} steps ({frames_bytes / 2**20:.0f} MiB of frames)")
     print(f"  in-memory tensors          {mem_rate:10,.0f} samples/s")
     for name, ratios in variants.items():
-        print(f"  in-memory, {name:<14}  ratio {np.median(ratios):.2f} of fp32 (median of {len(ratios)} interleaved "
-              f"rounds, {min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"  in-memory, {name:<14}  {describe(ratios, 'fp32')}")
     print(f"  HDF5 loader (frames in RAM){h5_rate:10,.0f} samples/s -> ratio {h5_rate / mem_rate:.2f} (goal >= 0.9)")
     print(f"  HDF5 loader, budget 1/4    {window_rate:10,.0f} samples/s -> ratio {window_rate / mem_rate:.2f}")
     print(f"  loader worker peak private memory: {full.peak / 2**20:.0f} MiB with all frames in RAM, "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import tempfile
 import time
@@ -38,11 +39,12 @@ from multitask.agents.networks import MultiHeadNet, teacher_network_spec
 from multitask.agents.replay import ReplayMemory
 from multitask.training.teacher import load_config, train_teacher
 
+from interleave import ROUNDS, describe, interleaved_ratios
+
 GAMES = {"minatar": "minatar/Breakout", "atari": "atari/Breakout"}
 # --layouts: name, precision, channels_last, fused Adam
 VARIANTS = (("bf16", "bf16", False, True), ("channels-last", "fp32", True, True), ("both", "bf16", True, True),
             ("per-tensor Adam", "fp32", False, False))
-LAYOUT_ROUNDS = 3
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before a suite's config sets them: --suite all must not carry them over
 
 
@@ -86,8 +88,11 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
         memory.add(rng.integers(0, game.num_actions, n), s.reward, s.life_lost, s.next_obs, s.done, s.obs)
     env.close()
     learner = DQNLearner(net, cfg.dqn)
-    calls, dt = timed(lambda: learner.update(memory.sample(cfg.dqn.batch_size).to(device)), seconds)
-    update_rate = calls / dt
+
+    def updates_per_s(lrn: DQNLearner, secs: float) -> float:
+        calls, dt = timed(lambda: lrn.update(memory.sample(cfg.dqn.batch_size).to(device)), secs)
+        return calls / dt
+    update_rate = updates_per_s(learner, seconds)
     variants = {}  # name -> per-round ratios of U to fp32's U in the same round
     if layouts:  # bf16 autocast, channels-last (the config keys precision, channels_last), per-tensor Adam
         others = {"fp32": learner}
@@ -96,16 +101,8 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", layouts: b
             if not fused:
                 others[name].optimizer = torch.optim.Adam(others[name].net.parameters(), lr=cfg.dqn.lr,
                                                           eps=cfg.dqn.adam_eps, foreach=False)
-        # interleaved rounds, each variant beside fp32 in time: this machine's speed drifts by up to
-        # 50% within a minute (docs/performance.md), so single back-to-back windows mislead
-        per_round = {name: [] for name in others}
-        for _ in range(LAYOUT_ROUNDS):
-            for name, other in others.items():
-                calls, dt = timed(lambda: other.update(memory.sample(cfg.dqn.batch_size).to(device)),
-                                  max(1.0, seconds / LAYOUT_ROUNDS))
-                per_round[name].append(calls / dt)
-        variants = {name: [r / f for r, f in zip(rates, per_round["fp32"])]
-                    for name, rates in per_round.items() if name != "fp32"}
+        _, variants = interleaved_ratios({name: functools.partial(updates_per_s, other, max(1.0, seconds / ROUNDS))
+                                          for name, other in others.items()}, "fp32")
 
     limit = 1.0 / (1.0 / env_rate + 1.0 / act_rate + cfg.update_ratio / update_rate)
     # The real trainer, past learning_starts, long enough for several log intervals.
@@ -146,8 +143,7 @@ def main() -> None:
         print(f"  batched acting      A = {r['act_steps_per_s']:10,.0f} env steps/s")
         print(f"  raw DQN train step  U = {r['updates_per_s']:10,.1f} updates/s")
         for name, ratios in r["u_ratios_vs_fp32"].items():
-            print(f"    U {name:<17} -> ratio {np.median(ratios):.2f} of fp32 (median of {len(ratios)} interleaved "
-                  f"rounds, {min(ratios):.2f}-{max(ratios):.2f})")
+            print(f"    U {name:<17} -> {describe(ratios, 'fp32')}")
         print(f"  limit 1/(1/E+1/A+r/U) = {r['limit_steps_per_s']:10,.0f} env steps/s")
         print(f"  teacher training      = {r['train_steps_per_s']:10,.0f} env steps/s "
               f"-> ratio {r['ratio']:.2f} of the limit")
