@@ -86,3 +86,21 @@ def test_variants_and_their_names():
     assert not plus and (eer.step_loss, eer.pseudo_reward) == ("reverse_cross_entropy", "next_teacher_log_prob")
     with pytest.raises(ValueError, match="unknown distillation variant"):
         u.parse_variant("kickstarting")
+
+
+@pytest.mark.parametrize("name", [v + plus for v in u.VARIANTS for plus in ("", "+R")])
+def test_every_variant_keeps_its_tensors_on_the_inputs_device(name):
+    """Each variant's whole update on `meta` tensors: a tensor made on the CPU inside it (the bug a
+    GPU run would hit, and a CPU run cannot show) raises on the device mismatch."""
+    variant, plus = u.parse_variant(name)
+    steps, n, actions = 4, 3, 5
+    meta = dict(device="meta", dtype=torch.float64)
+    student_log = torch.log_softmax(torch.zeros(steps, n, actions, **meta, requires_grad=True), -1)
+    gate = torch.ones(steps, n, **meta) if variant.value_gate else None
+    loss, step, returns = u.variant_loss(
+        variant, plus, torch.zeros(steps, n, actions, **meta), student_log,
+        torch.zeros(steps, n, dtype=torch.long, device="meta"), torch.ones(steps, n, dtype=torch.bool, device="meta"),
+        torch.ones(steps, n, dtype=torch.bool, device="meta"), torch.zeros(steps, n, **meta),
+        torch.zeros(steps, n, **meta), torch.zeros(steps, n, **meta), 0.9, gate)
+    assert {t.device.type for t in (loss, step, returns)} == {"meta"} and loss.shape == ()
+    loss.backward()

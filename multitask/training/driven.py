@@ -261,14 +261,10 @@ class Driven:
         steps, n = t["actions"].shape
         logits = self.net(pad_channels(t["obs"].flatten(0, 1), self.spec.trunk.in_channels), g)
         student_log = torch.log_softmax(logits.double(), -1).view(steps, n, -1)
-        step_loss = u.step_loss(self.variant.step_loss, t["teacher_log"], student_log)
-        r_hat = u.pseudo_reward(self.variant.pseudo_reward, t["teacher_log"], student_log, t["actions"],
-                                t["alive_next"], t["teacher_value"])
-        if self.plus_reward:
-            r_hat = r_hat + t["rewards"]
-        returns = u.discounted_returns(r_hat, t["alive_next"], self.cfg.gamma)
-        baseline = torch.full_like(returns, self.baselines[g])
-        loss = u.surrogate_loss(student_log, t["actions"], torch.ones_like(t["alive_next"]), returns, baseline, step_loss)
+        baseline = torch.full((steps, n), self.baselines[g], dtype=student_log.dtype, device=student_log.device)
+        loss, step_loss, returns = u.variant_loss(self.variant, self.plus_reward, t["teacher_log"], student_log,
+                                                  t["actions"], torch.ones_like(t["alive_next"]), t["alive_next"],
+                                                  t["rewards"], t["teacher_value"], baseline, self.cfg.gamma)
         self.last[g] = {"loss": loss.item(), "step_loss": step_loss.mean().item(), "pseudo_return": returns.mean().item()}
         return loss
 

@@ -128,15 +128,11 @@ def surrogate(mdps: TabularMDPs, teacher: Teacher, variant_name: str, logits: to
     obs = mdps.observation[ep["states"]]
     student_log = torch.log_softmax(logits[b_idx, obs], -1)
     teacher_log = teacher.log_probs[b_idx, ep["states"]]
-    loss_t = u.step_loss(variant.step_loss, teacher_log, student_log)
-    if variant.value_gate:
-        loss_t = loss_t * u.value_gate(teacher.values[b_idx, ep["states"]], student_values[b_idx, ep["states"]])
-    r_hat = u.pseudo_reward(variant.pseudo_reward, teacher_log, student_log, ep["actions"], ep["alive_next"],
-                            teacher.values[b_idx, ep["states"]])
-    if plus_reward:
-        r_hat = r_hat + ep["rewards"]
-    returns = u.discounted_returns(r_hat * ep["alive"], ep["alive_next"], gamma)
-    return u.surrogate_loss(student_log, ep["actions"], ep["alive"], returns, baseline, loss_t), returns
+    values = teacher.values[b_idx, ep["states"]]
+    gate = u.value_gate(values, student_values[b_idx, ep["states"]]) if variant.value_gate else None
+    loss, _, returns = u.variant_loss(variant, plus_reward, teacher_log, student_log, ep["actions"], ep["alive"],
+                                      ep["alive_next"], ep["rewards"], values, baseline, gamma, gate)
+    return loss, returns
 
 
 def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) -> tuple[torch.Tensor, Curve]:

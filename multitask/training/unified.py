@@ -86,7 +86,7 @@ def step_loss(kind: StepLoss, teacher_log: torch.Tensor, student_log: torch.Tens
         return cross_entropy(teacher_log, student_log)
     if kind == "reverse_cross_entropy":
         return cross_entropy(student_log, teacher_log.clamp_min(MIN_LOG_PROB))
-    return torch.zeros(student_log.shape[:-1], dtype=student_log.dtype)
+    return torch.zeros(student_log.shape[:-1], dtype=student_log.dtype, device=student_log.device)
 
 
 def pseudo_reward(kind: PseudoReward, teacher_log: torch.Tensor, student_log: torch.Tensor, actions: torch.Tensor,
@@ -106,7 +106,7 @@ def pseudo_reward(kind: PseudoReward, teacher_log: torch.Tensor, student_log: to
     with torch.no_grad():
         t_log = teacher_log.clamp_min(MIN_LOG_PROB)
         if kind == "none":
-            return torch.zeros(actions.shape, dtype=student_log.dtype)
+            return torch.zeros(actions.shape, dtype=student_log.dtype, device=student_log.device)
         if kind == "teacher_log_prob":
             return t_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         if kind == "teacher_value":
@@ -153,3 +153,23 @@ def surrogate_loss(student_log: torch.Tensor, actions: torch.Tensor, mask: torch
     advantage = (returns - baseline).detach()
     per_step = -log_pa * advantage + per_step_loss
     return (per_step * mask.to(per_step.dtype)).sum(dim=0).mean()
+
+
+def variant_loss(variant: Variant, plus_reward: bool, teacher_log: torch.Tensor, student_log: torch.Tensor,
+                 actions: torch.Tensor, alive: torch.Tensor, alive_next: torch.Tensor, rewards: torch.Tensor,
+                 teacher_value: torch.Tensor, baseline: torch.Tensor, gamma: float,
+                 gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One variant's update on time-major rows (T, ...): (surrogate loss, per-step loss l, R_hat).
+
+    l = `step_loss` (times `gate`, the value gate's 0/1, where given); r_hat = `pseudo_reward`
+    (+ r_i with "+R"); R_hat = `discounted_returns` of r_hat on the rows where the episode is
+    `alive`; loss = `surrogate_loss` masked by `alive`. Every tensor stays on the inputs' device."""
+    loss_t = step_loss(variant.step_loss, teacher_log, student_log)
+    if gate is not None:
+        loss_t = loss_t * gate
+    r_hat = pseudo_reward(variant.pseudo_reward, teacher_log, student_log, actions, alive_next, teacher_value)
+    if plus_reward:
+        r_hat = r_hat + rewards
+    returns = discounted_returns(r_hat * alive, alive_next, gamma)
+    return surrogate_loss(student_log, actions, alive, returns, baseline, loss_t), loss_t, returns
+
