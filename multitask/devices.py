@@ -18,7 +18,17 @@ def pick_device(name: DeviceName) -> torch.device:
     """cuda (refused in one sentence without a GPU), cpu, or auto (cuda when torch sees a GPU)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device = cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
+    exact_fp32()
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def exact_fp32() -> None:
+    """fp32 means fp32 on a GPU too: torch runs cuDNN convolutions in TF32 by default (a 10-bit
+    mantissa, relative error ~1e-3), which would round the teacher outputs a dataset stores past
+    `dataset verify`'s 1e-4 and make "fp32" timings TF32 ones. Off for this process (a spawned
+    one calls it again); `precision = bf16` is the fast setting, stated as such."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 # ---- how the training updates run on the device ------------------------------------------------

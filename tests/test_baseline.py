@@ -157,7 +157,7 @@ def test_micro_run_writes_config_metrics_checkpoints_and_summary(micro, run_cli)
 
 def _cli(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "multitask", "baseline", "train", f"games={','.join(GAMES)}", *TINY,
-            "total_steps_per_game=4000", "eval_every=2000", "checkpoint_every=1000", "teachers=none1.pt,none2.pt",
+            "total_steps_per_game=4000", "eval_every=2000", "checkpoint_every=1000", "teachers=none1.pt,none2.pt", "device=cpu",
             "--run-dir", str(run_dir), "--wandb", "off", "--no-progress"]
 
 

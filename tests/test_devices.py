@@ -16,7 +16,9 @@ from multitask.training.distributed import start_processes
 
 
 def test_device_names():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # torch's GPU defaults
     assert pick_device("cpu") == torch.device("cpu")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # fp32 is fp32
     assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="sees no CUDA GPU"):
@@ -51,7 +53,7 @@ def test_the_saved_config_holds_the_device_used(command, tmp_path, run_cli, make
                 "eval_workers=1", "device=cpu"]
     code, _, err = run_cli(*args, *common)
     assert code == 0, err
-    assert 'device = "cpu"' in (run / "config.toml").read_text()
+    assert f'device = "{pick_device("auto").type if "device=auto" in args else "cpu"}"' in (run / "config.toml").read_text()
 
 
 def _learner_pair(**dqn):

@@ -74,7 +74,7 @@ def test_bad_configs_are_refused(tmp_path, teacher):
 def _cli(run_dir: Path, teacher: Path) -> list[str]:
     return [sys.executable, "-m", "multitask", "student", "drive", f"games={GAME}", f"teachers={teacher}", *TINY,
             "variant=expected_entropy_regularised+R", "total_steps_per_game=512", "eval_every=256",
-            "checkpoint_every=128", "--run-dir", str(run_dir), "--wandb", "off", "--no-progress"]
+            "checkpoint_every=128", "device=cpu", "--run-dir", str(run_dir), "--wandb", "off", "--no-progress"]
 
 
 @pytest.mark.slow

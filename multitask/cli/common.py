@@ -19,6 +19,13 @@ def add_no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    from multitask.devices import DEVICE_DOC
+
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help=f"where the agents play ({DEVICE_DOC.split(';')[0]}); scores are recorded with it")
+
+
 def add_config_options(p: argparse.ArgumentParser, example_overrides: str, example_config: str) -> None:
     """A trainer's config: a TOML file and/or `key=value` overrides (one of them is required)."""
     p.add_argument("overrides", nargs="*", help=f"config overrides key=value (e.g. {example_overrides})")

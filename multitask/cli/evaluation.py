@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 
 from multitask import __version__
-from multitask.cli.common import add_executor, add_no_progress
+from multitask.cli.common import add_device, add_executor, add_no_progress
 from multitask.files import check_writable
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from multitask.agents.checkpoints import check_agent_game, load_agent
+    from multitask.devices import pick_device
     from multitask.envs import get_game
     from multitask.evaluation.protocol import EVAL_EPSILON, evaluate_games
     from multitask.files import atomic_write_text
 
+    device = pick_device(args.device)
     agent = load_agent(args.checkpoint)
     games = args.games or list(agent.net.games)
     for g in games:
@@ -30,11 +32,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     results = evaluate_games(agent.net, games, args.episodes, args.seed,
                              epsilon=EVAL_EPSILON if args.epsilon is None else args.epsilon,
                              workers=args.workers, show_progress=not args.no_progress, executor=args.executor,
-                             jobs_folder=args.jobs_dir)
+                             jobs_folder=args.jobs_dir, device=device)
     report = {
         "agent": {"checkpoint": str(agent.path), "sha256": agent.sha256, "kind": agent.kind,
                   "games": list(agent.net.games)},
-        "package_version": __version__, "seed": args.seed, "episodes": args.episodes,
+        "package_version": __version__, "seed": args.seed, "episodes": args.episodes, "device": device.type,
         "games": {g: r.to_dict() for g, r in results.items()},
     }
     if args.out:
@@ -98,6 +100,7 @@ def add_commands(sub) -> None:
     e.add_argument("--seed", type=int, default=12345, help="env i uses seed + i; actions use their own stream")
     e.add_argument("--epsilon", type=float, help="epsilon-greedy evaluation (default: the protocol's; docs/evaluation.md)")
     e.add_argument("--workers", type=int, default=2, help="processes evaluating games in parallel")
+    add_device(e)
     add_executor(e, "runs/jobs/evaluations")
     e.add_argument("--out", type=Path, help="write per-episode returns, lengths, protocol and seeds as JSON")
     add_no_progress(e)

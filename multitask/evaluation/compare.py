@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from multitask import __version__
 from multitask.agents.networks import MultiHeadNet
+from multitask.devices import DeviceName, pick_device
 from multitask.envs import get_game
 from multitask.errors import UserError
 from multitask.evaluation import statistics as st
@@ -73,26 +75,36 @@ def read_cached(path: Path, key: dict[str, Any]) -> dict | None:
 
 
 def evaluate_cached(cache_dir: Path, who: dict[str, Any], net: MultiHeadNet, games: Sequence[str], episodes: int,
-                    seed: int, epsilon: float, workers: int, done: Evaluations, label: str,
+                    seed: int, epsilon: float, run: Execution, done: Evaluations, label: str,
                     tick: Callable[[int], None]) -> None:
-    """Evaluate `net` on the games whose cache file is missing or stale; record every file."""
+    """Evaluate `net` on the games whose cache file is missing or stale; record every file (with the
+    device that played: an execution setting, not part of the key)."""
     keys = {g: cache_key(who["sha256"], g, episodes, seed, epsilon) for g in games}
     todo = [g for g in games if read_cached(cache_file(cache_dir, keys[g]), keys[g]) is None]
     done.reused += len(games) - len(todo)
     tick(len(games) - len(todo))
     if todo:
-        results: dict[str, GameScores] = evaluate_games(net, todo, episodes, seed, epsilon=epsilon, workers=workers)
+        results: dict[str, GameScores] = evaluate_games(net, todo, episodes, seed, epsilon=epsilon,
+                                                        workers=run.workers, device=run.device)
         for g, r in results.items():
             atomic_write_text(cache_file(cache_dir, keys[g]), json.dumps(
-                {"key": keys[g], **who, "package_version": __version__, "scores": r.to_dict()}, indent=1) + "\n")
+                {"key": keys[g], **who, "package_version": __version__, "device": run.device.type,
+                 "scores": r.to_dict()}, indent=1) + "\n")
         done.evaluated += len(todo)
         tick(len(todo))
     for g in games:
         done.files.setdefault((label, g), []).append(cache_file(cache_dir, keys[g]))
 
 
+@dataclass(frozen=True)
+class Execution:
+    """Where evaluations run: processes per agent's games, and the device they play on."""
+    workers: int
+    device: torch.device
+
+
 def run_evaluations(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str], episodes: int, seed: int,
-                    workers: int, cache_dir: Path, show_progress: bool) -> Evaluations:
+                    run: Execution, cache_dir: Path, show_progress: bool) -> Evaluations:
     """The random policy, each teacher and each entrant's members (seeds) on their games, cached."""
     done = Evaluations()
     teacher_agents = teachers.members[0].agents
@@ -101,15 +113,15 @@ def run_evaluations(entrants: Sequence[Entrant], teachers: Entrant, games: Seque
     tick = bar.update
     try:
         evaluate_cached(cache_dir, {"sha256": RANDOM_ID, "checkpoint": None}, random_network(games), games, episodes,
-                        seed, RANDOM_EPSILON, workers, done, RANDOM_LABEL, tick)
+                        seed, RANDOM_EPSILON, run, done, RANDOM_LABEL, tick)
         for g, agent in teacher_agents.items():
             evaluate_cached(cache_dir, {"sha256": agent.sha256, "checkpoint": str(agent.path)}, agent.net, [g],
-                            episodes, seed, EVAL_EPSILON, workers, done, TEACHER_LABEL, tick)
+                            episodes, seed, EVAL_EPSILON, run, done, TEACHER_LABEL, tick)
         for e in entrants:
             for m in e.members:
                 agent = next(iter(m.agents.values()))
                 evaluate_cached(cache_dir, {"sha256": agent.sha256, "checkpoint": str(agent.path)}, agent.net,
-                                list(m.agents), episodes, seed, EVAL_EPSILON, workers, done, e.label, tick)
+                                list(m.agents), episodes, seed, EVAL_EPSILON, run, done, e.label, tick)
     finally:
         bar.close()
     return done
@@ -300,7 +312,7 @@ RULES = [
 def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = None, episodes: int = 100,
             seed: int = 777_777, teachers: Sequence[Path] | None = None, workers: int = 2,
             cache_dir: Path | None = None, reps: int = 10_000, wandb: str = "offline",
-            show_progress: bool = True, pool_seeds: bool = True) -> dict[str, Any]:
+            show_progress: bool = True, pool_seeds: bool = True, device: DeviceName = "auto") -> dict[str, Any]:
     """Evaluate, assemble and write report.json, report.md, the plots and the W&B table."""
     from multitask.evaluation import compare_tables, plots
 
@@ -317,7 +329,8 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
     teacher_column, notes = resolve_teachers(chosen, teachers)
     entrants, dropped = drop_teachers(entrants, teacher_column)
     notes += dropped
-    done = run_evaluations(entrants, teacher_column, chosen, episodes, seed, workers, cache_dir, show_progress)
+    run = Execution(workers, pick_device(device))
+    done = run_evaluations(entrants, teacher_column, chosen, episodes, seed, run, cache_dir, show_progress)
     report = assemble(entrants, teacher_column, chosen, done, episodes, seed, reps, out, notes)
     report["plots"] = plots.write_plots(report, out)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")

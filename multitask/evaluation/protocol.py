@@ -13,9 +13,9 @@ episodes to finish".
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import copy
 import multiprocessing
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from multitask.agents.dqn import epsilon_greedy
+from multitask.devices import exact_fp32
 from multitask.envs import GameSpec, get_game, make_vector_env
 from multitask.agents.networks import MultiHeadNet, NetworkSpec
 from multitask.progress import Progress
@@ -122,11 +123,12 @@ def evaluate_game(net: MultiHeadNet, game: GameSpec, episodes: int, seed: int,
 
 
 def _evaluate_in_worker(spec_dict: dict, state_dict: dict, game_name: str, episodes: int, seed: int,
-                        epsilon: float) -> GameScores:
+                        epsilon: float, device: str = "cpu") -> GameScores:
     torch.set_num_threads(1)
+    exact_fp32()  # a spawned process starts with torch's defaults
     net = MultiHeadNet(NetworkSpec.from_dict(spec_dict))
     net.load_state_dict(state_dict)
-    return evaluate_game(net, get_game(game_name), episodes, seed, epsilon)
+    return evaluate_game(net.to(device), get_game(game_name), episodes, seed, epsilon)
 
 
 def _evaluate_job(job: tuple) -> GameScores:
@@ -136,21 +138,26 @@ def _evaluate_job(job: tuple) -> GameScores:
 def evaluate_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: int,
                    epsilon: float = EVAL_EPSILON, workers: int = 1,
                    show_progress: bool = False, executor: str = "processes",
-                   jobs_folder: Path = Path("runs/jobs/evaluations")) -> dict[str, GameScores]:
-    """Evaluate several games, one process per game when workers > 1 (games run in parallel), or
-    one submitit job per game with executor local or slurm (multitask/jobs.py)."""
+                   jobs_folder: Path = Path("runs/jobs/evaluations"),
+                   device: torch.device | None = None) -> dict[str, GameScores]:
+    """Evaluate several games on `device` (default: the net's), one process per game when
+    workers > 1 (games run in parallel, each with the device), or one submitit job per game with
+    executor local or slurm (multitask/jobs.py; the job's machine must have the device)."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
     if executor != "processes":
         from multitask.jobs import run_jobs
 
         state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        jobs = [(net.spec.to_dict(), state, g, episodes, seed, epsilon) for g in games]
+        jobs = [(net.spec.to_dict(), state, g, episodes, seed, epsilon, str(device)) for g in games]
         return dict(zip(games, run_jobs(_evaluate_job, jobs, list(games), executor, workers, jobs_folder)))
     if workers <= 1 or len(games) == 1:
-        return {g: evaluate_game(net, get_game(g), episodes, seed, epsilon, show_progress=show_progress)
+        here = net if next(net.parameters()).device == device else copy.deepcopy(net).to(device)
+        return {g: evaluate_game(here, get_game(g), episodes, seed, epsilon, show_progress=show_progress)
                 for g in games}
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    ctx = multiprocessing.get_context("spawn")  # fork after torch threads exist can deadlock
+    ctx = multiprocessing.get_context("spawn")  # fork after torch threads exist can deadlock; CUDA needs spawn
     with ProcessPoolExecutor(max_workers=min(workers, len(games)), mp_context=ctx) as pool:
-        futures = {g: pool.submit(_evaluate_in_worker, net.spec.to_dict(), state, g, episodes, seed, epsilon)
+        futures = {g: pool.submit(_evaluate_in_worker, net.spec.to_dict(), state, g, episodes, seed, epsilon,
+                                  str(device))
                    for g in games}
         return {g: f.result() for g, f in futures.items()}

@@ -2,7 +2,7 @@
 after training, counted in env steps per game.
 
 A learner exposes: `cfg` (seed, run_name, eval_episodes, final_eval_episodes, eval_workers),
-`net`, `spec`, `games`, `teacher_scores` (from the teachers' cards), `history`, `best`
+`net`, `device`, `spec`, `games`, `teacher_scores` (from the teachers' cards), `history`, `best`
 ({"score", "env_steps"}), `env_steps`, `updates`, `counts` and `card(run, scores)`.
 """
 
@@ -25,7 +25,7 @@ def periodic_evaluation(learner: Any, run: Run, kind: str) -> None:
     cfg = learner.cfg
     seed = cfg.seed + PERIODIC_EVAL_SEED + EVAL_SEED_STRIDE * len(learner.history)
     scores = score_games(learner.net, learner.spec.games, cfg.eval_episodes, seed, cfg.eval_workers,
-                         learner.teacher_scores)
+                         learner.teacher_scores, learner.device)
     extra = learner.curve_extra() if hasattr(learner, "curve_extra") else {}
     learner.history.append({"env_steps": learner.env_steps, **scores.curve_point(), **extra})
     run.report_evaluation(scores.metrics(), scores.line(), learner.env_steps)
@@ -40,10 +40,10 @@ def final_evaluation(learner: Any, run: Run, teachers: list[Path], kind: str, su
     cfg = learner.cfg
     run.save_agent("last", learner.net, kind, learner.card(run, None))
     teacher_scores = measured_teacher_scores(teachers, learner.games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
-                                             cfg.eval_workers, cache_dir=run.folder.parent / ".teacher_scores")
+                                             cfg.eval_workers, run.folder.parent / ".teacher_scores", learner.device)
     best = load_agent(run.folder / "best.pt").net
     final = score_games(best, learner.spec.games, cfg.final_eval_episodes, FINAL_EVAL_SEED, cfg.eval_workers,
-                        teacher_scores)
+                        teacher_scores, learner.device)
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "kind": summary_kind, "config": run.config_dict,
         "parameters": learner.counts, "env_steps": learner.env_steps, "updates": learner.updates,

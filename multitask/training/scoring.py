@@ -5,13 +5,13 @@ and the teachers' own scores to divide by.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from multitask.agents.checkpoints import load_agent
 from multitask.agents.networks import MultiHeadNet
@@ -66,10 +66,10 @@ class Scores:
 
 
 def score_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: int, workers: int,
-                teacher_scores: dict[str, float | None]) -> Scores:
-    """`episodes` whole games of each game (one process per game with workers > 1), on the CPU."""
-    on_cpu = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
-    results = evaluate_games(on_cpu, list(games), episodes, seed, workers=workers)
+                teacher_scores: dict[str, float | None], device: torch.device) -> Scores:
+    """`episodes` whole games of each game (one process per game with workers > 1) on `device`,
+    the trainer's: a GPU run evaluates on the GPU, its students and its teachers alike."""
+    results = evaluate_games(net, list(games), episodes, seed, workers=workers, device=device)
     pct, geomean = pct_of_teacher({g: r.mean for g, r in results.items()}, teacher_scores)
     return Scores({g: r.to_dict() for g, r in results.items()}, pct, geomean)
 
@@ -84,7 +84,7 @@ def teacher_card_scores(teachers: Sequence[Path], games: Sequence[GameSpec]) -> 
 
 
 def measured_teacher_scores(teachers: Sequence[Path], games: Sequence[GameSpec], episodes: int, seed: int,
-                            workers: int, cache_dir: Path) -> dict[str, float | None]:
+                            workers: int, cache_dir: Path, device: torch.device) -> dict[str, float | None]:
     """Each teacher scored by the same protocol, episodes and seed as a final evaluation.
 
     Card scores come from 20 episodes, which is too few to divide by (Seaquest: 15.8 on its card,
@@ -100,7 +100,7 @@ def measured_teacher_scores(teachers: Sequence[Path], games: Sequence[GameSpec],
         if cached.exists():
             scores[g.name] = json.loads(cached.read_text())["mean"]
             continue
-        result = evaluate_games(agent.net, [g.name], episodes, seed, workers=workers)[g.name].to_dict()
+        result = evaluate_games(agent.net, [g.name], episodes, seed, workers=workers, device=device)[g.name].to_dict()
         atomic_write_text(cached, json.dumps({**result, "teacher": str(path), "sha256": agent.sha256}) + "\n")
         scores[g.name] = result["mean"]
     return scores
