@@ -99,7 +99,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
     # each build as the CLI resolves it (on a GPU, inference = lanes plays one lane)
     configs = [DatasetConfig(steps=steps, num_envs=n, device=device.type, inference=mode,
                              lanes=lanes or DatasetConfig().lanes).resolved(game) for mode in inference]
-    batch = n // configs[0].lanes  # the teacher's batch: one lane
+    batches = sorted({n // cfg.lanes for cfg in configs})  # the teacher's batch in each mode: one lane's envs
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)
         teacher_path, teacher_note = teacher_for(game.name, teacher_arg, tmp)
@@ -109,15 +109,16 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
 
         env = make_vector_env(game, n)
         env.reset(0)
-        x = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs[:batch])  # real observations
+        x = torch.from_numpy(env.step(np.zeros(n, dtype=np.int64)).obs)  # real observations
 
-        def measure_limit() -> tuple[float, float]:
+        def measure_limit() -> tuple[float, dict[int, float]]:
             e = rate(lambda: env.step(rng.integers(0, game.num_actions, n)), seconds, n)  # E: envs alone
 
-            def infer():  # as a lane infers: observations to the device, outputs back
+            def infer(b: int) -> None:  # as a lane infers: observations to the device, outputs back
                 with torch.inference_mode():
-                    agent.net(x.to(device), 0).cpu()
-            return e, rate(infer, seconds, batch)  # I: the teacher alone, the recorder's batch
+                    agent.net(x[:b].to(device), 0).cpu()
+            # I: the teacher alone at each mode's batch (a server answers one lane's request at a time)
+            return e, {b: rate(lambda: infer(b), seconds, b) for b in batches}
 
         # Rounds of (E, I, build), interleaved: this VM's speed drifts by up to ~50% within a minute
         # (E measured 100,445 then 149,524 steps/s 20 s apart), so one build against one pair of
@@ -134,8 +135,10 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
                 if r + 1 < num_rounds or k + 1 < len(configs):
                     out.unlink()
             samples.append(measure_limit())
-            e_rate, i_rate = max(samples[r][0], samples[r + 1][0]), max(samples[r][1], samples[r + 1][1])
+            e_rate = max(samples[r][0], samples[r + 1][0])
             for k, (cfg, (wall, res)) in enumerate(zip(configs, builds)):
+                b = n // cfg.lanes
+                i_rate = max(samples[r][1][b], samples[r + 1][1][b])
                 # the envs and the teacher share the CPU, or take turns in one GPU lane; a GPU server
                 # infers while the lanes step, so there the slower of the two is the limit
                 parallel = cfg.device == "cuda" and cfg.inference == "server"
@@ -151,7 +154,7 @@ def bench_suite(suite: str, steps: int, teacher_arg: str | None, seconds: float,
             form = "min(E, I)" if cfg.device == "cuda" and cfg.inference == "server" else "1/(1/E+1/I)"
             print(f"recording ({n} envs in {cfg.lanes} lanes, teacher forward passes in the {cfg.inference} on "
                   f"{cfg.device}, batch {n // cfg.lanes}, {steps:,} steps per build; E and I with torch threads "
-                  f"{torch.get_num_threads()}, I at batch {batch}):")
+                  f"{torch.get_num_threads()}, I at that batch):")
             print(f"  round  raw vector env E  raw teacher I  limit {form:>11}  recorder (steps/s)  ratio"
                   "   (after start-up: steps/s, ratio)")
             for r, ((e_rate, i_rate, limit, rec, wall, res), ratio) in enumerate(zip(runs, ratios)):

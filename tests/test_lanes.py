@@ -65,6 +65,7 @@ def test_the_inference_server_answers_each_lane_with_its_own_forward_pass_exactl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     server = InferenceServer(net, 0, "cpu", [3, 5], game.obs_shape, game.num_actions)
+    server.wait_ready()  # the teacher loaded and a forward pass of each lane size run
     served = server.clients()
     remote = RemoteLane.start(game, 3, 7, served[0], _random_policy(1))
     local = LocalLane(game, 5, 10, served[1], _random_policy(2))
@@ -91,6 +92,8 @@ def test_a_failing_inference_server_is_raised_in_every_lane_and_nothing_hangs():
     here, there = server.clients()
     remote = RemoteLane(game, 2, 0, there, _random_policy(0))
     try:
+        with pytest.raises(RuntimeError, match="inference server failed: RuntimeError: .*channels"):
+            server.wait_ready()  # its warm-up pass fails, before any lane asks
         with pytest.raises(RuntimeError, match="inference server failed: RuntimeError: .*channels"):
             here(np.zeros((2, *game.obs_shape), np.uint8))
         with pytest.raises(RuntimeError, match="lane failed: RuntimeError: the teacher's inference server failed"):

@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing
 
 from multitask.data.processes import become_helper, stop_process, wait_until
+from multitask.devices import exact_fp32
 
 # observations (n, *obs_shape) uint8 -> the teacher's raw outputs (n, num_outputs) float32
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -45,6 +46,12 @@ class NetForward:
         with torch.inference_mode():
             return self.net(torch.from_numpy(obs).to(self.device), self.head).cpu().numpy()
 
+    def warm_up(self, sizes: set[int], obs_shape: tuple[int, ...]) -> None:
+        """One forward pass at each batch size, outputs dropped: a GPU's first calls (context,
+        kernel choice, memory) happen here rather than in the first measured steps."""
+        for n in sorted(sizes):
+            self(np.zeros((n, *obs_shape), dtype=np.uint8))
+
 
 class _Slot(NamedTuple):
     """One lane's requests, in shared memory (torch's: a spawned process maps it too)."""
@@ -55,7 +62,7 @@ class _Slot(NamedTuple):
 
 class _Shared(NamedTuple):
     slots: tuple[_Slot, ...]
-    state: torch.Tensor  # (2,) int64: [0] 1 = stop, [1] 1 = the server failed (its error in `error`)
+    state: torch.Tensor  # (3,) int64: [0] 1 = stop, [1] 1 = the server failed (its error in `error`), [2] 1 = ready
     error: torch.Tensor  # (ERROR_BYTES,) uint8: the failure, utf-8, zero-padded
 
 
@@ -97,11 +104,20 @@ class InferenceServer:
             return torch.zeros(shape, dtype=dtype).share_memory_()
         slots = tuple(_Slot(shared(torch.uint8, n, *obs_shape), shared(torch.float32, n, num_outputs),
                             shared(torch.int64, 2)) for n in lane_sizes)
-        self._shared = _Shared(slots, shared(torch.int64, 2), shared(torch.uint8, ERROR_BYTES))
+        self._shared = _Shared(slots, shared(torch.int64, 3), shared(torch.uint8, ERROR_BYTES))
         ctx = torch.multiprocessing.get_context("spawn")
         self._proc = ctx.Process(target=_serve, args=(net.cpu(), head, device, self._shared, os.getpid()),
                                  daemon=True, name="teacher-server")
         self._proc.start()
+
+    def wait_ready(self) -> None:
+        """Block until the server has its teacher on the device and has answered one request of
+        each lane size (a GPU's context, kernels and memory set up), so that a build's clock and its
+        throughput start with the play; raises the server's failure."""
+        state = self._shared.state.numpy()
+        if not wait_until(lambda: state[2] or state[1], lambda: _running(self._proc.pid)) or state[1]:
+            message = bytes(self._shared.error.numpy()).rstrip(b"\0").decode(errors="replace") or "it exited"
+            raise RuntimeError(f"the teacher's inference server failed: {message}")
 
     def clients(self) -> list[ServerForward]:
         """One forward per lane, in the order of `lane_sizes`."""
@@ -119,8 +135,11 @@ def _serve(net: torch.nn.Module, head: int, device: str, shared: _Shared, parent
     state = shared.state.numpy()
     try:
         torch.set_num_threads(1)  # the lanes' env steps have the cores
+        exact_fp32()  # a spawned process starts with torch's defaults (TF32 convolutions on a GPU)
         forward = NetForward(net.to(device).eval(), head)
         lanes = [(s.obs.numpy(), s.outputs.numpy(), s.seq.numpy()) for s in shared.slots]
+        forward.warm_up({len(obs) for obs, _, _ in lanes}, lanes[0][0].shape[1:])
+        state[2] = 1
 
         def pending() -> bool:
             return bool(state[0]) or any(seq[0] > seq[1] for _, _, seq in lanes)

@@ -184,8 +184,13 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
         if cfg.inference == "server":
             server = InferenceServer(teacher.net, head, cfg.device, sizes, game.obs_shape, game.num_actions)
             forwards: list[Forward] = list(server.clients())
+            ready = server.wait_ready
         else:
-            forwards = [NetForward(teacher.net.to(cfg.device), head)] * lanes
+            local = NetForward(teacher.net.to(cfg.device), head)
+            forwards = [local] * lanes
+
+            def ready() -> None:
+                local.warm_up({sizes[0]}, game.obs_shape)
 
         def lane(k: int, start: Callable[..., LocalLane | RemoteLane]) -> LocalLane | RemoteLane:
             # each lane draws its exploration from its own generator, in the process that plays it
@@ -196,6 +201,7 @@ def record(game: GameSpec, teacher: Agent, writer: DatasetWriter | BackgroundWri
         players.extend(lane(k, RemoteLane.start) for k in range(1, lanes))
         players.insert(0, lane(0, LocalLane))
         play = [_Lane(player, first, stream_seed, game.frame_shape[0], policy) for player, first in zip(players, firsts)]
+        ready()  # the device set up before the clock starts: a GPU's first calls take seconds
         return _play(game, play, writer, steps, epsilon, builds, cfg.flush_steps, cfg.flush_seconds, show_progress,
                      observe)
     finally:
