@@ -125,13 +125,18 @@ def train_for(seconds: float, batches, net: MultiHeadNet, precision: Precision =
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    def sync() -> None:  # a GPU runs behind the Python that queues its work: time what it has done
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     for _ in range(3):  # warm up (and let loader workers start)
         step(*next(batches))
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         obs, q = next(batches)
         step(obs, q)
         n += len(obs)
+    sync()
     return n / (time.perf_counter() - t0)
 
 
@@ -148,16 +153,16 @@ def bench_suite(suite: str, seconds: float, device_name: str = "cpu", batch_size
             frames_bytes = d.frames_nbytes
             all_obs = torch.from_numpy(d.obs(np.arange(len(d))))  # (N, C, H, W) uint8: the in-memory limit
             all_q = torch.from_numpy(d.steps["teacher_outputs"].copy())
-        rng = np.random.default_rng(0)
 
         def memory_batches(obs: torch.Tensor, q: torch.Tensor):
-            while True:
-                idx = torch.from_numpy(rng.integers(0, len(q), batch)).to(obs.device)
+            gen = torch.Generator(obs.device).manual_seed(0)
+            while True:  # indices drawn where the tensors are: no copy, no wait for the GPU
+                idx = torch.randint(0, len(q), (batch,), device=obs.device, generator=gen)
                 yield obs[idx], q[idx]
 
         def loader_batches(budget: int):
             spec = LoaderSpec((str(path),), batch, "per_game", seed=0, channels=game.obs_shape[0],
-                              memory_budget=budget, workers=1, window_batches=200)
+                              memory_budget=budget, workers=1, window_batches=200, pin_memory=device.type == "cuda")
             it = make_loader(spec)
             try:
                 for b in it:

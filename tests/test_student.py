@@ -188,8 +188,8 @@ def _train_cmd(data, run, updates, *extra):
     return [sys.executable, "-m", "multitask", "student", "train", f"games={','.join(GAMES)}",
             f"datasets={','.join(paths)}", f"teachers={','.join(teachers)}", f"updates={updates}",
             "batch_size=32", "eval_every=0", "eval_episodes=1", "final_eval_episodes=1", "checkpoint_every=25",
-            "log_every=25", "loader_workers=1", "eval_workers=1", "num_threads=1", "optimizer=adam", "lr=1e-3",
-            *extra, "--run-dir", str(run), "--wandb", "off", "--no-progress"]
+            "log_every=25", "loader_workers=1", "eval_workers=1", "num_threads=1", "device=cpu", "optimizer=adam",
+            "lr=1e-3", *extra, "--run-dir", str(run), "--wandb", "off", "--no-progress"]
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ class LoaderSpec:
     window_batches: int = 500
     rank: int = 0
     control: tuple[str, ...] = ()  # train on the steps of episodes these control policies played (empty: all)
+    pin_memory: bool = False  # page-locked batches, for a copy to a GPU that overlaps the update (cuda runs)
 
 
 def batch_rng(seed: int, k: int, rank: int) -> np.random.Generator:
@@ -220,7 +221,7 @@ class BatchLoader:
             self._groups = stream.groups()
         else:
             self._loader = DataLoader(stream, batch_size=None, num_workers=spec.workers, prefetch_factor=2,
-                                      pin_memory=torch.cuda.is_available(), multiprocessing_context="fork")
+                                      pin_memory=spec.pin_memory, multiprocessing_context="fork")
             self._groups = iter(self._loader)
         self._ready: list[TrainBatch] = []
 

@@ -198,7 +198,7 @@ class Student:
     curve and best evaluation that state.pt carries."""
 
     def __init__(self, spec: NetworkSpec, cfg: StudentConfig, inputs: Inputs, counts: dict, device: torch.device):
-        self.spec, self.cfg, self.inputs, self.counts = spec, cfg, inputs, counts
+        self.spec, self.cfg, self.inputs, self.counts, self.device = spec, cfg, inputs, counts, device
         self.teacher_scores = teacher_card_scores(inputs.teachers, inputs.games)  # for periodic % of teacher
         torch.manual_seed(cfg.seed)
         self.net = arrange(MultiHeadNet(spec).to(device), cfg.channels_last)
@@ -218,14 +218,16 @@ class Student:
                 f"width {trunk.width}, conv channels {[out for out, _, _ in trunk.layer_sizes()[0]]}, FC "
                 f"{trunk.layer_sizes()[1]} x {1 + trunk.extra_fc}, loss {cfg.loss}{tau}, {cfg.batch_mode} batches")
 
-    def learn(self, model: torch.nn.Module, batch: TrainBatch) -> tuple[float, list[tuple[str, float]]]:
+    def learn(self, model: torch.nn.Module, batch: TrainBatch) -> list[tuple[str, torch.Tensor]]:
         """One update on a batch grouped by game: one trunk pass, each game's head on its rows,
-        each game's loss weighing the same. The mean loss and (game, loss) per group."""
+        each game's loss weighing the same. (game, loss) per group, detached tensors on the device:
+        reading them waits for the GPU, so the caller reads them when it logs, not every update."""
         cfg, device = self.cfg, next(self.net.parameters()).device
         groups = [(g, slice(a, b)) for g, a, b in batch.groups]
         with autocast(device, cfg.precision):
             outputs = model(batch.obs.to(device, non_blocking=True), groups=groups)
-        losses = [distillation_loss(cfg.loss, out.float(), q.to(device), cfg.tau)  # fp32 losses in bf16 too
+        # fp32 losses in bf16 too; the teacher rows are page-locked on a GPU run, so the copy is asynchronous
+        losses = [distillation_loss(cfg.loss, out.float(), q.to(device, non_blocking=True), cfg.tau)
                   for out, q in zip(outputs, batch.teacher)]
         if cfg.loss_norm:
             seen = [g for g, _ in groups]
@@ -241,7 +243,7 @@ class Student:
         loss.backward()
         self.optimizer.step()
         self.update = batch.index + 1
-        return loss.item(), [(self.spec.games[g], l.item()) for (g, _), l in zip(groups, losses)]
+        return [(self.spec.games[g], l.detach()) for (g, _), l in zip(groups, losses)]
 
     def card(self, run: Run, scores: Scores | None) -> dict:
         """The provenance written beside best.pt and last.pt."""
@@ -272,7 +274,8 @@ def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -
     loader = make_loader(LoaderSpec(
         paths=tuple(str(p) for p in student.inputs.datasets), batch_size=cfg.batch_size, mode=cfg.batch_mode,
         seed=cfg.seed, channels=student.spec.trunk.in_channels, memory_budget=cfg.memory_budget_mb << 20,
-        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=procs.rank, control=cfg.control),
+        workers=cfg.loader_workers, window_batches=cfg.window_batches, rank=procs.rank, control=cfg.control,
+        pin_memory=procs.device.type == "cuda"),
         start=start, stop=cfg.updates)
     # a per-game batch leaves the other games' heads without gradients: DDP must expect it
     model = replicate(student.net, find_unused_parameters=cfg.batch_mode == "per_game" and len(student.spec.games) > 1)
@@ -280,18 +283,18 @@ def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -
     checkpoint_due = Every(cfg.checkpoint_every, start)
     bar = Progress(cfg.updates, f"student {cfg.run_name}", unit="updates", initial=start,
                    enabled=show_progress and procs.main)
-    game_losses: dict[str, list[float]] = {g: [] for g in student.spec.games}
+    game_losses: dict[str, list[torch.Tensor]] = {g: [] for g in student.spec.games}
     samples, rate = 0, Rate()
     for batch in loader:
-        loss, per_game = student.learn(model, batch)
-        samples += len(batch.obs)
-        for game, value in per_game:
+        for game, value in student.learn(model, batch):
             game_losses[game].append(value)
-        bar.update(1, postfix=f"loss {loss:.4f}")
+        samples += len(batch.obs)
+        bar.update(1)
         last = student.update == cfg.updates
         if log_due(student.update) or last:
-            metrics = {f"train/{g}/loss": float(np.mean(v)) for g, v in game_losses.items() if v}
+            metrics = {f"train/{g}/loss": torch.stack(v).double().mean().item() for g, v in game_losses.items() if v}
             run.log({**metrics, "train/samples_per_s": rate(samples) * procs.world}, student.update)
+            bar.update(0, postfix=f"loss {np.mean(list(metrics.values())):.4f}")
             game_losses = {g: [] for g in student.spec.games}
         if (eval_due(student.update) or last) and procs.main:
             _evaluate(student, run)
@@ -306,7 +309,7 @@ def _evaluate(student: Student, run: Run) -> None:
     learning curve; best.pt if it is the best so far."""
     cfg = student.cfg
     scores = score_games(student.net, student.spec.games, cfg.eval_episodes, PERIODIC_EVAL_SEED + student.update,
-                         cfg.eval_workers, student.teacher_scores)
+                         cfg.eval_workers, student.teacher_scores, student.device)
     student.history.append({"update": student.update, **scores.curve_point()})
     run.report_evaluation(scores.metrics(), scores.line(), student.update)
     if scores.selection_score >= student.best["geomean"]:
@@ -320,9 +323,10 @@ def _final_evaluation(student: Student, run: Run, checksums: list[float]) -> dic
     cfg, inputs = student.cfg, student.inputs
     run.save_agent("last", student.net, "student", student.card(run, None))
     teachers = measured_teacher_scores(inputs.teachers, inputs.games, cfg.final_eval_episodes, FINAL_EVAL_SEED,
-                                       cfg.eval_workers, cache_dir=run.folder.parent / ".teacher_scores")
+                                       cfg.eval_workers, run.folder.parent / ".teacher_scores", student.device)
     best = load_agent(run.folder / "best.pt").net
-    final = score_games(best, student.spec.games, cfg.final_eval_episodes, FINAL_EVAL_SEED, cfg.eval_workers, teachers)
+    final = score_games(best, student.spec.games, cfg.final_eval_episodes, FINAL_EVAL_SEED, cfg.eval_workers, teachers,
+                        student.device)
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "config": run.config_dict, "parameters": student.counts,
         "updates": student.update, "best_update": student.best["update"], "teacher_scores": teachers,
