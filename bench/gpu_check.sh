@@ -26,9 +26,14 @@ PY=${PYTHON:-python3}
 RAN=(); SKIPPED=()
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  say "installing $(ls .whl/*.whl | wc -l) wheel(s) from .whl/ into /tmp/site"
-  timeout 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || say "wheel install failed (rc $?): the imports below say what is missing"
+  # one wheel at a time: pip refuses a whole list for one wheel built for another Python (ale-py's
+  # are per version, cp310-cp313 sit in .whl/), and the others must still go in
+  say "installing wheels from .whl/ into /tmp/site"
+  for w in .whl/*.whl; do
+    timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w" >/dev/null 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then say "  $(basename "$w"): installed"; else say "  $(basename "$w"): not installed (rc $rc; another Python's?)"; fi
+  done
 fi
 cat > /tmp/gpu_check_python <<WRAP
 #!/bin/bash
@@ -63,9 +68,9 @@ run() {  # run <seconds> <name> <command...>
 
 if [ "${QUICK:-0}" = 1 ]; then SUITE=minatar; T=2; STEPS=20000; else SUITE=atari; T=8; STEPS=20000; fi
 if has torch numpy tqdm gymnasium ale_py minatar; then
-  run 150 "teacher training ($SUITE)" $P bench/teacher_throughput.py --suite $SUITE --seconds $T --device $DEVICE --layouts
-  run 120 "student from HDF5 ($SUITE)" $P bench/student_bench.py --suite $SUITE --seconds $((T * 3 / 4)) --device $DEVICE --layouts
-  run 100 "recording ($SUITE)" $P bench/dataset_bench.py --suite $SUITE --steps $STEPS --rounds 1 --seconds 2 \
+  run 130 "teacher training ($SUITE)" $P bench/teacher_throughput.py --suite $SUITE --seconds $T --device $DEVICE --layouts
+  run 110 "student from HDF5 ($SUITE)" $P bench/student_bench.py --suite $SUITE --seconds $((T * 3 / 4)) --device $DEVICE --layouts
+  run 90 "recording ($SUITE)" $P bench/dataset_bench.py --suite $SUITE --steps $STEPS --rounds 1 --seconds 2 \
       --device $DEVICE --no-reading --inference lanes server --lanes 4
 else
   SKIPPED+=("every bench: missing ${missing[*]}")
