@@ -52,3 +52,19 @@ def test_evaluation_as_submitit_local_jobs(tmp_path, make_teacher):
     code, _, err = run_cli("evaluate", student, "--episodes", "3", "--out", tmp_path / "here.json")
     assert code == 0, err
     assert json.loads((tmp_path / "here.json").read_text())["games"]["minatar/Breakout"]["returns"] == local
+
+
+@pytest.mark.slow
+def test_comparison_evaluations_as_submitit_local_jobs(tmp_path, make_teacher):
+    """`compare --executor local`: every evaluation a submitit job, the report the same as here."""
+    teacher = make_teacher(tmp_path / "T.pt", "minatar/Breakout", seed=1)
+    student = make_teacher(tmp_path / "s.pt", "minatar/Breakout", seed=2)
+    games = {}
+    for how in ("processes", "local"):
+        code, _, err = run_cli("compare", student, "--teachers", teacher, "--episodes", 3, "--out", tmp_path / how,
+                               "--executor", how, "--jobs-dir", tmp_path / "jobs", "--bootstrap-reps", 100,
+                               "--wandb", "off", "--no-progress")
+        assert code == 0, err
+        games[how] = [a["games"] for a in json.loads((tmp_path / how / "report.json").read_text())["agents"]]
+    assert games["local"] == games["processes"]
+    assert len(list((tmp_path / "jobs").glob("*_result.pkl"))) == 3  # random policy, teacher, student

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_device, add_no_progress, add_wandb
+from multitask.cli.common import add_device, add_executor, add_no_progress, add_wandb
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -14,7 +14,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     report = compare(args.agents, args.out, games=args.games, episodes=args.episodes, seed=args.seed,
                      teachers=args.teachers, workers=args.workers, cache_dir=args.cache, reps=args.bootstrap_reps,
                      wandb=args.wandb, show_progress=not args.no_progress,
-                     pool_seeds=not args.separate_seeds, device=args.device)
+                     pool_seeds=not args.separate_seeds, device=args.device, executor=args.executor,
+                     jobs_folder=args.jobs_dir)
     for a in report["agents"]:
         ag = a["aggregates"]
         geo = ag["geomean_pct_teacher"]
@@ -46,6 +47,7 @@ def add_commands(sub) -> None:
                    "execution settings) are pooled into one column, the seeds as rliable's runs")
     c.add_argument("--workers", type=int, default=2, help="processes evaluating an agent's games in parallel")
     add_device(c)
+    add_executor(c, "runs/jobs/evaluations")
     c.add_argument("--cache", type=Path, help="folder of cached evaluations (default: <out>/evaluations)")
     c.add_argument("--bootstrap-reps", type=int, default=10_000,
                    help="bootstrap resamples for the 95%% intervals (default 10000)")

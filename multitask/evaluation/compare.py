@@ -84,8 +84,9 @@ def evaluate_cached(cache_dir: Path, who: dict[str, Any], net: MultiHeadNet, gam
     done.reused += len(games) - len(todo)
     tick(len(games) - len(todo))
     if todo:
-        results: dict[str, GameScores] = evaluate_games(net, todo, episodes, seed, epsilon=epsilon,
-                                                        workers=run.workers, device=run.device)
+        results: dict[str, GameScores] = evaluate_games(net, todo, episodes, seed, epsilon=epsilon, workers=run.workers,
+                                                        executor=run.executor, jobs_folder=run.jobs_folder,
+                                                        device=run.device)
         for g, r in results.items():
             atomic_write_text(cache_file(cache_dir, keys[g]), json.dumps(
                 {"key": keys[g], **who, "package_version": __version__, "device": run.device.type,
@@ -98,9 +99,12 @@ def evaluate_cached(cache_dir: Path, who: dict[str, Any], net: MultiHeadNet, gam
 
 @dataclass(frozen=True)
 class Execution:
-    """Where evaluations run: processes per agent's games, and the device they play on."""
+    """Where evaluations run: the device they play on, and processes per agent's games (`workers`)
+    here, or one submitit job per game (`executor` local or slurm, logs in `jobs_folder`)."""
     workers: int
     device: torch.device
+    executor: str = "processes"
+    jobs_folder: Path = Path("runs/jobs/evaluations")
 
 
 def run_evaluations(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str], episodes: int, seed: int,
@@ -312,7 +316,8 @@ RULES = [
 def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = None, episodes: int = 100,
             seed: int = 777_777, teachers: Sequence[Path] | None = None, workers: int = 2,
             cache_dir: Path | None = None, reps: int = 10_000, wandb: str = "offline",
-            show_progress: bool = True, pool_seeds: bool = True, device: DeviceName = "auto") -> dict[str, Any]:
+            show_progress: bool = True, pool_seeds: bool = True, device: DeviceName = "auto",
+            executor: str = "processes", jobs_folder: Path = Path("runs/jobs/evaluations")) -> dict[str, Any]:
     """Evaluate, assemble and write report.json, report.md, the plots and the W&B table."""
     from multitask.evaluation import compare_tables, plots
 
@@ -329,7 +334,7 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
     teacher_column, notes = resolve_teachers(chosen, teachers)
     entrants, dropped = drop_teachers(entrants, teacher_column)
     notes += dropped
-    run = Execution(workers, pick_device(device))
+    run = Execution(workers, pick_device(device), executor, Path(jobs_folder))
     done = run_evaluations(entrants, teacher_column, chosen, episodes, seed, run, cache_dir, show_progress)
     report = assemble(entrants, teacher_column, chosen, done, episodes, seed, reps, out, notes)
     report["plots"] = plots.write_plots(report, out)
