@@ -257,16 +257,22 @@ def as_typed(command: str) -> str:
     return f"{name} {args}".strip()
 
 
-def describe(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every field, nested tables flattened with dots."""
+def describe(cls: type, defaults: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every field, nested tables flattened with dots after a row of
+    type "table" with the table's own doc. A nested table's defaults are its field's default (a
+    study's [counter_train] is not TabularConfig()'s defaults), read from `defaults` when given."""
     hints = _field_types(cls)
     rows = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(tp):
-            rows += [(f"{f.name}.{k}", t, d, doc) for k, t, d, doc in describe(tp)]
+            rows.append((f.name, "table", None, f.metadata.get("doc", "")))
+            rows += [(f"{f.name}.{k}", t, d, doc) for k, t, d, doc in describe(tp, default)]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((f.name, _type_name(tp), default, f.metadata.get("doc", "")))
     return rows
 

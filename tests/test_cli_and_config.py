@@ -107,3 +107,12 @@ def _write(tmp_path, text):
     p = tmp_path / "round.toml"
     p.write_text(text)
     return p
+
+
+def test_config_lists_a_nested_tables_own_defaults_under_its_doc(run_cli):
+    """A study's [counter_train] is not TabularConfig()'s defaults: `config` shows the field's own."""
+    code, out, _ = run_cli("config", "gridworld")
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 0 and "plain SGD" in rows["[counter_train]"]
+    assert "'sgd'" in rows["counter_train.optimizer"] and " 8000 " in rows["counter_train.updates"]
+    assert "'adam'" in rows["train.optimizer"]  # the other table keeps TabularConfig's

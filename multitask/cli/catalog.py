@@ -24,7 +24,7 @@ def cmd_config(args: argparse.Namespace) -> None:
     from multitask import config as configlib
 
     for key, tp, default, doc in configlib.describe(configlib.config_class(args.what)):
-        print(f"{key:28s} {tp:10s} {default!r:>14}  {doc}")
+        print(f"[{key}]{'':{40 - len(key)}s}  {doc}" if tp == "table" else f"{key:28s} {tp:10s} {default!r:>14}  {doc}")
 
 
 def add_commands(sub) -> None:

@@ -47,7 +47,7 @@ def add_commands(sub) -> None:
     add_run_options(std, "runs/driven/<run name>")
     std.set_defaults(func=cmd_student_drive)
 
-    sts = st.add_parser("sweep", help="a grid of single-game students (losses or sizes) and its table")
+    sts = st.add_parser("sweep", help="a grid of single-game students (losses, sizes or taus) and its table")
     sts.add_argument("sweep", type=Path, help="sweep TOML, e.g. configs/sweeps/minatar_losses.toml")
     sts.add_argument("overrides", nargs="*", help="sweep overrides key=value (e.g. seeds=0,1)")
     add_no_progress(sts)

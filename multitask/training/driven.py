@@ -66,7 +66,7 @@ class DrivenConfig:
     num_envs: int = option(8, "envs per game, stepped together")
     rollout: int = option(32, "steps per env between updates; pseudo-returns are truncated at its end")
     updates_per_rollout: int = option(4, "updates on each rollout (1: every label used once; the offline students "
-                                         "use each of theirs ~32 times)")
+                                         "use each of theirs 6.4-12.8 times)")
     gamma: float = option(0.9, "pseudo-return discount (paper B: 0.99; 0.9 measured better on grids, docs/gridworld.md)")
     baseline_rate: float = option(0.01, "rate of each game's running-mean baseline of the pseudo-returns")
     optimizer: Literal["adam", "rmsprop"] = option("adam", "optimiser")
