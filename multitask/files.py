@@ -51,6 +51,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def check_writable(path: Path, what: str = "a writable location") -> None:
     """Create `path`'s folder and probe it with an empty file, before any long work starts."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; choose {what}")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

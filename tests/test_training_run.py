@@ -110,6 +110,33 @@ def test_resume_refuses_other_settings_in_one_sentence_unless_restarted(tmp_path
         _run(tmp_path).resume(Learning(), restart=False)
 
 
+def test_a_restart_leaves_nothing_of_the_old_run_and_a_fresh_start_begins_a_new_curve(tmp_path):
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.log({"train/loss": 0.5}, 10)
+    run.save_state(Learning(10))
+    for name in ("best.pt", "best.json"):  # as save_agent writes them
+        (tmp_path / name).write_bytes(b"an old agent")
+    run.write_text("summary.json", "{}")
+    run.finish({})
+    assert {"state.pt", "best.pt", "best.json", "summary.json"} <= {p.name for p in tmp_path.iterdir()}
+    again = _run(tmp_path, Tiny(inner=Inner(lr=1e-2)))
+    assert not again.resume(Learning(), restart=True)
+    assert not any((tmp_path / name).exists() for name in ("state.pt", "best.pt", "best.json", "summary.json",
+                                                           "metrics.jsonl"))
+    again.start("off", name="t", job_type="test", group="tests")
+    again.log({"train/loss": 0.25}, 5)
+    again.finish({})
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"updates": 5, "train/loss": 0.25}']
+    assert not (tmp_path / "state.pt").exists()  # as if killed before its first checkpoint: the next start is fresh
+    fresh = _run(tmp_path, Tiny(inner=Inner(lr=1e-2)))
+    assert not fresh.resume(Learning(), restart=False)
+    fresh.start("off", name="t", job_type="test", group="tests")
+    fresh.finish({})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_only_the_writer_writes(tmp_path):
     run = _run(tmp_path / "rank1", writer=False)
     run.resume(Learning(), restart=False)
@@ -193,3 +220,12 @@ def test_a_key_whose_default_changed_meaning_counts_absent_as_the_value_old_runs
     assert configlib.saved_config(Shaped, {}) == {"shape": "uniform"}
     assert configlib.saved_config(Shaped, {"shape": "strided"}) == {"shape": "strided"}
     assert configlib.saved_config(Tiny, {}) == {}
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"cannot write .*file/config.toml .*choose a writable --run-dir"):
+        _run(tmp_path / "file").resume(Learning(), restart=False)
+    (tmp_path / "run" / "config.toml").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"cannot write .*config.toml: it is a folder"):
+        _run(tmp_path / "run").resume(Learning(), restart=False)

@@ -31,7 +31,7 @@ from torch import nn
 from multitask import config as configlib
 from multitask.agents.checkpoints import save_agent
 from multitask.errors import UserError
-from multitask.files import atomic_torch_save, atomic_write_text
+from multitask.files import atomic_torch_save, atomic_write_text, check_writable
 from multitask.training.distributed import barrier
 from multitask.training.tracking import Tracker, WandbMode
 
@@ -157,6 +157,10 @@ def _as_dict(obj: Any) -> dict:
     return obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
 
 
+# What a run writes besides config.toml and wandb/ (a restarted run starts a new W&B run beside the old)
+RUN_OUTPUTS = ("state.pt", "metrics.jsonl", "best.pt", "best.json", "last.pt", "last.json", "summary.json", "table.md")
+
+
 class Run:
     """One training run's folder and all it writes there (on the writer process only)."""
 
@@ -187,8 +191,11 @@ class Run:
 
         Refused with one sentence when the saved run differs in config or identity, except in the
         keys `may_differ` names."""
-        if restart and self.writer:
-            self.state_path.unlink(missing_ok=True)
+        if self.writer:  # before any work: a run that cannot write its folder would be lost at its first checkpoint
+            check_writable(self.folder / "config.toml", "a writable --run-dir")
+        if restart and self.writer:  # the old run's outputs go with it: none may pass for the new run's
+            for name in RUN_OUTPUTS:
+                (self.folder / name).unlink(missing_ok=True)
         barrier()  # no process reads a state.pt that the writer is removing
         if not self.state_path.exists():
             return False
@@ -220,12 +227,13 @@ class Run:
 
     def start(self, wandb_mode: WandbMode, name: str, job_type: str, group: str,
               extra_config: dict[str, Any] | None = None) -> None:
-        """Write config.toml, open metrics.jsonl (appended to on a resume) and the W&B run (the
+        """Write config.toml, open metrics.jsonl (appended to on a resume, else new) and the W&B run (the
         same one on a resume; `extra_config` joins the config there), and start the clock."""
         if self.writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / "config.toml", configlib.to_toml(self.config))
-            self._metrics = open(self.folder / "metrics.jsonl", "a")
+            # a fresh run starts the curve afresh (a run killed before its first checkpoint left lines)
+            self._metrics = open(self.folder / "metrics.jsonl", "a" if self.resumes else "w")
         self._tracker = Tracker(wandb_mode if self.writer else "off", self.folder, name=name, job_type=job_type,
                                 config={**self.config_dict, **(extra_config or {})}, step_metric=self.step_metric,
                                 run_id=self._wandb_id, group=group)
