@@ -156,18 +156,31 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), say: Callable[[str],
         log = logs / f"{stage.name.replace(' ', '-')}.log"
         say(f"{head}: running (log {log})")
         t0 = time.perf_counter()
-        with open(log, "w") as f:
-            f.write("$ " + " ".join(stage.command) + "\n")
-            f.flush()
-            done = subprocess.run(stage.command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:
-            raise UserError(f"stage {stage.name} failed (exit {done.returncode}); read {log}; the stages before it "
+        returncode = _run_stage(stage.command, log, say)
+        if returncode != 0:
+            raise UserError(f"stage {stage.name} failed (exit {returncode}); read {log}; the stages before it "
                             f"are kept, and running the pipeline again continues from this stage")
         say(f"{head}: done in {(time.perf_counter() - t0) / 60:.1f} min; {_last_line(log)}")
     report = Path("results") / cfg.name
     say(f"pipeline {cfg.name}: {(time.perf_counter() - start) / 60:.1f} min -> {report}/report.md, plots "
         f"{report}/*.png, W&B run in {report}/wandb ({cfg.wandb})")
     return report
+
+
+def _run_stage(command: list[str], log: Path, say: Callable[[str], None]) -> int:
+    """Run a stage's command: every line it prints (run without progress bars: its set-up, periodic
+    evaluation scores and summary) goes to `log` and, indented, to the console as it comes."""
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(command) + "\n")
+        f.flush()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                if line.strip():
+                    say("    " + line.rstrip()[:200])
+        return proc.returncode
 
 
 def _last_line(log: Path) -> str:

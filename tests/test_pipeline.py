@@ -77,6 +77,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(project):
     first = _pipeline()
     assert first.returncode == 0, first.stderr + first.stdout
     assert "[1/4] datasets: running" in first.stdout and "[4/4] compare: running" in first.stdout
+    assert "\n    student micro-student: " in first.stdout  # the stage's own lines, relayed as they come
     report = json.loads((project / "results" / "micro" / "report.json").read_text())
     assert [a["label"] for a in report["agents"]] == ["teacher", "micro-student", "micro-dqn"]
     for agent in report["agents"][1:]:
