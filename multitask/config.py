@@ -170,10 +170,21 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; a missing path, a directory, an unreadable or non-UTF-8 file (TOML is
+    UTF-8 by definition) or bad syntax is one sentence naming the file."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory, not a TOML file; pass a .toml file "
+                        f"(configs/ holds the presets)")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing TOML file")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                        f"{e.start}), so not a TOML file; pass a TOML file saved as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror or e}); check its "
+                        f"permissions") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
 

@@ -11,6 +11,7 @@ raises once every job has finished, naming each job that failed.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,22 @@ class JobResources:
     partition: str = ""
 
 
+def check_executor(executor: str) -> None:
+    """Refuse an executor this machine cannot run, in one sentence, before any work: submitit's Slurm
+    executor raises 'Could not detect "srun"' off a cluster, and it submits with sbatch."""
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise UserError(f"the slurm executor needs a Slurm cluster ({' and '.join(missing)} not on "
+                            f"PATH); use --executor processes or local on this machine")
+
+
 def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], names: Sequence[str], executor: Executor = "processes",
              workers: int = 2, folder: Path = Path("runs/jobs"), resources: JobResources = JobResources()) -> list[Any]:
     """fn(job) for every job, in order of `jobs`; raises a UserError naming every failed job."""
-    if executor not in EXECUTORS:
-        raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    check_executor(executor)
     if executor == "processes":
         return _in_processes(fn, jobs, names, workers)
     try:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import io
 import json
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,24 +97,99 @@ def weights_problem(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _reason(e: Exception) -> str:
-    """The informative line of a torch.load failure (its first line is boilerplate)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Unpickler error" in ln:
-            return ln[:160]
-    return lines[0][:160] if lines else type(e).__name__
+# Lines of torch.load's messages that say nothing about the file (its weights_only preamble, its
+# "please file an issue" and "check the documentation" notes, miniz's "likely corrupted" paragraph).
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                      "In PyTorch 2.6", "(1) In PyTorch", "(2) Alternatively",
+                      "This file can still be loaded")
+
+
+def torch_load_reason(e: Exception) -> str:
+    """The informative clause of a torch.load failure, one short line without torch's boilerplate:
+    'Unsupported operand 91', 'PytorchStreamReader failed reading zip archive: not a ZIP archive',
+    'KeyError: 101' (what the pickle reader raises on most text)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if isinstance(e, EOFError):
+        return "the file ends early"
+    if not isinstance(e, (pickle.UnpicklingError, RuntimeError)):
+        first = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return first[:160] or type(e).__name__
+
+
+def not_torch_file(head: bytes) -> str | None:
+    """What the first bytes of a file say it is when it cannot be a torch file (None: it may be one;
+    torch.load decides): 'empty (0 bytes)', 'a Git LFS pointer ...', 'a text file (it starts ...)'.
+    A torch file is a zip (PK..) or a pickle (0x80 ..); text holds no NUL byte and decodes as UTF-8."""
+    if not head:
+        return "empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "a Git LFS pointer, not the file itself (run `git lfs pull`)"
+    if head.startswith((b"PK\x03\x04", b"\x80")) or b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut off at the end of the sample
+            return None
+        text = head[:e.start].decode("utf-8")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"a text file (it starts {first[:40]!r})" if first else "a text file of blank lines"
+
+
+def torch_load(source: Path | bytes) -> Any:
+    """torch.load(weights_only=True) onto the CPU; raises NotTorchFile for anything that is not a
+    torch file. Any exception counts: the pickle reader raises KeyError, IndexError,
+    UnicodeDecodeError and more on arbitrary bytes, and it only reads them (weights_only runs no
+    code), so no bug of ours hides behind it."""
+    head = source[:512] if isinstance(source, bytes) else _head(Path(source))
+    sniffed = not_torch_file(head)
+    if sniffed:
+        raise NotTorchFile(sniffed, sniffed=True)
+    try:
+        with warnings.catch_warnings():  # on stray bytes torch warns of an unknown pickle protocol first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                              map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise NotTorchFile(torch_load_reason(e), sniffed=False) from None
+
+
+class NotTorchFile(Exception):
+    """A file (or bytes) that torch.load cannot read; `why` is one short clause, `sniffed` says it was
+    recognised from its first bytes (empty, LFS pointer, text) rather than by torch.load failing."""
+
+    def __init__(self, why: str, sniffed: bool):
+        super().__init__(why)
+        self.why, self.sniffed = why, sniffed
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(512)
 
 
 def _read_payload(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory, not a .pt file; pass the checkpoint file "
+                        f"(a run folder's best.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a torch file ({_reason(e)}); "
-                        f"re-download or retrain it") from None
+        payload = torch_load(path)
+    except NotTorchFile as e:
+        if e.sniffed:
+            raise UserError(f"{path} is not a multitask checkpoint: it is {e.why}; pass a .pt file "
+                            f"written by teacher train, student train or teacher import") from None
+        raise UserError(f"checkpoint {path} is corrupt or not a torch file (torch.load failed: "
+                        f"{e.why}); re-download or retrain it") from None
+    except OSError as e:
+        raise UserError(f"checkpoint {path} cannot be read ({e.strerror or e}); check its permissions") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a multitask agent checkpoint (for CleanRL or "
                         f"Stable-Baselines3 files use `multitask teacher import`)")

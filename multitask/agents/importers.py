@@ -13,16 +13,13 @@ relying on it.
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from multitask.agents.checkpoints import save_agent, weights_problem
+from multitask.agents.checkpoints import NotTorchFile, save_agent, torch_load, weights_problem
 from multitask.files import file_sha256
 from multitask.envs import GameSpec
 from multitask.errors import UserError
@@ -40,10 +37,14 @@ SB3_KEYS = {"q_net.features_extractor.cnn.0.": "trunk.convs.0.",
 
 def _torch_load(data: bytes | Path, what: str) -> dict:
     try:
-        source = io.BytesIO(data) if isinstance(data, bytes) else data
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{what} is not a readable PyTorch state_dict ({str(e).splitlines()[0][:100]})") from None
+        obj = torch_load(data)
+    except NotTorchFile as e:
+        if e.sniffed:
+            raise UserError(f"{what} is not a PyTorch checkpoint: it is {e.why}; pass the .pt (CleanRL) "
+                            f"or .zip (Stable-Baselines3) file the training wrote") from None
+        raise UserError(f"{what} is not a readable PyTorch state_dict (torch.load failed: {e.why})") from None
+    except OSError as e:
+        raise UserError(f"{what} cannot be read ({e.strerror or e}); check its permissions") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} holds a {type(obj).__name__}, not a state_dict")
     return obj
@@ -79,8 +80,17 @@ def read_sb3(path: Path) -> dict:
                 raise UserError(f"{path} is a zip without policy.pth, not a Stable-Baselines3 model")
             policy = z.read("policy.pth")
             data = json.loads(z.read("data")) if "data" in names else {}
-    except zipfile.BadZipFile:
-        raise UserError(f"{path} is not a zip file; Stable-Baselines3 models are .zip archives") from None
+    except zipfile.BadZipFile as e:
+        what = f"a damaged zip ({e})" if zipfile.is_zipfile(path) else "not a zip file"
+        raise UserError(f"{path} is {what}; Stable-Baselines3 models are .zip archives") from None
+    except (zlib.error, EOFError) as e:
+        raise UserError(f"{path} is a damaged zip ({type(e).__name__}); download or export it again") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} holds a 'data' entry that is not JSON ({str(e)[:80]}), so it is not "
+                        f"a Stable-Baselines3 model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a 'data' entry that is not a JSON object, so it is not a "
+                        f"Stable-Baselines3 model")
     policy_kwargs = data.get("policy_kwargs") or {}
     if isinstance(policy_kwargs, dict) and policy_kwargs.get("normalize_images") is False:
         raise UserError(f"{path} was trained without image normalisation; only the default "
@@ -91,6 +101,9 @@ def read_sb3(path: Path) -> dict:
 def convert(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec) -> MultiHeadNet:
     """A teacher network for `game` with the weights of the checkpoint at `path`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; pass the CleanRL .pt or the "
+                        f"Stable-Baselines3 .zip file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     state = read_cleanrl(path) if fmt == "cleanrl" else read_sb3(path)

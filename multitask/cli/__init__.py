@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if getattr(args, "wandb", None) == "online":  # refused before a run folder is written
+            from multitask.training.tracking import check_wandb
+
+            check_wandb("online")
+        if getattr(args, "executor", None) == "slurm":  # refused before any work
+            from multitask.jobs import check_executor
+
+            check_executor("slurm")
         args.func(args)
     except UserError as e:
         print(f"multitask: error: {e}", file=sys.stderr)

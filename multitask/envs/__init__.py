@@ -103,6 +103,10 @@ def get_game(name: str) -> GameSpec:
     suite, _, game = name.partition("/")
     if suite in SUITES and game in _suite_module(suite).GAMES:
         return _suite_module(suite).game_spec(game)
+    unplayable = getattr(_suite_module(suite), "UNPLAYABLE", {}) if suite in SUITES else {}
+    if game in unplayable:
+        raise UserError(f"{name} cannot be played here: {unplayable[game]}; pick another game "
+                        f"(`multitask games` lists them)")
     known = known_games()
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""

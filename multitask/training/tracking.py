@@ -12,7 +12,38 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from multitask.errors import UserError
+
 WandbMode = Literal["off", "offline", "online"]
+
+_NO_LOGIN = ("W&B online needs `wandb login` or WANDB_API_KEY; use --wandb offline (and `wandb sync "
+             "<run dir>/wandb` later) or --wandb off")
+
+
+def check_wandb(mode: WandbMode) -> None:
+    """Refuse `online` when wandb finds no credentials (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
+    ~/.netrc or its settings), with one sentence, before a run writes anything: wandb.init would
+    otherwise raise its UsageError (or prompt, on a terminal) after the run folder was made. Reads
+    local files only, nothing goes over the network. wandb's own credential lookup is internal
+    (wandb.sdk.lib.wbauth, wandb 0.31); where it has moved, Tracker's own check is the fallback."""
+    if mode != "online":
+        return
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+    except ImportError:
+        return
+    try:
+        auth = wbauth.authenticate_session(host=wandb_setup.singleton().settings.base_url,
+                                           source="multitask", prompt=False, update_session=False)
+    except AuthenticationError as e:
+        raise UserError(f"W&B online cannot use its credentials ({str(e).splitlines()[0][:120]}); fix "
+                        f"them with `wandb login --relogin`, or use --wandb offline or off") from None
+    except Exception:  # noqa: BLE001 - an internal API that changed: let wandb.init decide
+        return
+    if auth is None:
+        raise UserError(_NO_LOGIN)
 
 
 class Tracker:
@@ -25,15 +56,28 @@ class Tracker:
         if mode == "off":
             return
         import wandb
+        from wandb.errors import AuthenticationError, CommError, UsageError
 
+        check_wandb(mode)
         run_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
-            mode=mode, project=os.environ.get("WANDB_PROJECT", "multitask"), name=name,
-            group=group, job_type=job_type, dir=str(run_dir), config=config, id=run_id,
-            resume="allow" if run_id else None,
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-        )
+        try:
+            self.run = wandb.init(
+                mode=mode, project=os.environ.get("WANDB_PROJECT", "multitask"), name=name,
+                group=group, job_type=job_type, dir=str(run_dir), config=config, id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            )
+        except AuthenticationError as e:
+            raise UserError(f"W&B {mode} cannot use its credentials ({str(e).splitlines()[0][:120]}); "
+                            f"fix them with `wandb login --relogin`, or use --wandb offline or off") from None
+        except UsageError as e:  # "No API key configured. Use `wandb login` to log in."; others are bugs
+            if "api key" not in str(e).lower():
+                raise
+            raise UserError(_NO_LOGIN) from None
+        except CommError as e:
+            raise UserError(f"W&B online could not reach its server ({str(e).splitlines()[0][:160]}); "
+                            f"use --wandb offline and `wandb sync` the run later") from None
         self.run.define_metric(step_metric)
         self.run.define_metric("*", step_metric=step_metric)
 
