@@ -26,6 +26,7 @@ from multitask.config import option
 from multitask.envs import get_game
 from multitask.errors import UserError
 from multitask.training.run import finished_with
+from multitask.training.tracking import WandbMode
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,15 @@ class PipelineConfig:
     students: tuple[TrainerStage, ...] = option((), "student runs (configs/student/*.toml), each compared")
     baseline: TrainerStage = option(TrainerStage(), "the multi-task DQN (configs/baseline/*.toml); no config: none")
     episodes: int = option(100, "episodes per agent and game in the comparison (the students' final evaluation's)")
-    wandb: str = option("offline", "W&B mode of every stage (offline: no account needed)")
+    wandb: WandbMode = option("offline", "W&B mode of every stage (offline: no account needed)")
 
     def __post_init__(self):
         if not self.name or not self.games:
             raise ValueError("a pipeline needs a name and games")
         if not self.students and not self.baseline.config:
             raise ValueError("a pipeline needs at least one student or a baseline to compare")
+        if self.dataset_steps < 1 or self.episodes < 2:
+            raise ValueError("dataset_steps must be positive and episodes at least 2 (the comparison's intervals)")
 
 
 @dataclass

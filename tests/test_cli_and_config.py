@@ -116,3 +116,13 @@ def test_config_lists_a_nested_tables_own_defaults_under_its_doc(run_cli):
     assert code == 0 and "plain SGD" in rows["[counter_train]"]
     assert "'sgd'" in rows["counter_train.optimizer"] and " 8000 " in rows["counter_train.updates"]
     assert "'adam'" in rows["train.optimizer"]  # the other table keeps TabularConfig's
+
+
+def test_an_existing_teacher_is_replaced_only_with_overwrite(run_cli, tmp_path, make_teacher):
+    out = make_teacher(tmp_path / "B.pt", "minatar/Breakout")
+    before = out.read_bytes()
+    for command in (["train", "minatar/Breakout", "total_steps=64", "--run-dir", tmp_path / "run"],
+                    ["import", "cleanrl", tmp_path / "model.pt", "--game", "atari/Pong"]):
+        code, _, err = run_cli("teacher", *command, "--out", out)
+        assert code == 2 and "already holds a teacher; pass --overwrite" in err and err.count("\n") == 1, err
+    assert out.read_bytes() == before and not (tmp_path / "run").exists()

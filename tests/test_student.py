@@ -368,3 +368,20 @@ def test_a_student_distils_in_bf16_channels_last(data, tmp_path):
     values = [v for x in losses for k, v in x.items() if k.endswith("/loss")]
     assert values and np.isfinite(values).all()
     assert load_agent(tmp_path / "bf16" / "last.pt").net.trunk.convs[0].weight.dtype == torch.float32
+
+
+def test_a_dataset_still_being_built_is_refused(data, tmp_path):
+    """An interrupted build opens and verifies (its episodes so far), but is a prefix of what was
+    asked for: training on it is refused, with the command that finishes it."""
+    import shutil
+
+    from multitask.training.student import resolve_inputs
+
+    _, paths, _ = data
+    partial = tmp_path / "Breakout.h5"
+    shutil.copy(paths[0], partial)
+    with h5py.File(partial, "r+") as f:
+        f.attrs["status"], f.attrs["target_steps"] = "building", 10_000
+    with pytest.raises(UserError, match=r"still being built \(3,000 of 10,000 steps\); finish it with .*--resume"):
+        resolve_inputs(config(data, datasets=(str(partial), paths[1])))
+    assert resolve_inputs(config(data)).datasets == [Path(p) for p in paths]

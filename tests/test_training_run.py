@@ -92,12 +92,17 @@ def test_run_writes_config_metrics_and_state_and_resumes_them(tmp_path, capsys):
     assert configlib.load(Tiny, tmp_path / "config.toml").steps == 200  # the config this run was built with
 
 
-def test_resume_refuses_other_settings_in_one_sentence_unless_restarted(tmp_path):
-    run = _run(tmp_path)
+def _finished_run(folder, step: int) -> None:
+    """A run of `Tiny` in `folder` that checkpointed at `step` and finished."""
+    run = _run(folder)
     run.resume(Learning(), restart=False)
     run.start("off", name="t", job_type="test", group="tests")
-    run.save_state(Learning(5))
+    run.save_state(Learning(step))
     run.finish({})
+
+
+def test_resume_refuses_other_settings_in_one_sentence_unless_restarted(tmp_path):
+    _finished_run(tmp_path, 5)
     with pytest.raises(UserError, match=r"holds a run with other settings \(inner\.lr 0\.001 then, 0\.01 now\); "
                                         r"rerun with its settings .* pass --restart"):
         _run(tmp_path, Tiny(inner=Inner(lr=1e-2))).resume(Learning(), restart=False)
@@ -229,3 +234,11 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path
     (tmp_path / "run" / "config.toml").mkdir(parents=True)
     with pytest.raises(UserError, match=r"cannot write .*config.toml: it is a folder"):
         _run(tmp_path / "run").resume(Learning(), restart=False)
+
+
+def test_a_run_past_a_lowered_budget_is_refused_on_resume(tmp_path):
+    _finished_run(tmp_path, 10)
+    for value, stride in ((10, 1), (8, 4), (200, 1)):  # its own budget, one stride past a budget, more
+        assert _run(tmp_path).resume(Learning(), restart=False, budget=("steps", value, stride))
+    with pytest.raises(UserError, match=r"has trained 10 updates, past steps=6; pass steps=10 or more"):
+        _run(tmp_path).resume(Learning(), restart=False, budget=("steps", 6, 4))

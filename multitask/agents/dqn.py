@@ -37,6 +37,8 @@ class DQNConfig:
             raise ValueError("gamma must be in [0, 1]")
         if self.batch_size < 1 or self.target_update_every < 1:
             raise ValueError("batch_size and target_update_every must be positive")
+        if self.lr <= 0 or self.huber_delta <= 0:
+            raise ValueError("lr and huber_delta must be positive")
 
 
 def td_targets(reward: torch.Tensor, terminal: torch.Tensor, next_q_target: torch.Tensor,

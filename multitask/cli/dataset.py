@@ -12,6 +12,8 @@ from multitask.errors import UserError
 BUILD_FLAGS = {"--steps": "steps", "--epsilon": "epsilon", "--control": "control", "--seed": "seed", "--num-envs": "num_envs",
                "--lanes": "lanes", "--workers": "workers", "--compression": "compression", "--level": "level",
                "--flush-steps": "flush_steps"}
+# DatasetConfig key -> the Compression field it sets: a new file's; a resumed one keeps its own
+COMPRESSION_KEYS = {"compression": "frames", "level": "level", "frame_chunk": "frame_chunk", "step_chunk": "step_chunk"}
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> None:
@@ -33,10 +35,44 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     jobs = [BuildJob(g.name, args.teacher or Path("teachers") / g.suite / f"{g.game}.pt",
                      args.out or dataset_path(g), cfg, args.resume, args.overwrite,
                      not args.no_progress) for g in games]
+    if args.resume:
+        given = _compression_keys_given(args, overrides)
+        for job in jobs:
+            _check_kept_compression(job.out, cfg, given)
     results = build_many(jobs, cfg.workers, args.executor, args.jobs_dir)
     if len(results) > 1:
         total = sum(r.added_steps for r in results)
         print(f"built {len(results)} datasets, +{total:,} steps")
+
+
+def _compression_keys_given(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The compression keys (COMPRESSION_KEYS) the user set: by flag, override or --config file."""
+    from multitask import config as configlib
+
+    given = {k for k in COMPRESSION_KEYS if getattr(args, k, None) is not None}
+    given |= {w.split("=", 1)[0].strip() for w in overrides} & COMPRESSION_KEYS.keys()
+    if args.config is not None:
+        given |= configlib.read_toml(args.config).keys() & COMPRESSION_KEYS.keys()
+    return sorted(given)
+
+
+def _check_kept_compression(out: Path, cfg, given: list[str]) -> None:
+    """A resumed dataset keeps its file's compression (data/writer.DatasetWriter.resume): refuse
+    compression settings that differ from it rather than ignore them."""
+    import json
+
+    from multitask.data.reader import root_attrs
+
+    if not given or not out.exists():  # --resume with nothing to resume starts a new file: settings apply
+        return
+    kept = json.loads(root_attrs(out)["compression"])
+    asked = vars(cfg.compression_settings())
+    changed = [k for k in given if kept[COMPRESSION_KEYS[k]] != asked[COMPRESSION_KEYS[k]]]
+    if changed:
+        raise UserError(f"{out} keeps the compression it was built with ({kept['frames']} frames, level "
+                        f"{kept['level']}, chunks {kept['frame_chunk']}/{kept['step_chunk']}), so --resume cannot "
+                        f"change {', '.join(changed)}; drop {'it' if len(changed) == 1 else 'them'}, or rebuild "
+                        f"with --overwrite instead of --resume")
 
 
 def cmd_dataset_info(args: argparse.Namespace) -> None:
@@ -75,6 +111,8 @@ def cmd_dataset_verify(args: argparse.Namespace) -> None:
     from multitask.data.reader import DatasetReader
     from multitask.data.verify import check_teacher_outputs, verify_invariants
 
+    if args.sample < 1:
+        raise UserError(f"--sample {args.sample} checks no step; pass 1 or more (default 1000)")
     with DatasetReader(args.file) as d:
         problems = verify_invariants(d)
         checked = "structure"

@@ -12,18 +12,31 @@ import numpy as np
 
 from multitask import __version__
 from multitask.cli.common import add_device, add_executor, add_no_progress
+from multitask.errors import UserError
 from multitask.files import check_writable
 
 
+def check_protocol_flags(episodes: int, seed: int, epsilon: float | None = None) -> None:
+    """Refuse, before any work, evaluation flags the protocol cannot play."""
+    if episodes < 1:
+        raise UserError(f"--episodes {episodes} plays nothing; pass 1 or more")
+    if seed < 0:
+        raise UserError(f"--seed {seed} is negative; env seeds must be 0 or more")
+    if epsilon is not None and not 0.0 <= epsilon <= 1.0:
+        raise UserError(f"--epsilon {epsilon} is not a probability; pass a value in [0, 1]")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from multitask.agents.checkpoints import check_agent_game, load_agent
+    from multitask.agents.checkpoints import check_agent_game
     from multitask.devices import pick_device
     from multitask.envs import get_game
+    from multitask.evaluation.entrants import load_input
     from multitask.evaluation.protocol import EVAL_EPSILON, evaluate_games
     from multitask.files import atomic_write_text
 
+    check_protocol_flags(args.episodes, args.seed, args.epsilon)
     device = pick_device(args.device)
-    agent = load_agent(args.checkpoint)
+    agent, _ = load_input(args.checkpoint)  # a checkpoint, or a run folder's best.pt (as compare takes)
     games = args.games or list(agent.net.games)
     for g in games:
         check_agent_game(agent, get_game(g))

@@ -10,6 +10,14 @@ from multitask.errors import UserError
 from multitask.files import check_writable
 
 
+def check_new_teacher(out: Path, overwrite: bool) -> None:
+    """A teacher checkpoint is written only where none is, or with --overwrite: the committed
+    teachers (and a day of Atari training) are one default --out away."""
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already holds a teacher; pass --overwrite to replace it, or --out for another path")
+    check_writable(out, "a writable --out")
+
+
 def cmd_teacher_train(args: argparse.Namespace) -> None:
     from multitask.envs import get_game
     from multitask.training.teacher import load_config, train_teacher
@@ -18,7 +26,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     cfg = load_config(game.suite, args.config, args.overrides)
     out = args.out or Path("teachers") / game.suite / f"{game.game}.pt"
     run_dir = args.run_dir or Path("runs") / "teacher" / game.suite / game.game
-    check_writable(out)
+    check_new_teacher(out, args.overwrite)
     train_teacher(game.name, cfg, out, run_dir, wandb_mode=args.wandb, restart=args.restart,
                   show_progress=not args.no_progress)
 
@@ -27,11 +35,13 @@ def cmd_teacher_import(args: argparse.Namespace) -> None:
     from multitask.agents.importers import import_teacher
     from multitask.envs import get_game
 
+    if args.episodes < 0:
+        raise UserError(f"--episodes {args.episodes} is negative; pass 0 (no evaluation, the default) or more")
     game = get_game(args.game)
     if game.suite != "atari":
         raise UserError(f"teacher import converts Atari DQN checkpoints; {game.name} is not an Atari game")
     out = args.out or Path("teachers") / game.suite / f"{game.game}.pt"
-    check_writable(out)
+    check_new_teacher(out, args.overwrite)
     import_teacher(args.format, args.file, game, out, evaluate_episodes=args.episodes)
 
 
@@ -61,6 +71,7 @@ def add_commands(sub) -> None:
     tt.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. total_steps=500000 dqn.lr=3e-4)")
     tt.add_argument("--config", type=Path, help="TOML config (default: configs/teacher/<suite>.toml)")
     tt.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/<suite>/<Game>.pt)")
+    tt.add_argument("--overwrite", action="store_true", help="replace an existing teacher at --out")
     add_run_options(tt, "runs/teacher/<suite>/<Game>")
     tt.set_defaults(func=cmd_teacher_train)
 
@@ -69,6 +80,7 @@ def add_commands(sub) -> None:
     ti.add_argument("file", type=Path)
     ti.add_argument("--game", required=True, help="the Atari game it was trained on, e.g. atari/Pong")
     ti.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/atari/<Game>.pt)")
+    ti.add_argument("--overwrite", action="store_true", help="replace an existing teacher at --out")
     ti.add_argument("--episodes", type=int, default=0, help="evaluate the imported teacher for the card (default: 0, skip)")
     ti.set_defaults(func=cmd_teacher_import)
 

@@ -42,6 +42,12 @@ class GridConfig:
     end_prob: float = option(0.01, "chance per step of jumping to the absorbing end state (paper B: 0.01)")
     num_actions: int = option(4, "actions; action a makes move a mod 4 (paper B's |A| study: 4 to 4000)")
 
+    def __post_init__(self):
+        if self.size < 1 or self.num_actions < 1:
+            raise ValueError("size and num_actions must be positive")
+        if not all(0.0 <= p <= 1.0 for p in (self.wall_prob, self.goal_prob, self.pit_prob, self.noise, self.end_prob)):
+            raise ValueError("wall_prob, goal_prob, pit_prob, noise and end_prob are probabilities, in [0, 1]")
+
 
 @dataclass
 class TabularMDPs:

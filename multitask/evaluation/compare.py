@@ -220,8 +220,9 @@ def aggregates(entry: dict[str, dict], per_run: dict[str, np.ndarray | None],
                human_runs: dict[str, np.ndarray | None], reps: int, seed: int) -> dict[str, Any]:
     """Geometric mean and mean of % of teacher, and IQMs of normalised run scores with intervals."""
     pcts = [e["pct_teacher"] for e in entry.values() if e["pct_teacher"] is not None]
-    out = {"geomean_pct_teacher": geomean(pcts) if len(pcts) == len(entry) else None,
-           "mean_pct_teacher": float(np.mean(pcts)) if len(pcts) == len(entry) else None}
+    every = bool(pcts) and len(pcts) == len(entry)  # none for a column without games (no teacher at all)
+    out = {"geomean_pct_teacher": geomean(pcts) if every else None,
+           "mean_pct_teacher": float(np.mean(pcts)) if every else None}
     seeds = next(iter(entry.values()))["seeds"] if entry else 1
     runs_are = "evaluation episodes (one seed)" if seeds == 1 else "seeds (each the mean of its episodes)"
     for name, columns in (("iqm_normalised", per_run), ("iqm_human_normalised", human_runs)):
@@ -325,6 +326,10 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
         raise UserError("compare needs at least one agent checkpoint (*.pt) or run folder")
     if episodes < 2:
         raise UserError(f"--episodes {episodes} is too few for intervals; pass 2 or more")
+    if reps < 1:
+        raise UserError(f"--bootstrap-reps {reps} gives no intervals; pass 1 or more (default 10000)")
+    if seed < 0:
+        raise UserError(f"--seed {seed} is negative; env seeds must be 0 or more")
     out = Path(out)
     check_writable(out / "report.json", "a writable --out folder")
     cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"

@@ -163,8 +163,10 @@ def choose_games(entrants: Sequence[Entrant], games: Sequence[str] | None) -> li
 
 
 def resolve_teachers(games: Sequence[str], paths: Sequence[Path] | None) -> tuple[Entrant, list[str]]:
-    """The teachers' column (given paths, else teachers/<suite>/<Game>.pt) and notes on missing ones."""
+    """The teachers' column (given paths, else teachers/<suite>/<Game>.pt) and notes on missing ones
+    and on given ones of games not compared (left out)."""
     agents: dict[str, Agent] = {}
+    notes: list[str] = []
     if paths:
         for p in paths:
             agent = load_agent(p)
@@ -172,8 +174,11 @@ def resolve_teachers(games: Sequence[str], paths: Sequence[Path] | None) -> tupl
             if len(agent.net.games) != 1 or _suite(agent.net.games[0]) != suite:
                 raise UserError(f"teacher {p} plays {', '.join(agent.net.games)}, it is not a {suite} teacher "
                                 f"of one game; pass one single-game teacher per compared game")
-            if agent.net.games[0] in games:  # teachers of games not compared are left out
+            if agent.net.games[0] in games:
                 agents[agent.net.games[0]] = agent
+            else:  # teachers of games not compared are left out
+                notes.append(f"teacher {p} plays {agent.net.games[0]}, not a compared game "
+                             f"({', '.join(games)}): left out")
     else:
         for g in games:
             p = Path("teachers") / _suite(g) / f"{g.split('/', 1)[1]}.pt"
@@ -181,8 +186,8 @@ def resolve_teachers(games: Sequence[str], paths: Sequence[Path] | None) -> tupl
                 agents[g] = load_agent(p)
     for g, a in agents.items():
         check_agent_game(a, get_game(g))
-    notes = [f"{g} has no teacher (no --teachers file for it, no teachers/{g}.pt): no % of teacher "
-             f"or teacher-normalised score for it" for g in games if g not in agents]
+    notes += [f"{g} has no teacher (no --teachers file for it, no teachers/{g}.pt): no % of teacher "
+              f"or teacher-normalised score for it" for g in games if g not in agents]
     return Entrant(TEACHER_LABEL, "teacher", [Member(agents)]), notes
 
 

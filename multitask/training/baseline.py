@@ -101,6 +101,13 @@ class BaselineConfig:
             raise ValueError("`teachers` needs one path per game")
         if self.batch_mode == "mixed" and self.dqn.batch_size < len(self.games):
             raise ValueError("mixed batches need dqn.batch_size of at least one row per game")
+        given = {k: v for k, v in vars(self).items() if v is not None}  # None: the teacher preset's, checked there
+        if min(given.get(k, 1) for k in ("total_steps_per_game", "num_envs", "eval_episodes", "final_eval_episodes")) < 1:
+            raise ValueError("total_steps_per_game, num_envs, eval_episodes and final_eval_episodes must be positive")
+        if min(given.get(k, 0) for k in ("seed", "num_threads")) < 0:
+            raise ValueError("seed and num_threads must not be negative")
+        if not all(0.0 <= given.get(k, 0.0) <= 1.0 for k in ("eps_start", "eps_end")):
+            raise ValueError("eps_start and eps_end must be in [0, 1]")
 
     @property
     def run_name(self) -> str:
@@ -156,7 +163,8 @@ def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode:
               identity={"network": spec})
     dqn = MultitaskDQN(spec, cfg, games, device, size.counts("network"), teacher_card_scores(teachers, games))
     run.say(dqn.describe())
-    run.resume(dqn, restart, may_differ=RESUMABLE_CHANGES)
+    run.resume(dqn, restart, may_differ=RESUMABLE_CHANGES,
+               budget=("total_steps_per_game", cfg.total_steps_per_game, cfg.num_envs))
     run.start(wandb_mode, name=f"baseline-{cfg.run_name}", job_type="baseline", group="baselines",
               extra_config={"parameters": dqn.counts})
     _train(dqn, run, show_progress)

@@ -91,6 +91,8 @@ class DrivenConfig:
     def __post_init__(self):
         if not self.games:
             raise ValueError("name at least one game in `games`")
+        if len(set(self.games)) != len(self.games):
+            raise ValueError("name each game once in `games`")
         if self.teachers and len(self.teachers) != len(self.games):
             raise ValueError("`teachers` needs one path per game")
         variant, plus = u.parse_variant(self.variant)
@@ -104,6 +106,12 @@ class DrivenConfig:
             raise ValueError("follow_pace is a ratio of env steps, not negative")
         if min(self.num_envs, self.rollout, self.total_steps_per_game, self.updates_per_rollout) < 1 or self.lr <= 0 or self.tau < 0:
             raise ValueError("num_envs, rollout, total_steps_per_game and lr must be positive, tau not negative")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError("gamma must be in [0, 1]")
+        if min(self.eval_episodes, self.final_eval_episodes) < 1:
+            raise ValueError("eval_episodes and final_eval_episodes must be positive")
+        if min(self.seed, self.num_threads) < 0:
+            raise ValueError("seed and num_threads must not be negative")
 
     @property
     def run_name(self) -> str:
@@ -128,7 +136,8 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
     learner.teacher_paths = teacher_paths
     learner.follow_teachers()
     run.say(learner.describe())
-    run.resume(learner, restart, may_differ=RESUMABLE_CHANGES)
+    run.resume(learner, restart, may_differ=RESUMABLE_CHANGES,
+               budget=("total_steps_per_game", cfg.total_steps_per_game, cfg.rollout * cfg.num_envs))
     run.start(wandb_mode, name=f"driven-{cfg.run_name}", job_type="driven", group="students",
               extra_config={"parameters": learner.counts})
     _train(learner, run, show_progress)

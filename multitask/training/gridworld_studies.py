@@ -62,6 +62,12 @@ class StudyConfig:
         "of E[return] - E[cross-entropies]), 32 episodes per update (noise small against the cycle), lr 0.1 (the "
         "cycle's period is ~510 updates there: docs/results/gridworld/counter.json)")
 
+    def __post_init__(self):
+        if min(self.mdps, self.actions_mdps, self.actions_updates, self.counter_students, *self.actions) < 1:
+            raise ValueError("mdps, actions_mdps, actions_updates, counter_students and actions must be positive")
+        if self.seed < 0:
+            raise ValueError("seed must not be negative")
+
 
 def _reached_at(steps: np.ndarray, returns: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per MDP, `steps` (E, B) at the first evaluation whose return is >= target (inf if never)."""

@@ -185,12 +185,15 @@ class Run:
 
     # ---- before training ------------------------------------------------------------------------
 
-    def resume(self, learning: Resumable, restart: bool, may_differ: Sequence[str] = ()) -> bool:
+    def resume(self, learning: Resumable, restart: bool, may_differ: Sequence[str] = (),
+               budget: tuple[str, int, int] | None = None) -> bool:
         """Load state.pt into `learning` and say so; False (nothing loaded) when there is none or
         `restart` discards it.
 
         Refused with one sentence when the saved run differs in config or identity, except in the
-        keys `may_differ` names."""
+        keys `may_differ` names, or when it has gone past `budget` = (key, value, stride): the
+        config's budget key, its value, and the steps the trainer takes at a time (a budget that is
+        not a multiple of them ends up to one stride past it)."""
         if self.writer:  # before any work: a run that cannot write its folder would be lost at its first checkpoint
             check_writable(self.folder / "config.toml", "a writable --run-dir")
         if restart and self.writer:  # the old run's outputs go with it: none may pass for the new run's
@@ -212,6 +215,11 @@ class Run:
             raise UserError(f"run folder {self.folder} holds a run with other settings ({shown}{more}); rerun "
                             f"with its settings to resume it, or pass --restart or another --run-dir to start over")
         learning.load_state_dict(saved)
+        if budget is not None and learning.step >= budget[1] + budget[2]:
+            key, value, _ = budget
+            raise UserError(f"run folder {self.folder} has trained {learning.step:,} {self.step_metric.replace('_', ' ')}, "
+                            f"past {key}={value:,}; pass {key}={learning.step:,} or more to resume it, or --restart "
+                            f"to start over")
         self.resumes = saved.get("resumes", 0) + 1
         self._times_before = (saved.get("wall_time_s", 0.0), saved.get("cpu_time_s", 0.0))
         self._wandb_id = saved.get("wandb_id")

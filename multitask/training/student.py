@@ -97,6 +97,8 @@ class StudentConfig:
     def __post_init__(self):
         if not self.games:
             raise ValueError("name at least one game in `games`")
+        if len(set(self.games)) != len(self.games):
+            raise ValueError("name each game once in `games`")
         if self.shape == "preset":  # resolved here, so that run names and saved configs name the shape built
             shape, conv_width = preset_shape(self.size, self.games)
             object.__setattr__(self, "shape", shape)
@@ -107,6 +109,10 @@ class StudentConfig:
             raise ValueError("`teachers` needs one path per game")
         if self.tau <= 0 or self.batch_size < 1 or self.updates < 1 or self.lr <= 0:
             raise ValueError("tau, batch_size, updates and lr must be positive")
+        if min(self.eval_episodes, self.final_eval_episodes, self.window_batches) < 1:
+            raise ValueError("eval_episodes, final_eval_episodes and window_batches must be positive")
+        if min(self.seed, self.num_threads) < 0:
+            raise ValueError("seed and num_threads must not be negative")
         if self.batch_mode == "mixed" and self.batch_size < len(self.games):
             raise ValueError("mixed batches need at least one row per game")
         if set(self.control) - set(CONTROL_KINDS):
@@ -149,6 +155,10 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
         with DatasetReader(path, cache_bytes=0) as d:
             if d.game != g.name:
                 raise UserError(f"dataset {path} holds {d.game}, not {g.name}; fix `datasets` in the config")
+            if d.info.status != "complete":  # an interrupted build: its data is a prefix of what was asked for
+                raise UserError(f"dataset {path} is still being built ({d.info.num_steps:,} of "
+                                f"{d.info.target_steps:,} steps); finish it with `multitask dataset build {g.name} "
+                                f"--out {path} --steps {d.info.target_steps} --resume`")
             env = d.info.env
             if tuple(env["frame_shape"][1:]) != g.frame_shape[1:] or env["stack"] != g.stack:
                 raise UserError(f"dataset {path} has observations {env['obs_shape']} that do not match "
@@ -183,7 +193,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
               identity={"network": spec, "world_size": procs.world}, writer=procs.main)
     student = Student(spec, cfg, inputs, size.counts("student"), procs.device)
     run.say(student.describe())
-    run.resume(student, restart, may_differ=RESUMABLE_CHANGES)
+    run.resume(student, restart, may_differ=RESUMABLE_CHANGES, budget=("updates", cfg.updates, 1))
     run.start(wandb_mode, name=f"student-{cfg.run_name}", job_type="student", group="students",
               extra_config={"parameters": student.counts})
     _distil(student, run, procs, show_progress)

@@ -41,6 +41,10 @@ class TabularConfig:
         variant, plus = u.parse_variant(self.variant)
         if variant.control == "teacher" and (variant.pseudo_reward != "none" or plus):
             raise ValueError(f"{self.variant}: policy-gradient terms need the student's own trajectories")
+        if min(self.updates, self.max_steps, self.eval_every, self.episodes) < 1 or self.lr <= 0:
+            raise ValueError("updates, max_steps, eval_every, episodes and lr must be positive")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError("gamma must be in [0, 1]")
 
 
 @dataclass

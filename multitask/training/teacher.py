@@ -23,6 +23,7 @@ from multitask.agents.dqn import DQNConfig, DQNLearner, linear_schedule
 from multitask.agents.networks import MultiHeadNet, count_parameters, teacher_network_spec
 from multitask.config import option
 from multitask.envs import GameSpec, get_game
+from multitask.errors import UserError
 from multitask.evaluation.protocol import evaluate_game
 from multitask.progress import Progress
 from multitask.training.acting import Acting
@@ -33,6 +34,7 @@ from multitask.training.scoring import PERIODIC_EVAL_SEED, score_games
 from multitask.training.tracking import WandbMode
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+MIN_REPLAY_PER_ENV = 4  # agents/replay.ReplayMemory keeps >= 4 observations' frames per env (4 * stack)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,26 @@ class TeacherConfig:
     def __post_init__(self):
         if self.num_envs < 1 or self.total_steps < 1:
             raise ValueError("num_envs and total_steps must be positive")
-        if self.update_ratio <= 0:
-            raise ValueError("update_ratio must be positive")
+        if self.update_ratio <= 0 or self.width <= 0:
+            raise ValueError("update_ratio and width must be positive")
+        if min(self.seed, self.learning_starts, self.num_threads) < 0:
+            raise ValueError("seed, learning_starts and num_threads must not be negative")
+        if not (0.0 <= self.eps_start <= 1.0 and 0.0 <= self.eps_end <= 1.0):
+            raise ValueError("eps_start and eps_end must be in [0, 1]")
+        if self.final_eval_episodes < 1 or (self.eval_every > 0 and self.eval_episodes < 1):
+            raise ValueError("final_eval_episodes, and eval_episodes when eval_every > 0, must be positive")
+        if self.replay_capacity < MIN_REPLAY_PER_ENV * self.num_envs:
+            raise ValueError(f"replay_capacity must hold at least {MIN_REPLAY_PER_ENV} frames per env "
+                             f"({MIN_REPLAY_PER_ENV} * num_envs)")
+
+
+def check_replay(cfg: TeacherConfig, game: GameSpec) -> None:
+    """Refuse, in one sentence, a replay too small for num_envs envs of `game` (ReplayMemory keeps
+    at least 4 stacked observations' frames per env; Atari stacks 4 frames)."""
+    need = MIN_REPLAY_PER_ENV * game.stack * cfg.num_envs
+    if cfg.replay_capacity < need:
+        raise UserError(f"replay_capacity {cfg.replay_capacity:,} is too small for {cfg.num_envs} envs of "
+                        f"{game.name}; give at least {need:,}")
 
 
 def default_config_path(suite: str) -> Path:
@@ -87,6 +107,7 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
                   wandb_mode: WandbMode = "offline", restart: bool = False,
                   show_progress: bool = True) -> dict:
     game = get_game(game_name)
+    check_replay(cfg, game)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
@@ -94,7 +115,7 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     torch.manual_seed(cfg.seed)
     teacher = Teacher(game, cfg, device)
     run = Run(run_dir, cfg, step_metric="env_steps", identity={"game": game.name})
-    run.resume(teacher, restart, may_differ=RESUMABLE_CHANGES)
+    run.resume(teacher, restart, may_differ=RESUMABLE_CHANGES, budget=("total_steps", cfg.total_steps, cfg.num_envs))
     run.start(wandb_mode, name=f"teacher-{game.name}", job_type="teacher", group="teachers",
               extra_config={"game": game.name})
     _train(teacher, run, show_progress)
