@@ -32,7 +32,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_sentence(tmp_path, run_cli, name
     _one_sentence(*run_cli("teacher", "import", "cleanrl", path, "--game", "atari/Pong", "--out", out)[::2],
                   name, "not a PyTorch checkpoint")
     _one_sentence(*run_cli("compare", path, "--out", tmp_path / "cmp", "--episodes", "2")[::2], name)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "cmp").exists()  # no empty report folder either
 
 
 def test_torch_load_of_any_bytes_fails_only_as_not_a_torch_file():

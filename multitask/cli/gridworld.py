@@ -15,10 +15,12 @@ STUDIES_HELP = ("control: teacher- vs student-driven distillation speed; actions
 
 def cmd_gridworld(args: argparse.Namespace) -> None:
     from multitask import config as configlib
+    from multitask.files import check_writable
     from multitask.training.gridworld_studies import StudyConfig, run_study
 
     overrides = list(args.overrides) + ([f"mdps={args.mdps}"] if args.mdps is not None else [])
     cfg = configlib.load(StudyConfig, args.config, overrides)
+    check_writable(args.out / f"{args.study}.json", "a writable --out folder")  # before minutes of study
     report = run_study(args.study, cfg, args.out)
     size = {"control": f"{cfg.mdps} MDPs", "actions": f"{cfg.actions_mdps} MDPs",
             "counter": f"{cfg.counter_students} students per reward"}[args.study]
@@ -28,7 +30,7 @@ def cmd_gridworld(args: argparse.Namespace) -> None:
 def add_commands(sub) -> None:
     g = sub.add_parser("gridworld", help="paper B's grid-world studies on sampled 20x20 MDPs with tabular students")
     g.add_argument("study", choices=STUDIES, help=STUDIES_HELP)
-    add_config_options(g, "train.updates=400 grid.noise=0.2", "configs/gridworld/study.toml")
+    add_config_options(g, "train.updates=400 grid.noise=0.2", "study.toml (keys: multitask config gridworld)")
     g.add_argument("--mdps", type=int, help="sampled MDPs (default 32; paper B averaged over 1,000)")
     g.add_argument("--out", type=Path, default=Path("results/gridworld"), help="folder for <study>.json, .md, .png")
     g.set_defaults(func=cmd_gridworld)

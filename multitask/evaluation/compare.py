@@ -331,12 +331,12 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
     if seed < 0:
         raise UserError(f"--seed {seed} is negative; env seeds must be 0 or more")
     out = Path(out)
+    entrants = resolve_entrants(inputs, pool_seeds)  # the inputs first: a bad one leaves no --out folder behind
+    chosen = choose_games(entrants, games)
+    teacher_column, notes = resolve_teachers(chosen, teachers)
     check_writable(out / "report.json", "a writable --out folder")
     cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"
     check_writable(cache_dir / "probe.json", "a writable --cache folder")
-    entrants = resolve_entrants(inputs, pool_seeds)
-    chosen = choose_games(entrants, games)
-    teacher_column, notes = resolve_teachers(chosen, teachers)
     entrants, dropped = drop_teachers(entrants, teacher_column)
     notes += dropped
     run = Execution(workers, pick_device(device), executor, Path(jobs_folder))

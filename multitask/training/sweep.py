@@ -37,7 +37,7 @@ from multitask.training.tracking import WandbMode
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = option("", "sweep name: runs go to runs/student/<name>/, the table to results/<name>.md")
+    name: str = option("", "sweep name: the table goes to results/<name>.md and .json (each run to runs/student/<its run name>/)")
     base: str = option("", "base student config (TOML) that every run starts from")
     games: tuple[str, ...] = option((), "one single-game student per game")
     losses: tuple[LossName, ...] = option(("kl",), "losses to compare")
