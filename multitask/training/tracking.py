@@ -20,6 +20,11 @@ _NO_LOGIN = ("W&B online needs `wandb login` or WANDB_API_KEY; use --wandb offli
              "<run dir>/wandb` later) or --wandb off")
 
 
+def _bad_credentials(e: Exception) -> UserError:
+    return UserError(f"W&B online cannot use its credentials ({str(e).splitlines()[0][:120]}); fix them with "
+                     f"`wandb login --relogin`, or use --wandb offline or off")
+
+
 def check_wandb(mode: WandbMode) -> None:
     """Refuse `online` when wandb finds no credentials (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
     ~/.netrc or its settings), with one sentence, before a run writes anything: wandb.init would
@@ -38,8 +43,7 @@ def check_wandb(mode: WandbMode) -> None:
         auth = wbauth.authenticate_session(host=wandb_setup.singleton().settings.base_url,
                                            source="multitask", prompt=False, update_session=False)
     except AuthenticationError as e:
-        raise UserError(f"W&B online cannot use its credentials ({str(e).splitlines()[0][:120]}); fix "
-                        f"them with `wandb login --relogin`, or use --wandb offline or off") from None
+        raise _bad_credentials(e) from None
     except Exception:  # noqa: BLE001 - an internal API that changed: let wandb.init decide
         return
     if auth is None:
@@ -69,8 +73,7 @@ class Tracker:
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
         except AuthenticationError as e:
-            raise UserError(f"W&B {mode} cannot use its credentials ({str(e).splitlines()[0][:120]}); "
-                            f"fix them with `wandb login --relogin`, or use --wandb offline or off") from None
+            raise _bad_credentials(e) from None
         except UsageError as e:  # "No API key configured. Use `wandb login` to log in."; others are bugs
             if "api key" not in str(e).lower():
                 raise
