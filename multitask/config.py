@@ -74,8 +74,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 pass
         raise bad
     if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # a,b,c on the command line: each item read as an override's value
+            value = [_value(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # actions=4 on the command line: a list of one
         if not isinstance(value, (list, tuple)):
             raise bad
         args = get_args(tp)
@@ -152,12 +154,16 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' must look like key=value (e.g. lr=3e-4)")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    return key.strip().split("."), _value(raw)
+
+
+def _value(raw: str) -> Any:
+    """An override's value as TOML reads it (3e-4, true, [1, 2]), or the bare string: game names
+    and paths need no quotes on the command line."""
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare strings (game names, paths) need no quotes on the command line
-    return key.split("."), value
+        return raw
 
 
 def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:

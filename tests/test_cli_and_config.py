@@ -126,3 +126,13 @@ def test_an_existing_teacher_is_replaced_only_with_overwrite(run_cli, tmp_path, 
         code, _, err = run_cli("teacher", *command, "--out", out)
         assert code == 2 and "already holds a teacher; pass --overwrite" in err and err.count("\n") == 1, err
     assert out.read_bytes() == before and not (tmp_path / "run").exists()
+
+
+def test_list_overrides_read_each_item_as_a_value():
+    from multitask.training.gridworld_studies import StudyConfig
+
+    assert configlib.load(StudyConfig, None, ["actions=4,4000"]).actions == (4, 4000)
+    assert configlib.load(StudyConfig, None, ["actions=4"]).actions == (4,)
+    assert configlib.load(StudyConfig, None, ["temperatures=[0.1, 1]"]).temperatures == (0.1, 1.0)
+    with pytest.raises(UserError, match="'actions' .* must be int, got 'four'"):
+        configlib.load(StudyConfig, None, ["actions=four,4"])

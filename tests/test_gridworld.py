@@ -78,7 +78,7 @@ def test_students_learn_the_teacher_on_grids():
 @pytest.mark.slow
 def test_control_study_student_driven_reaches_the_teacher_sooner(tmp_path):
     cfg = StudyConfig(mdps=6, temperatures=(0.01,), train=TabularConfig(updates=150, eval_every=5))
-    report = run_study("control", cfg, tmp_path, say=lambda s: None)
+    report = run_study("control", cfg, tmp_path, say=lambda s: None, show_progress=False)
     rows = {r["variant"]: r for r in report["rows"]}
     ratio = rows["ratio teacher-driven / student-driven"]
     assert ratio["mdps_with_both"] >= 4 and ratio["ratio_median"] > 1.2
@@ -91,10 +91,21 @@ def test_control_study_student_driven_reaches_the_teacher_sooner(tmp_path):
 
 def test_actions_study_entropy_regularised_falls_behind_at_many_actions(tmp_path):
     cfg = StudyConfig(actions=(400,), actions_mdps=3, actions_updates=30, train=TabularConfig(eval_every=10))
-    report = run_study("actions", cfg, tmp_path, say=lambda s: None)
+    report = run_study("actions", cfg, tmp_path, say=lambda s: None, show_progress=False)
     final = {r["variant"]: r["final_return"]["mean"] for r in report["rows"]}
     assert final["expected_entropy_regularised"] > final["entropy_regularised"]
     assert final["on_policy_distill"] > final["entropy_regularised"]
+
+
+@pytest.mark.parametrize("study", ["actions", "counter"])
+def test_a_studys_progress_bar_counts_every_update_it_takes(study):
+    from multitask.training.gridworld_studies import RUNNERS, study_updates
+
+    cfg = StudyConfig(actions=(4,), actions_mdps=2, actions_updates=7, counter_rewards=(4.0,), counter_students=2,
+                      counter_train=replace(StudyConfig().counter_train, updates=9, episodes=2))
+    ticks = []
+    RUNNERS[study](cfg, lambda line: None, ticks.append)
+    assert sum(ticks) == study_updates(study, cfg) > 0
 
 
 def test_cyclic_fork_pays_the_previous_branchs_teacher_action():
@@ -150,7 +161,7 @@ def test_on_policy_and_n_distill_differ_only_where_visits_move():
 def test_counter_study_on_policy_plus_r_cycles_where_n_distill_plus_r_settles(tmp_path):
     cfg = StudyConfig(counter_rewards=(4.0,), counter_students=4,
                       counter_train=replace(StudyConfig().counter_train, updates=2000, lr=0.3))
-    report = run_study("counter", cfg, tmp_path, say=lambda s: None)
+    report = run_study("counter", cfg, tmp_path, say=lambda s: None, show_progress=False)
     rows = {r["variant"]: r for r in report["rows"]}
     on_policy, n_distill = rows["on_policy_distill+R"], rows["n_distill+R"]
     assert on_policy["late_swing"]["low"] > n_distill["late_swing"]["high"]  # still cycling vs settled

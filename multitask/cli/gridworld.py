@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_config_options
+from multitask.cli.common import add_config_options, add_no_progress
 from multitask.training.gridworld_studies import STUDIES
 
 STUDIES_HELP = ("control: teacher- vs student-driven distillation speed; actions: entropy vs expected entropy "
@@ -21,7 +21,7 @@ def cmd_gridworld(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"mdps={args.mdps}"] if args.mdps is not None else [])
     cfg = configlib.load(StudyConfig, args.config, overrides)
     check_writable(args.out / f"{args.study}.json", "a writable --out folder")  # before minutes of study
-    report = run_study(args.study, cfg, args.out)
+    report = run_study(args.study, cfg, args.out, show_progress=not args.no_progress)
     size = {"control": f"{cfg.mdps} MDPs", "actions": f"{cfg.actions_mdps} MDPs",
             "counter": f"{cfg.counter_students} students per reward"}[args.study]
     print(f"gridworld {args.study}: {size} in {report['seconds']:.0f} s -> {args.out}/{args.study}.md, .json, .png")
@@ -33,4 +33,5 @@ def add_commands(sub) -> None:
     add_config_options(g, "train.updates=400 grid.noise=0.2", "study.toml (keys: multitask config gridworld)")
     g.add_argument("--mdps", type=int, help="sampled MDPs (default 32; paper B averaged over 1,000)")
     g.add_argument("--out", type=Path, default=Path("results/gridworld"), help="folder for <study>.json, .md, .png")
+    add_no_progress(g)
     g.set_defaults(func=cmd_gridworld)

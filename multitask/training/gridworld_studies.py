@@ -31,6 +31,7 @@ from multitask import config as configlib
 from multitask.config import option
 from multitask.envs.gridworld import GridConfig, cyclic_fork, optimal_q, policy_values, sample_grids
 from multitask.files import atomic_write_text
+from multitask.progress import Progress
 from multitask.training.tabular import TabularConfig, make_teacher, train, train_expected
 
 STUDIES = ("control", "actions", "counter")
@@ -83,7 +84,7 @@ def mean_interval(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(x.mean()), "low": float(x.mean() - half), "high": float(x.mean() + half)}
 
 
-def control_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def control_study(cfg: StudyConfig, say: Callable[[str], None], tick: Callable[[int], None]) -> dict[str, Any]:
     mdps = sample_grids(cfg.grid, cfg.mdps, cfg.seed)
     q = optimal_q(mdps)
     uniform = policy_values(mdps, torch.full((mdps.batch, mdps.num_states, mdps.num_actions), 1.0 / mdps.num_actions,
@@ -96,7 +97,7 @@ def control_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
         reached, labels = {}, {}
         for variant in ("teacher_distill", "on_policy_distill", "uniform_distill"):
             t0 = time.perf_counter()
-            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant), cfg.seed)
+            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant), cfg.seed, tick)
             updates = np.repeat(np.asarray(curve.updates, dtype=float)[:, None], mdps.batch, 1)
             reached[variant] = _reached_at(updates, curve.returns, target)
             labels[variant] = _reached_at(curve.labels, curve.returns, target)
@@ -119,7 +120,7 @@ def control_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
     return {"rows": rows, "curves": curves}
 
 
-def actions_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def actions_study(cfg: StudyConfig, say: Callable[[str], None], tick: Callable[[int], None]) -> dict[str, Any]:
     rows, curves = [], {}
     for n in cfg.actions:
         mdps = sample_grids(replace(cfg.grid, num_actions=n), cfg.actions_mdps, cfg.seed)
@@ -127,7 +128,8 @@ def actions_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
         t_ret = teacher.values[:, mdps.start].numpy()
         for variant in ("on_policy_distill", "entropy_regularised", "expected_entropy_regularised"):
             t0 = time.perf_counter()
-            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant, updates=cfg.actions_updates), cfg.seed)
+            _, curve = train(mdps, teacher, replace(cfg.train, variant=variant, updates=cfg.actions_updates), cfg.seed,
+                             tick)
             curves[f"{variant}@{n}"] = {"updates": curve.updates, "mean_return": curve.returns.mean(1).tolist(),
                                         "teacher": float(t_ret.mean())}
             rows.append({"actions": n, "variant": variant, "final_return": mean_interval(curve.returns[-1]),
@@ -138,7 +140,7 @@ def actions_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
     return {"rows": rows, "curves": curves}
 
 
-def counter_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def counter_study(cfg: StudyConfig, say: Callable[[str], None], tick: Callable[[int], None]) -> dict[str, Any]:
     rows, curves = [], {}
     for reward in cfg.counter_rewards:
         mdps, q = cyclic_fork(cfg.counter_students, reward)
@@ -146,8 +148,8 @@ def counter_study(cfg: StudyConfig, say: Callable[[str], None]) -> dict[str, Any
         for variant in ("on_policy_distill+R", "n_distill+R"):
             t0 = time.perf_counter()
             run = replace(cfg.counter_train, variant=variant)
-            _, sampled = train(mdps, teacher, run, cfg.seed)
-            _, exact = train_expected(mdps, teacher, run, cfg.seed)
+            _, sampled = train(mdps, teacher, run, cfg.seed, tick)
+            _, exact = train_expected(mdps, teacher, run, cfg.seed, tick=tick)
             curves[f"{variant}@{reward:g}"] = {"updates": sampled.updates,
                                                "mean_return": sampled.returns.mean(1).tolist(),
                                                "student_returns": sampled.returns[:, :3].T.tolist(),
@@ -179,14 +181,28 @@ def _quartiles(x: np.ndarray) -> list[float] | None:
 RUNNERS = {"control": control_study, "actions": actions_study, "counter": counter_study}
 
 
-def run_study(study: str, cfg: StudyConfig, out_dir: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one study and write <out_dir>/<study>.json, .md and .png."""
+def study_updates(study: str, cfg: StudyConfig) -> int:
+    """The updates a study's students take in all (its progress bar's total): 3 variants per
+    temperature or action count; 2 per fork reward, each trained sampled and by its expected update."""
+    return {"control": 3 * len(cfg.temperatures) * cfg.train.updates,
+            "actions": 3 * len(cfg.actions) * cfg.actions_updates,
+            "counter": 2 * 2 * len(cfg.counter_rewards) * cfg.counter_train.updates}[study]
+
+
+def run_study(study: str, cfg: StudyConfig, out_dir: Path, say: Callable[[str], None] = print,
+              show_progress: bool = True) -> dict[str, Any]:
+    """Run one study and write <out_dir>/<study>.json, .md and .png; a line per trained cell, and a
+    progress bar over all its students' updates."""
     from multitask.evaluation import plots
     from multitask.evaluation.report import gridworld_table
 
     torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other core free
     start = time.perf_counter()
-    result = RUNNERS[study](cfg, say)
+    bar = Progress(study_updates(study, cfg), f"gridworld {study}", unit="updates", enabled=show_progress)
+    try:
+        result = RUNNERS[study](cfg, say, bar.update)
+    finally:
+        bar.close()
     report = {"format": "multitask-gridworld", "study": study, "package_version": __version__,
               "config": configlib.to_dict(cfg), "command": configlib.command_line(),
               "seconds": time.perf_counter() - start, **result}

@@ -12,7 +12,7 @@ Every `eval_every` updates the student's exact return from the start state is co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -139,9 +139,11 @@ def surrogate(mdps: TabularMDPs, teacher: Teacher, variant_name: str, logits: to
     return loss, returns
 
 
-def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) -> tuple[torch.Tensor, Curve]:
+def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int,
+          tick: Callable[[int], None] = lambda n: None) -> tuple[torch.Tensor, Curve]:
     """Distil one tabular student per MDP with cfg.variant; returns the final logits (B, O, A) and
-    the exact-return curve (evaluated at update 0, every eval_every and at the end)."""
+    the exact-return curve (evaluated at update 0, every eval_every and at the end). `tick(1)` after
+    each update (a progress bar's)."""
     variant, _ = u.parse_variant(cfg.variant)
     gen = torch.Generator().manual_seed(seed)
     logits = torch.zeros(mdps.batch, mdps.num_observations, mdps.num_actions, dtype=torch.float64, requires_grad=True)
@@ -172,6 +174,7 @@ def train(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int) ->
         (loss * mdps.batch).backward()  # each MDP's student takes its own full step
         opt.step()
         update_baseline(baseline, b_idx, obs, returns, ep["alive"], cfg.baseline_rate)
+        tick(1)
         if step % cfg.eval_every == 0 or step == cfg.updates:
             values = evaluate(step)
             if variant.value_gate:  # V_pi_theta for the gate, exact as of the last evaluation
@@ -201,10 +204,10 @@ def expected_loss(mdps: TabularMDPs, logits: torch.Tensor, teacher: Teacher, var
 
 
 def train_expected(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed: int,
-                   init_scale: float = 0.1) -> tuple[torch.Tensor, Curve]:
+                   init_scale: float = 0.1, tick: Callable[[int], None] = lambda n: None) -> tuple[torch.Tensor, Curve]:
     """Plain gradient steps of cfg.lr on `expected_loss` (no sampling: the update's own dynamics),
     from logits drawn N(0, init_scale^2) (zero logits can sit on a symmetric fixed point); the curve
-    as `train`'s, labels 0."""
+    as `train`'s, labels 0; `tick(1)` after each step."""
     gen = torch.Generator().manual_seed(seed)
     logits = (init_scale * torch.randn(mdps.batch, mdps.num_observations, mdps.num_actions, generator=gen,
                                        dtype=torch.float64)).requires_grad_()
@@ -219,5 +222,6 @@ def train_expected(mdps: TabularMDPs, teacher: Teacher, cfg: TabularConfig, seed
         grad, = torch.autograd.grad(expected_loss(mdps, logits, teacher, cfg.variant), logits)
         with torch.no_grad():
             logits -= cfg.lr * grad
+        tick(1)
     stacked = np.stack(returns)
     return logits.detach(), Curve(steps, stacked, np.zeros_like(stacked, dtype=np.int64))
