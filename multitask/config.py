@@ -75,7 +75,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise bad
     if origin in (tuple, list):
         if isinstance(value, str):  # a,b,c on the command line: each item read as an override's value
-            value = [_value(v.strip()) for v in value.split(",") if v.strip()]
+            value = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # actions=4 on the command line: a list of one
         if not isinstance(value, (list, tuple)):
@@ -154,10 +154,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' must look like key=value (e.g. lr=3e-4)")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), _value(raw)
+    return key.strip().split("."), parse_value(raw)
 
 
-def _value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """An override's value as TOML reads it (3e-4, true, [1, 2]), or the bare string: game names
     and paths need no quotes on the command line."""
     try:

@@ -136,3 +136,12 @@ def test_list_overrides_read_each_item_as_a_value():
     assert configlib.load(StudyConfig, None, ["temperatures=[0.1, 1]"]).temperatures == (0.1, 1.0)
     with pytest.raises(UserError, match="'actions' .* must be int, got 'four'"):
         configlib.load(StudyConfig, None, ["actions=four,4"])
+
+
+def test_int_flags_read_numbers_as_overrides_do():
+    from multitask.cli import build_parser
+
+    for text in ("100000", "100_000", "1e5"):
+        assert build_parser().parse_args(["dataset", "build", "minatar/Breakout", "--steps", text]).steps == 100_000
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["dataset", "build", "minatar/Breakout", "--steps", "1.5"])

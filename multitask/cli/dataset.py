@@ -155,9 +155,22 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `int | None`: the flag takes an int
             tp = next(t for t in typing.get_args(tp) if t is not type(None))
         default, doc = docs[key]
-        kind = {"choices": typing.get_args(tp)} if typing.get_origin(tp) is typing.Literal else {"type": tp}
+        kind = ({"choices": typing.get_args(tp)} if typing.get_origin(tp) is typing.Literal
+                else {"type": _int_flag if tp is int else tp})
         p.add_argument(flag, dest=key, **kind,
                        help=f"{doc} (config key {key}; default {default})".replace("%", "%%"))
+
+
+def _int_flag(text: str) -> int:
+    """An int flag read as the same key's override is (`steps=1e5`): 100000, 100_000 or 1e5."""
+    from multitask import config as configlib
+
+    value = configlib.parse_value(text)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}")
+    return value
 
 
 def add_commands(sub) -> None:
