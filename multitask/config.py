@@ -138,8 +138,9 @@ def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str = "") ->
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name, source)
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # __post_init__ validation
-        raise UserError(f"invalid config from {source}: {e}") from None
+    except (ValueError, TypeError) as e:  # __post_init__ validation, named with its table ([grid] size ...)
+        table = f" [{prefix[:-1]}]" if prefix else ""
+        raise UserError(f"invalid config from {source}{table}: {e}") from None
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ CONFIG_CASES = [  # (load the config from these overrides, words of the refusal)
         ("gamma=1.5", "gamma must be in [0, 1]"), ("games=minatar/Breakout,minatar/Breakout", "each game once"),
         ("final_eval_episodes=0", "final_eval_episodes"), ("seed=-1", "must not be negative")]],
     *[("gridworld", [o], w) for o, w in [
-        ("mdps=0", "mdps"), ("mdps=-2", "mdps"), ("seed=-1", "seed"), ("grid.size=0", "size"),
+        ("mdps=0", "mdps"), ("mdps=-2", "mdps"), ("seed=-1", "seed"), ("grid.size=0", "[grid]: size and num_actions"),
         ("grid.noise=1.5", "probabilities"), ("train.lr=-1", "lr must be positive"),
         ("train.eval_every=0", "eval_every"), ("counter_train.gamma=2", "gamma must be in [0, 1]")]],
     *[("pipeline", [*PIPELINE, o], w) for o, w in [
