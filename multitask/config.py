@@ -158,6 +158,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parse_value(raw)
 
 
+def read_value(raw: str, tp: Any, key: str, source: str) -> Any:
+    """A command-line word as config key `key` of type `tp` takes it (what an override does)."""
+    return _coerce(parse_value(raw), tp, key, source)
+
+
 def parse_value(raw: str) -> Any:
     """An override's value as TOML reads it (3e-4, true, [1, 2]), or the bare string: game names
     and paths need no quotes on the command line."""

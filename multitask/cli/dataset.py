@@ -165,12 +165,10 @@ def _int_flag(text: str) -> int:
     """An int flag read as the same key's override is (`steps=1e5`): 100000, 100_000 or 1e5."""
     from multitask import config as configlib
 
-    value = configlib.parse_value(text)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}")
-    return value
+    try:
+        return configlib.read_value(text, int, "flag", "the command line")
+    except UserError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
 
 
 def add_commands(sub) -> None:

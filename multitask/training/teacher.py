@@ -205,7 +205,7 @@ def _evaluate(teacher: Teacher, run: Run) -> float:
     """A periodic evaluation: logged, printed, added to the learning curve, kept if the best."""
     cfg, game = teacher.cfg, teacher.game
     seed = cfg.seed + PERIODIC_EVAL_SEED + EVAL_SEED_STRIDE * len(teacher.history)
-    scores = score_games(teacher.net, [game.name], cfg.eval_episodes, seed, 1, {}, next(teacher.net.parameters()).device)
+    scores = score_games(teacher.net, [game.name], cfg.eval_episodes, seed, 1, {}, teacher.device)
     score = scores.means[game.name]
     teacher.history.append({"env_steps": teacher.env_steps, "mean": score, "wall_time_s": run.clock.wall()})
     run.report_evaluation(scores.metrics(), scores.line(), teacher.env_steps)
