@@ -16,7 +16,7 @@ from multitask.agents.networks import MultiHeadNet, NetworkSpec, TrunkSpec
 from multitask.evaluation import statistics as st
 from multitask.evaluation.compare import compare, game_entry
 from multitask.evaluation.reference import ATARI_RANDOM_HUMAN, human_reference
-from multitask.evaluation.report import GEOMEAN_FLOOR
+from multitask.evaluation.report import GEOMEAN_FLOOR, pct_of_teacher
 from multitask.envs import get_game, known_games
 
 GAMES = ("minatar/Breakout", "minatar/Freeway")
@@ -244,11 +244,11 @@ def test_agents_for_other_games_or_another_suite_are_refused(tmp_path, make_teac
 # ---- statistics: pure functions -----------------------------------------------------------------
 
 def test_percent_of_teacher_rule_for_zero_and_negative_scores():
-    pct, geo = st.percent_of_teacher({"a": 5.0, "b": 0.0, "c": -3.0}, {"a": 10.0, "b": 4.0, "c": 6.0})
+    pct, geo = pct_of_teacher({"a": 5.0, "b": 0.0, "c": -3.0}, {"a": 10.0, "b": 4.0, "c": 6.0})
     assert pct == {"a": 50.0, "b": 0.0, "c": -50.0}
     assert geo == pytest.approx((50.0 * GEOMEAN_FLOOR * GEOMEAN_FLOOR) ** (1 / 3))  # 0% and -50% floored at 0.1%
     for bad in (0.0, -20.0, None):
-        pct, geo = st.percent_of_teacher({"a": 5.0, "b": -10.0}, {"a": 10.0, "b": bad})
+        pct, geo = pct_of_teacher({"a": 5.0, "b": -10.0}, {"a": 10.0, "b": bad})
         assert pct == {"a": 50.0} and geo is None
 
 

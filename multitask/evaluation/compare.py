@@ -33,7 +33,7 @@ from multitask.evaluation import statistics as st
 from multitask.evaluation.entrants import (RANDOM_LABEL, TEACHER_LABEL, Entrant, choose_games, drop_teachers,
                                            random_network, resolve_entrants, resolve_teachers)
 from multitask.evaluation.protocol import EVAL_EPSILON, GameScores, evaluate_games, protocol
-from multitask.evaluation.report import geomean
+from multitask.evaluation.report import geomean, pct_of_teacher
 from multitask.evaluation.reference import SOURCE as HUMAN_SOURCE, human_reference
 from multitask.files import atomic_write_text, check_writable
 from multitask.progress import Progress
@@ -203,7 +203,7 @@ def game_entry(per_seed: Sequence[Sequence[float]], teacher: Sequence[float] | N
     runs = run_scores(per_seed)
     mean, stderr = st.mean_stderr(runs)
     teacher_mean = None if teacher is None else st.mean_stderr(teacher)[0]
-    pct, _ = st.percent_of_teacher({game: mean}, {game: teacher_mean})
+    pct, _ = pct_of_teacher({game: mean}, {game: teacher_mean})
     interval = None
     if pct.get(game) is not None and not is_teacher:
         interval = st.ratio_interval(runs, teacher, reps, seed)

@@ -43,9 +43,18 @@ TABLE_MARKER = re.compile(r"^<!-- table: (?P<src>[^\s>]+) -->\n(?P<body>.*?)^<!-
 Results = dict[str, Any] | list[dict[str, Any]]  # one run's summary, or a sweep's list of them
 
 
-def pct_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict, float | None]:
-    """100 * student / teacher per game and their geometric mean (None unless every game has a teacher score)."""
-    pct = {g: 100.0 * s / teacher[g] for g, s in scores.items() if teacher.get(g)}
+def pct_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict[str, float], float | None]:
+    """100 * agent / teacher per game and their geometric mean.
+
+    Rule for scores of zero or below: a game whose teacher scored 0 or less (or has no teacher)
+    has no % of teacher (a zero denominator is undefined, a negative one flips the sign: -10 against
+    a teacher's -20 would read 50%; Atari's Pong, Tennis or Skiing teachers can score below 0). An
+    agent's score of 0 or below against a positive teacher is kept (0% or negative), and the
+    geometric mean floors each percentage at GEOMEAN_FLOOR (0.1%). The geometric mean is None
+    unless every game has a percentage.
+    """
+    pct = {g: 100.0 * s / teacher[g] for g, s in scores.items()
+           if teacher.get(g) is not None and teacher[g] > 0}
     if len(pct) < len(scores):
         return pct, None
     return pct, geomean(list(pct.values()))

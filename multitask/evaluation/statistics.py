@@ -19,7 +19,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from multitask.evaluation.report import pct_of_teacher
 
 CI_SIZE = 0.95
 BOOTSTRAP_METHOD = "percentile"  # rliable's default: the 2.5th and 97.5th bootstrap percentiles
@@ -36,9 +35,9 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def seed_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
-    """Mean over seeds and its 95% Student-t interval: mean -+ t_{0.975, n-1} s / sqrt(n), s the
-    sample standard deviation (n - 1); no interval from one seed. Few seeds give wide intervals,
-    which is the honest answer (3 seeds: t = 4.30)."""
+    """Mean over seeds (or other independent units: grid-world MDPs) and its 95% Student-t interval:
+    mean -+ t_{0.975, n-1} s / sqrt(n), s the sample standard deviation (n - 1); no interval from
+    one. Few seeds give wide intervals, which is the honest answer (3 seeds: t = 4.30)."""
     from scipy import stats  # rliable's own dependency
 
     x = np.asarray(values, dtype=float)
@@ -46,19 +45,6 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float | None, float |
         return float(x.mean()), None, None
     half = float(stats.t.ppf(0.5 + CI_SIZE / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
-
-
-def percent_of_teacher(scores: dict[str, float], teacher: dict[str, float | None]) -> tuple[dict[str, float], float | None]:
-    """100 * agent / teacher per game and their geometric mean (report.pct_of_teacher).
-
-    Rule for scores of zero or below: a game whose teacher scored 0 or less (or has no teacher)
-    has no % of teacher (a zero denominator is undefined, a negative one flips the sign: -10 against
-    a teacher's -20 would read 50%). An agent's score of 0 or below against a positive teacher is
-    kept (0% or negative), and the geometric mean floors each percentage at
-    report.GEOMEAN_FLOOR (0.1%). The geometric mean is None unless every game has a percentage.
-    """
-    usable = {g: (t if t is not None and t > 0 else None) for g, t in teacher.items()}
-    return pct_of_teacher(scores, usable)
 
 
 def normalised_score(score: float, low: float | None, high: float | None) -> float | None:
@@ -116,7 +102,7 @@ def ratio_interval(agent: Sequence[float], teacher: Sequence[float], reps: int, 
     The agent's and the teacher's episodes are resampled independently (rliable's
     StratifiedIndependentBootstrap, through get_interval_estimates with a list of two (episodes x 1)
     arrays), `reps` times, percentile method, so the interval holds both evaluations' noise.
-    None when the teacher's mean is 0 or below (no % of teacher, see percent_of_teacher), and also
+    None when the teacher's mean is 0 or below (no % of teacher, see report.pct_of_teacher), and also
     when some resample of the teacher's episodes has a mean of 0 or below (a teacher scoring 0 in
     most episodes): the ratio is then undefined in part of the bootstrap and no interval is given.
     """
