@@ -68,11 +68,21 @@ def test_students_learn_the_teacher_on_grids():
     assert (curve.returns[-1] > curve.returns[0]).all() and (curve.returns[-1] > 0.8 * t_ret).all()
     _, again = train(mdps, teacher, cfg, seed=0)
     assert np.array_equal(again.returns, curve.returns)  # seeded
-    for variant in ("n_distill+R", "expected_entropy_regularised+R", "teacher_v_reward+R", "value_gated_on_policy_distill"):
+    for variant in ("n_distill+R", "expected_entropy_regularised+R", "teacher_v_reward", "value_gated_on_policy_distill"):
         _, c = train(mdps, teacher, TabularConfig(variant=variant, updates=20, eval_every=20), seed=0)
         assert np.isfinite(c.returns).all()
     with pytest.raises(ValueError, match="student's own trajectories"):
         TabularConfig(variant="teacher_distill+R")
+
+
+def test_teacher_v_reward_learns_the_game_on_grids():
+    """The teacher V reward is the game reward shaped by the teacher's value: it learns from the
+    uniform start (without r_i, or without the shaping's gamma, its pseudo-return carries next to no
+    signal: measured 4 grids, 100 updates, mean -2.0 -> 0.2)."""
+    mdps = sample_grids(GridConfig(), 4, seed=0)
+    teacher = make_teacher(mdps, optimal_q(mdps), 0.1)
+    _, curve = train(mdps, teacher, TabularConfig(variant="teacher_v_reward", updates=100, eval_every=50), seed=0)
+    assert curve.returns[-1].mean() > curve.returns[0].mean() + 4.0
 
 
 @pytest.mark.slow

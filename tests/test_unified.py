@@ -47,7 +47,31 @@ def test_pseudo_rewards_on_a_three_step_episode():
     ce2 = -(0.2 * LN(0.5) + 0.8 * LN(0.5))
     assert pr("next_cross_entropy") == pytest.approx([-ce1, -ce2, 0.0])  # -H^x(pi(s_{i+1}) || pi_theta(s_{i+1}))
     values = torch.tensor([1.0, 4.0, 6.0], dtype=torch.float64)
-    assert pr("teacher_value", teacher_value=values) == pytest.approx([3.0, 2.0, -6.0])  # V(s_{i+1}) - V(s_i)
+    rewards = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    # r_i + gamma V(s_{i+1}) - V(s_i), V(end) = 0
+    assert pr("teacher_value", teacher_value=values, rewards=rewards, gamma=0.5) == pytest.approx([1.5, -1.0, -4.0])
+    with pytest.raises(ValueError, match="game rewards"):
+        pr("teacher_value", teacher_value=values)
+
+
+def test_teacher_v_reward_telescopes_to_the_return_minus_the_teachers_value():
+    """Over an episode R_hat_t = G_t - V_pi(s_t) (potential-based shaping: the teacher's value adds
+    no bias); over a window cut at its last row, the n-step return bootstrapped on V_pi(s_{T+1})."""
+    gamma, steps = 0.9, 6
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(steps, generator=gen, dtype=torch.float64)
+    values = torch.randn(steps, generator=gen, dtype=torch.float64)
+    alive_next = torch.tensor([True, True, False, True, True, True])  # an episode ends at row 2, the window at 5
+    boot = torch.tensor(3.0, dtype=torch.float64)
+    no = torch.zeros(steps, 2, dtype=torch.float64)
+    r_hat = u.pseudo_reward("teacher_value", no, no, torch.zeros(steps, dtype=torch.long), alive_next, values,
+                            rewards, gamma, next_value=boot)
+    returns = u.discounted_returns(r_hat, alive_next, gamma)
+    g = [0.0] * steps
+    for t in range(steps - 1, -1, -1):
+        after = boot.item() if t == steps - 1 else (g[t + 1] if alive_next[t] else 0.0)
+        g[t] = rewards[t].item() + gamma * after  # the plain (bootstrapped) discounted return
+    assert returns.tolist() == pytest.approx([g[t] - values[t].item() for t in range(steps)])
 
 
 def test_discounted_returns_stop_at_episode_ends():
@@ -57,7 +81,26 @@ def test_discounted_returns_stop_at_episode_ends():
 
 
 def test_value_gate():
-    assert u.value_gate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0])).tolist() == [0.0, 0.0, 1.0]
+    # [V_pi - V_pi_theta]_+ (paper B, section 4): distil where the teacher is better, weighed by how much
+    assert u.value_gate(torch.tensor([1.0, 2.0, 3.5]), torch.tensor([2.0, 2.0, 1.0])).tolist() == [0.0, 0.0, 2.5]
+
+
+def test_mixture_control_score_function():
+    """With the teacher's action taken at probability beta, the policy-gradient term weighs
+    grad log q_theta(a) for q_theta = beta pi + (1 - beta) pi_theta: by hand,
+    d/dlogits log q(a) = (1 - beta) pi_theta(a) (onehot(a) - pi_theta) / q(a)."""
+    logits = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    teacher = _log(0.6, 0.3, 0.1)
+    beta, action = 0.25, 1
+    student_log = torch.log_softmax(logits, -1)
+    control = u.control_log_probs(student_log, teacher, beta)
+    control[action].backward()
+    pi = torch.softmax(logits.detach(), -1)
+    q_a = beta * 0.3 + (1 - beta) * pi[action]
+    assert control[action].item() == pytest.approx(math.log(q_a))
+    onehot = torch.nn.functional.one_hot(torch.tensor(action), 3).to(torch.float64)
+    assert torch.allclose(logits.grad, (1 - beta) * pi[action] * (onehot - pi) / q_a)
+    assert u.control_log_probs(student_log, teacher, 0.0) is student_log  # beta 0: the student's own
 
 
 def test_surrogate_gradient_is_the_unified_update_by_hand():
@@ -86,9 +129,18 @@ def test_variants_and_their_names():
     assert not plus and (eer.step_loss, eer.pseudo_reward) == ("reverse_cross_entropy", "next_teacher_log_prob")
     with pytest.raises(ValueError, match="unknown distillation variant"):
         u.parse_variant("kickstarting")
+    for name in ("teacher_distill+R", "uniform_distill+R"):  # REINFORCE needs the student's own actions
+        with pytest.raises(ValueError, match="student's own trajectories"):
+            u.parse_variant(name)
+    with pytest.raises(ValueError, match="already includes the game reward"):
+        u.parse_variant("teacher_v_reward+R")
 
 
-@pytest.mark.parametrize("name", [v + plus for v in u.VARIANTS for plus in ("", "+R")])
+VALID_NAMES = [v + plus for v in u.VARIANTS for plus in ("", "+R")
+               if v not in ("teacher_distill", "uniform_distill", "teacher_v_reward") or not plus]
+
+
+@pytest.mark.parametrize("name", VALID_NAMES)
 def test_every_variant_keeps_its_tensors_on_the_inputs_device(name):
     """Each variant's whole update on `meta` tensors: a tensor made on the CPU inside it (the bug a
     GPU run would hit, and a CPU run cannot show) raises on the device mismatch."""
@@ -101,6 +153,7 @@ def test_every_variant_keeps_its_tensors_on_the_inputs_device(name):
         variant, plus, torch.zeros(steps, n, actions, **meta), student_log,
         torch.zeros(steps, n, dtype=torch.long, device="meta"), torch.ones(steps, n, dtype=torch.bool, device="meta"),
         torch.ones(steps, n, dtype=torch.bool, device="meta"), torch.zeros(steps, n, **meta),
-        torch.zeros(steps, n, **meta), torch.zeros(steps, n, **meta), 0.9, gate)
+        torch.zeros(steps, n, **meta), torch.zeros(steps, n, **meta), 0.9, gate, teacher_share=0.3,
+        next_value=torch.zeros(n, **meta))
     assert {t.device.type for t in (loss, step, returns)} == {"meta"} and loss.shape == ()
     loss.backward()

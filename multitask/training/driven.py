@@ -8,8 +8,12 @@ variant, each game's loss weighing the same. Same networks, size presets, evalua
 run scaffolding and exact resume as the other trainers.
 
 Pseudo-returns are sums over the rollout, truncated at its end (no bootstrap: the student has no
-value head); with gamma 0.9 a step 32 steps on weighs 0.9^32 = 3%. The baseline is a per-game
-running mean of the pseudo-returns. Each checkpoint restarts every env's episode with seeds fixed
+value head), except the teacher V reward's, which bootstraps on the teacher's value of the state
+after the rollout; with gamma 0.9 a step 32 steps on weighs 0.9^32 = 3%. The baseline is a per-game
+running mean of the pseudo-returns. Under a mixture control the score function is the mixture's
+(unified.control_log_probs). The `updates_per_rollout` updates on one rollout reuse it as it was
+played, with no importance ratio: past the first, the policy-gradient term is slightly off-policy
+(1 keeps it exact). Each checkpoint restarts every env's episode with seeds fixed
 by the checkpoint count (as the multi-task DQN does), so a killed run resumes to the same weights.
 
 Run folder: runs/driven/<name>/ with config.toml, state.pt, best.pt / last.pt, metrics.jsonl,
@@ -95,13 +99,11 @@ class DrivenConfig:
             raise ValueError("name each game once in `games`")
         if self.teachers and len(self.teachers) != len(self.games):
             raise ValueError("`teachers` needs one path per game")
-        variant, plus = u.parse_variant(self.variant)
+        variant, _ = u.parse_variant(self.variant)
         if variant.value_gate:
             raise ValueError(f"{self.variant} needs the student's state values; network students have no value head")
         if not 0.0 <= self.teacher_share <= 1.0:
             raise ValueError("teacher_share is a probability")
-        if variant.control == "teacher" and (variant.pseudo_reward != "none" or plus):
-            raise ValueError(f"{self.variant}: policy-gradient terms need the student's own trajectories")
         if self.follow_pace < 0:
             raise ValueError("follow_pace is a ratio of env steps, not negative")
         if min(self.num_envs, self.rollout, self.total_steps_per_game, self.updates_per_rollout) < 1 or self.lr <= 0 or self.tau < 0:
@@ -263,7 +265,12 @@ class Driven:
                              ("rewards", torch.from_numpy(reward).double().to(self.device)),
                              ("alive_next", torch.from_numpy(~done).to(self.device))):
                     rows[k].append(v)
-        return {k: torch.stack(v) for k, v in rows.items()}
+            out = {k: torch.stack(v) for k, v in rows.items()}
+            if self.variant.pseudo_reward == "teacher_value":  # V_pi after the last step bootstraps the window
+                q = teacher(torch.from_numpy(envs.obs).to(self.device)).double()
+                out["next_value"] = (u.teacher_log_probs(q, cfg.tau).exp() * q).sum(-1)
+        out["teacher_share"] = torch.tensor(share, dtype=torch.float64)
+        return out
 
     def _game_loss(self, g: int, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unified surrogate loss of game g's rollout under the current weights."""
@@ -273,7 +280,9 @@ class Driven:
         baseline = torch.full((steps, n), self.baselines[g], dtype=student_log.dtype, device=student_log.device)
         loss, step_loss, returns = u.variant_loss(self.variant, self.plus_reward, t["teacher_log"], student_log,
                                                   t["actions"], torch.ones_like(t["alive_next"]), t["alive_next"],
-                                                  t["rewards"], t["teacher_value"], baseline, self.cfg.gamma)
+                                                  t["rewards"], t["teacher_value"], baseline, self.cfg.gamma,
+                                                  teacher_share=float(t["teacher_share"]),
+                                                  next_value=t.get("next_value"))
         self.last[g] = {"loss": loss.item(), "step_loss": step_loss.mean().item(), "pseudo_return": returns.mean().item()}
         return loss
 

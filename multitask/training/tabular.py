@@ -38,9 +38,7 @@ class TabularConfig:
     episodes: int = option(1, "episodes per MDP per update, averaged (K episodes: K times less gradient variance)")
 
     def __post_init__(self):
-        variant, plus = u.parse_variant(self.variant)
-        if variant.control == "teacher" and (variant.pseudo_reward != "none" or plus):
-            raise ValueError(f"{self.variant}: policy-gradient terms need the student's own trajectories")
+        u.parse_variant(self.variant)  # unknown or ill-posed variants raise here
         if min(self.updates, self.max_steps, self.eval_every, self.episodes) < 1 or self.lr <= 0:
             raise ValueError("updates, max_steps, eval_every, episodes and lr must be positive")
         if not 0.0 <= self.gamma <= 1.0:

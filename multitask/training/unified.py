@@ -13,11 +13,15 @@ and by network students. Notation: pi is the teacher's policy (softmax(q / tau) 
 teacher), pi_theta the student's, H^x(p || q) = -sum_a p(a) log q(a) the cross-entropy.
 
 Variants (paper B, Table 1; VARIANTS below): control, per-step loss, pseudo-reward and gate.
-"+R" adds the environment reward r_i to every pseudo-reward (needed to surpass the teacher).
+"+R" adds the environment reward r_i to every pseudo-reward (needed to surpass the teacher); the
+teacher V reward has r_i in its own pseudo-reward. Under a teacher-student mixture control the
+score function is the mixture's own, grad log q_theta(a_t | s_t) (`control_log_probs`), so the
+policy-gradient term stays the gradient of the expected pseudo-return of the trajectories played.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,7 +43,7 @@ class Variant:
     control: Control
     step_loss: StepLoss
     pseudo_reward: PseudoReward
-    value_gate: bool = False  # multiply the per-step loss by [V_pi(s) - V_pi_theta(s) > 0]
+    value_gate: bool = False  # multiply the per-step loss by [V_pi(s) - V_pi_theta(s)]_+
 
 
 VARIANTS: dict[str, Variant] = {
@@ -55,11 +59,18 @@ VARIANTS: dict[str, Variant] = {
 
 
 def parse_variant(name: str) -> tuple[Variant, bool]:
-    """`<variant>` or `<variant>+R` -> (Variant, plus_reward); unknown names raise ValueError."""
+    """`<variant>` or `<variant>+R` -> (Variant, plus_reward). Unknown names raise ValueError, and so
+    do policy-gradient terms on trajectories the student does not play (teacher or uniform control)
+    and `teacher_v_reward+R` (its pseudo-reward already holds r_i)."""
     base, plus = (name[:-2], True) if name.endswith("+R") else (name, False)
     if base not in VARIANTS:
         raise ValueError(f"unknown distillation variant {name!r}; known: {', '.join(VARIANTS)} (each also with +R)")
-    return VARIANTS[base], plus
+    variant = VARIANTS[base]
+    if variant.control != "student" and (variant.pseudo_reward != "none" or plus):
+        raise ValueError(f"{name}: policy-gradient terms need the student's own trajectories")
+    if plus and variant.pseudo_reward == "teacher_value":
+        raise ValueError(f"{name}: the teacher V reward already includes the game reward; drop '+R'")
+    return variant, plus
 
 
 def teacher_log_probs(q_values: torch.Tensor, tau: float) -> torch.Tensor:
@@ -91,17 +102,23 @@ def step_loss(kind: StepLoss, teacher_log: torch.Tensor, student_log: torch.Tens
 
 def pseudo_reward(kind: PseudoReward, teacher_log: torch.Tensor, student_log: torch.Tensor, actions: torch.Tensor,
                   alive_next: torch.Tensor, teacher_value: torch.Tensor | None = None,
-                  rewards: torch.Tensor | None = None) -> torch.Tensor:
+                  rewards: torch.Tensor | None = None, gamma: float = 1.0,
+                  next_value: torch.Tensor | None = None) -> torch.Tensor:
     """r_hat_i at every step of time-major rows (T, ...), with no gradient.
 
     - teacher_log_prob (entropy regularised): log pi(a_i | s_i);
     - next_cross_entropy (n-distill): -H^x(pi(s_{i+1}) || pi_theta(s_{i+1}));
     - next_teacher_log_prob (expected entropy regularised): log pi(a_{i+1} | s_{i+1});
-    - teacher_value (teacher V reward): V_pi(s_{i+1}) - V_pi(s_i), potential-based shaping by the
-      teacher's value (paper B, section 4 and its Proposition 4; r_i comes with "+R");
+    - teacher_value (teacher V reward): r_i + gamma V_pi(s_{i+1}) - V_pi(s_i), the game reward
+      shaped by the teacher's value as potential (paper B, section 4 and its Proposition 4; Ng et al.
+      1999). The gamma is the pseudo-returns' own: with it the sum telescopes, R_hat_t = (the
+      discounted game return from t) - V_pi(s_t) over a whole episode, and over a window cut at row
+      T it is the n-step return bootstrapped on gamma^(T+1-t) V_pi(s_{T+1}) (`next_value`, V_pi of
+      the state after the last row; 0 when not given). Without r_i the sum is -V_pi(s_t) whatever
+      the actions, a zero expected gradient;
     - none: 0.
     Terms of s_{i+1} are 0 where the episode ended at step i (`alive_next` false); teacher_value
-    takes V_pi at every row, with V_pi(end) = 0. `rewards` is unused here ("+R" adds it after).
+    takes V_pi at every row, with V_pi(end) = 0.
     """
     with torch.no_grad():
         t_log = teacher_log.clamp_min(MIN_LOG_PROB)
@@ -110,9 +127,12 @@ def pseudo_reward(kind: PseudoReward, teacher_log: torch.Tensor, student_log: to
         if kind == "teacher_log_prob":
             return t_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         if kind == "teacher_value":
-            if teacher_value is None:
-                raise ValueError("the teacher V reward needs the teacher's state values")
-            return _next(teacher_value, alive_next) - teacher_value
+            if teacher_value is None or rewards is None:
+                raise ValueError("the teacher V reward needs the teacher's state values and the game rewards")
+            following = _next(teacher_value, alive_next)
+            if next_value is not None:
+                following[-1] = next_value * alive_next[-1].to(following.dtype)
+            return rewards + gamma * following - teacher_value
         if kind == "next_cross_entropy":
             per_step = -cross_entropy(teacher_log, student_log)
         elif kind == "next_teacher_log_prob":
@@ -141,14 +161,29 @@ def discounted_returns(rewards: torch.Tensor, alive_next: torch.Tensor, gamma: f
 
 
 def value_gate(teacher_value: torch.Tensor, student_value: torch.Tensor) -> torch.Tensor:
-    """[V_pi(s) - V_pi_theta(s) > 0] as 0/1: distil only where the teacher is better (paper B, sec. 4)."""
-    return (teacher_value > student_value).to(teacher_value.dtype)
+    """[V_pi(s) - V_pi_theta(s)]_+, the per-step loss's weight: distil only where the teacher is
+    better, and the more the better it is (paper B, section 4). No gradient."""
+    return (teacher_value - student_value).clamp_min(0.0).detach()
+
+
+def control_log_probs(student_log: torch.Tensor, teacher_log: torch.Tensor, teacher_share: float) -> torch.Tensor:
+    """log q_theta(a | s) of the mixture control that takes the teacher's sampled action with
+    probability beta = `teacher_share` and the student's otherwise:
+    log(beta pi(a | s) + (1 - beta) pi_theta(a | s)); the student's own log-probabilities at beta = 0.
+    Gradients flow through the student's part only."""
+    if teacher_share <= 0.0:
+        return student_log
+    if teacher_share >= 1.0:
+        return teacher_log.detach()
+    return torch.logaddexp(teacher_log.detach() + math.log(teacher_share), student_log + math.log1p(-teacher_share))
 
 
 def surrogate_loss(student_log: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor,
                    baseline: torch.Tensor, per_step_loss: torch.Tensor) -> torch.Tensor:
-    """sum_t mask_t [ -log pi_theta(a_t | s_t) (R_hat_t - b_t) + l_t ], summed over time and
-    averaged over the other axes (independent trajectories). Returns and baseline carry no gradient."""
+    """sum_t mask_t [ -log q_theta(a_t | s_t) (R_hat_t - b_t) + l_t ], summed over time and
+    averaged over the other axes (independent trajectories); `student_log` holds log q_theta, the
+    control policy's log-probabilities (the student's, or a mixture's: `control_log_probs`). Returns
+    and baseline carry no gradient."""
     log_pa = student_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     advantage = (returns - baseline).detach()
     per_step = -log_pa * advantage + per_step_loss
@@ -158,18 +193,22 @@ def surrogate_loss(student_log: torch.Tensor, actions: torch.Tensor, mask: torch
 def variant_loss(variant: Variant, plus_reward: bool, teacher_log: torch.Tensor, student_log: torch.Tensor,
                  actions: torch.Tensor, alive: torch.Tensor, alive_next: torch.Tensor, rewards: torch.Tensor,
                  teacher_value: torch.Tensor, baseline: torch.Tensor, gamma: float,
-                 gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 gate: torch.Tensor | None = None, teacher_share: float = 0.0,
+                 next_value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One variant's update on time-major rows (T, ...): (surrogate loss, per-step loss l, R_hat).
 
-    l = `step_loss` (times `gate`, the value gate's 0/1, where given); r_hat = `pseudo_reward`
-    (+ r_i with "+R"); R_hat = `discounted_returns` of r_hat on the rows where the episode is
-    `alive`; loss = `surrogate_loss` masked by `alive`. Every tensor stays on the inputs' device."""
+    l = `step_loss` (times `gate`, the value gate's [V_pi - V_pi_theta]_+, where given); r_hat =
+    `pseudo_reward` (+ r_i with "+R"; `next_value` bootstraps the teacher V reward at the last row);
+    R_hat = `discounted_returns` of r_hat on the rows where the episode is `alive`; loss =
+    `surrogate_loss` masked by `alive`, its score function that of the control played (the mixture
+    with the teacher at `teacher_share`, `control_log_probs`). Every tensor stays on the inputs' device."""
     loss_t = step_loss(variant.step_loss, teacher_log, student_log)
     if gate is not None:
         loss_t = loss_t * gate
-    r_hat = pseudo_reward(variant.pseudo_reward, teacher_log, student_log, actions, alive_next, teacher_value)
+    r_hat = pseudo_reward(variant.pseudo_reward, teacher_log, student_log, actions, alive_next, teacher_value,
+                          rewards, gamma, next_value)
     if plus_reward:
         r_hat = r_hat + rewards
     returns = discounted_returns(r_hat * alive, alive_next, gamma)
-    return surrogate_loss(student_log, actions, alive, returns, baseline, loss_t), loss_t, returns
-
+    control_log = control_log_probs(student_log, teacher_log, teacher_share)
+    return surrogate_loss(control_log, actions, alive, returns, baseline, loss_t), loss_t, returns
