@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from multitask.agents.networks import MultiHeadNet, count_parameters
-from multitask.agents.sizes import (SIZE_FRACTIONS, parameter_count, sized_network, width_for_parameters)
+from multitask.agents.sizes import (SIZE_FRACTIONS, parameter_count, preset_shape, sized_network,
+                                    width_for_parameters)
 from multitask.envs import get_game
 from multitask.errors import UserError
 
@@ -80,6 +81,24 @@ def test_strided_shape_keeps_conv_channels_and_reaches_every_fraction(conv_width
         assert net(torch.zeros(2, 10, 10, 10, dtype=torch.uint8)).shape == (2, 6)
 
 
-def test_strided_shape_is_refused_for_atari():
+def test_strided_shape_is_refused_for_atari_and_flat_for_minatar():
     with pytest.raises(UserError, match="for MinAtar networks"):
         sized_network("7%", [get_game("atari/Pong")], shape="strided")
+    with pytest.raises(UserError, match="for Atari networks"):
+        sized_network("7%", [get_game("minatar/Breakout")], shape="flat")
+
+
+@pytest.mark.parametrize("size", ["7%", "4%"])
+def test_small_atari_presets_are_paper_as_students(size):
+    """Paper A's 7% and 4% Atari students: three convs of 16 channels with the Nature kernels and
+    strides, a shrunk FC (paper A: 128 and 64 units at 6.7% and 3.7%; here the fraction is 7% / 4%)."""
+    games = [get_game("atari/Pong")]
+    shape, conv_width = preset_shape(size, ["atari/Pong"])
+    spec, sized = sized_network(size, games, shape=shape, conv_width=conv_width)
+    convs, hidden = spec.trunk.layer_sizes()
+    assert convs == ((16, 8, 4), (16, 4, 2), (16, 3, 1))
+    assert {"7%": 136, "4%": 72}[size] == hidden
+    net = MultiHeadNet(spec)
+    assert count_parameters(net) == sized.parameters
+    assert sized.fraction_of_teacher >= SIZE_FRACTIONS[size]
+    assert net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6)

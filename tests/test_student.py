@@ -332,9 +332,12 @@ def test_the_size_preset_picks_the_trunk_shape_and_configs_hold_the_shape_built(
     from multitask import config as configlib
     assert configlib.to_dict(small)["shape"] == "strided"
     assert (StudentConfig(games=("minatar/Seaquest",), size="7%", conv_width=0.5).conv_width) == 0.5  # given: kept
-    for size, games in (("25%", ("minatar/Seaquest",)), ("100%", ("minatar/Seaquest",)), ("7%", ("atari/Pong",))):
+    for size, games in (("25%", ("minatar/Seaquest",)), ("100%", ("minatar/Seaquest",)), ("25%", ("atari/Pong",))):
         cfg = StudentConfig(games=games, size=size)
         assert (cfg.shape, cfg.conv_width) == ("uniform", 0.0), (size, games)
+    atari_small = StudentConfig(games=("atari/Pong",), size="4%")
+    assert (atari_small.shape, atari_small.conv_width) == ("flat", 0.5)  # paper A's conv 16/16/16
+    assert atari_small.run_name == "atari-Pong-kl-4pct-flat-conv0.5-s0"
     assert StudentConfig(games=("minatar/Seaquest",), size="7%", shape="uniform").shape == "uniform"
 
 

@@ -24,7 +24,7 @@ from multitask.devices import Precision, autocast
 class DQNConfig:
     gamma: float = option(0.99, "discount factor (Mnih et al. 2015)")
     lr: float = option(1e-4, "Adam learning rate (CleanRL dqn_atari; Nature DQN used RMSProp 2.5e-4)")
-    adam_eps: float = option(1.5e-4, "Adam epsilon (Hessel et al. 2018, Rainbow: 0.01/32)")
+    adam_eps: float = option(1.5e-4, "Adam epsilon (Hessel et al. 2018, Rainbow)")
     batch_size: int = option(32, "minibatch size (Mnih et al. 2015)")
     double: bool = option(True, "Double-DQN targets (van Hasselt et al. 2016); false: max over target net")
     target_update_every: int = option(2000, "gradient updates between target-network copies (Dopamine DQN: 8,000 agent steps at one update per 4 steps)")

@@ -40,8 +40,8 @@ def _torch_load(data: bytes | Path, what: str) -> dict:
         obj = torch_load(data)
     except NotTorchFile as e:
         if e.sniffed:
-            raise UserError(f"{what} is not a PyTorch checkpoint: it is {e.why}; pass the .pt (CleanRL) "
-                            f"or .zip (Stable-Baselines3) file the training wrote") from None
+            raise UserError(f"{what} is not a PyTorch checkpoint: it is {e.why}; pass the model file "
+                            f"CleanRL wrote (e.g. dqn_atari.cleanrl_model) or Stable-Baselines3's .zip") from None
         raise UserError(f"{what} is not a readable PyTorch state_dict (torch.load failed: {e.why})") from None
     except OSError as e:
         raise UserError(f"{what} cannot be read ({e.strerror or e}); check its permissions") from None

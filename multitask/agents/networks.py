@@ -35,7 +35,7 @@ MINATAR_HIDDEN = 128
 # 1,024 to 256 and a small network's parameters go to features and FC units, not to one wide FC
 # input (paper A's small students kept conv widths near the teacher's and shrank the FC).
 STRIDED_CONV = (16, 2, 2)
-TrunkShape = Literal["uniform", "strided"]
+TrunkShape = Literal["uniform", "strided", "flat"]
 
 
 def shape_tag(shape: TrunkShape, conv_width: float) -> str:
@@ -50,13 +50,15 @@ class TrunkSpec:
     in_size: int  # square input side: 84 (Atari) or 10 (MinAtar)
     width: float = 1.0  # multiplies every FC's units, and every conv's channels unless conv_width is set
     extra_fc: int = 0  # extra hidden FC layers after the first (paper A's multi-task student: 1)
-    shape: TrunkShape = "uniform"  # strided: STRIDED_CONV appended to the convs
+    shape: TrunkShape = "uniform"  # strided: STRIDED_CONV appended to the convs; flat: every conv as wide as the first
     conv_width: float = 0.0  # multiplies every conv's channels; 0: follow `width`
 
     def layer_sizes(self) -> tuple[tuple[tuple[int, int, int], ...], int]:
         convs, hidden = (NATURE_CONVS, NATURE_HIDDEN) if self.kind == "nature" else (MINATAR_CONVS, MINATAR_HIDDEN)
         if self.shape == "strided":
             convs = convs + (STRIDED_CONV,)
+        elif self.shape == "flat":  # paper A's small Atari students: conv 16/16/16 (Nature's 32 at conv_width 0.5)
+            convs = tuple((convs[0][0], k, s) for _, k, s in convs)
         conv_width = self.conv_width or self.width
         scaled = tuple((max(1, round(c * conv_width)), k, s) for c, k, s in convs)
         return scaled, max(1, round(hidden * self.width))

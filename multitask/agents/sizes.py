@@ -30,9 +30,12 @@ MULTITASK_EXTRA_FC = 1  # Rusu et al. 2016: ... and one more hidden FC layer tha
 # The trunk shape a student's size preset picks (`shape = "preset"`), by suite: MinAtar students at 7%
 # and 4% keep the teacher's 16 conv channels behind a strided conv and shrink the FC (docs/results.md,
 # "Compression", KL tau 0.1, three seeds: 88% vs 77% of the teachers at 7%, 70% vs 56% at 4%).
-# Any other preset and suite: uniform.
+# Atari students at 7% and 4% take paper A's: three convs of 16 channels (`flat` at conv_width 0.5 of
+# Nature's 32) and a shrunk FC (paper A: FC 128 at 7%, 64 at 4%). Any other preset and suite: uniform
+# (Atari at 25% is then paper A's conv 16/32/32, FC 254 against its 256).
 PRESET_SHAPES: dict[tuple[str, str], tuple[TrunkShape, float]] = {
-    ("minatar", "7%"): ("strided", 1.0), ("minatar", "4%"): ("strided", 1.0)}
+    ("minatar", "7%"): ("strided", 1.0), ("minatar", "4%"): ("strided", 1.0),
+    ("atari", "7%"): ("flat", 0.5), ("atari", "4%"): ("flat", 0.5)}
 WIDTH_RANGE = (1e-3, 16.0)  # bisection bounds: from a near-empty trunk to 16x a teacher's (~256x its parameters)
 WIDTH_DECIMALS = 4  # widths are rounded up to 4 decimals, so that configs hold short numbers
 
@@ -110,8 +113,11 @@ def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.
     teacher_specs = [teacher_network_spec(g) for g in games]
     teachers = {g.name: parameter_count(s.trunk, s.num_actions) for g, s in zip(games, teacher_specs)}
     actions = tuple(g.num_actions for g in games)
-    if shape != "uniform" and teacher_specs[0].trunk.kind != "minatar":
-        raise UserError(f"trunk shape {shape!r} is for MinAtar networks; Atari students scale uniformly")
+    kind = teacher_specs[0].trunk.kind
+    if shape == "strided" and kind != "minatar":
+        raise UserError("trunk shape 'strided' is for MinAtar networks (Atari: uniform or flat)")
+    if shape == "flat" and kind == "minatar":
+        raise UserError("trunk shape 'flat' is for Atari networks (MinAtar's one conv: uniform or strided)")
     base = replace(teacher_specs[0].trunk, in_channels=max(g.obs_shape[0] for g in games), shape=shape,
                    conv_width=conv_width)
     if size in SIZE_FRACTIONS:

@@ -71,10 +71,11 @@ class StudentConfig:
     size: SizePreset = option("100%", "student size relative to a teacher's parameters; multitask = ~4x plus one FC layer")
     width: float = option(1.0, "trunk width multiplier for size = custom; a run's saved config holds the width its preset built")
     extra_fc: int = option(0, "extra hidden FC layers for size = custom; a run's saved config holds what its preset built")
-    shape: Literal["preset", "uniform", "strided"] = option(
-        "preset", "MinAtar trunk shape: uniform (the teacher's, width-scaled), strided (a 2x2 stride-2 conv after the "
-                  "teacher's: FC input 256, not 1,024), or preset: the size preset's (sizes.PRESET_SHAPES: strided with "
-                  "conv_width 1 for MinAtar at 7% and 4%, else uniform); saved configs hold the shape built",
+    shape: Literal["preset", "uniform", "strided", "flat"] = option(
+        "preset", "trunk shape: uniform (the teacher's, width-scaled), strided (MinAtar: a 2x2 stride-2 conv after the "
+                  "teacher's: FC input 256, not 1,024), flat (Atari: every conv as wide as the first, paper A's 16/16/16 "
+                  "at conv_width 0.5), or preset: the size preset's (sizes.PRESET_SHAPES: strided with conv_width 1 for "
+                  "MinAtar, flat with 0.5 for Atari, at 7% and 4%; else uniform); saved configs hold the shape built",
         absent="uniform")  # runs saved before the key existed were uniform
     conv_width: float = option(0.0, "conv channel multiplier, kept while a size preset scales the FC (0: follow the "
                                     "width); shape = strided with conv_width = 1 keeps the teacher's 16 channels")
