@@ -192,3 +192,54 @@ def test_online_curve_without_recorded_teacher_progress_needs_pace_one(tmp_path)
                                                        "history": history}))
     with pytest.raises(UserError, match="recorded no teacher progress and did not keep pace 1"):
         student_curve(tmp_path, GAME)
+
+
+def _learner(teacher: Path, *extra: str) -> Driven:
+    cfg = _cfg(teacher, "device=cpu", *extra)
+    games, paths = resolve_games(cfg)
+    spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
+    teachers = [load_agent(p).net.eval() for p in paths]
+    learner = Driven(spec, cfg, games, teachers, torch.device("cpu"), size.counts("student"), {GAME: None})
+    learner.begin_episodes()
+    return learner
+
+
+def _recording_steps(learner: Driven) -> list:
+    """Every env step's result, as the envs returned it."""
+    envs, steps = learner.envs[0], []
+    play = envs.step
+    envs.step = lambda actions: steps.append(play(actions)) or steps[-1]
+    return steps
+
+
+def test_a_rollout_records_what_was_played_and_the_teachers_labels(teacher):
+    """The rollout's rows against the envs and the teacher: V_pi(s) = sum_a softmax(q / tau)(a) q(s, a)
+    of each observation, alive_next the envs' own not-done, the game rewards, and the actions the
+    student's policy took (a head biased to action 2 takes only action 2)."""
+    learner = _learner(teacher, "variant=teacher_v_reward", "tau=0.5", "baseline_rate=0.5")
+    with torch.no_grad():
+        learner.net.heads[0].bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    steps = _recording_steps(learner)
+    rollout = learner._play(0)
+    q = learner.teachers[0](rollout["obs"].flatten(0, 1)).double().view(*rollout["obs"].shape[:2], -1)
+    assert torch.allclose(rollout["teacher_value"], (torch.softmax(q / 0.5, -1) * q).sum(-1))
+    assert torch.equal(rollout["alive_next"], torch.stack([torch.from_numpy(~s.done) for s in steps]))
+    assert torch.equal(rollout["rewards"], torch.stack([torch.from_numpy(s.reward).double() for s in steps]))
+    assert (rollout["actions"] == 2).all() and float(rollout["teacher_share"]) == 0.0
+    # the teacher V reward's bootstrap: V_pi of what the envs show after the rollout
+    q_next = learner.teachers[0](torch.from_numpy(learner.envs[0].obs)).double()
+    assert torch.allclose(rollout["next_value"], (torch.softmax(q_next / 0.5, -1) * q_next).sum(-1))
+    learner.learn()  # the baseline moves half way from 0 towards the rollout's mean pseudo-return
+    assert learner.last[0]["pseudo_return"] != 0.0
+    assert learner.baselines[0] == pytest.approx(0.5 * learner.last[0]["pseudo_return"])
+
+
+def test_a_full_teacher_share_plays_the_teachers_actions(teacher):
+    learner = _learner(teacher, "teacher_share=1.0", "tau=0")
+    observed = []
+    play = learner._play
+    learner._play = lambda g: observed.append(play(g)) or observed[-1]
+    learner.learn()
+    rollout = observed[0]
+    q = learner.teachers[0](rollout["obs"].flatten(0, 1)).view(*rollout["obs"].shape[:2], -1)
+    assert torch.equal(rollout["actions"], q.argmax(-1)) and float(rollout["teacher_share"]) == 1.0

@@ -179,3 +179,23 @@ def test_counter_study_on_policy_plus_r_cycles_where_n_distill_plus_r_settles(tm
     assert on_policy["exact_swing"] > 0.2 and n_distill["exact_swing"] < 0.01  # the expected update itself
     assert "return swing" in (tmp_path / "counter.md").read_text()
     assert (tmp_path / "counter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tabular_teacher_v_reward_uses_the_teachers_values():
+    """R_hat_t = G_t - V_pi(s_t) on whole episodes, with the teacher's V_pi, not the student's."""
+    mdps = sample_grids(GridConfig(), 2, seed=1)
+    teacher = make_teacher(mdps, optimal_q(mdps), 0.1)
+    logits = torch.zeros(mdps.batch, mdps.num_observations, mdps.num_actions, dtype=torch.float64)
+    ep = rollout(mdps, "student", logits, teacher, 40, torch.Generator().manual_seed(0))
+    b_idx = torch.arange(mdps.batch).expand_as(ep["states"])
+    student_values = torch.full_like(teacher.values, 5.0)
+    _, returns = surrogate(mdps, teacher, "teacher_v_reward", logits.requires_grad_(), ep, b_idx,
+                           torch.zeros(ep["states"].shape, dtype=torch.float64), 0.9, student_values)
+    values = teacher.values[b_idx, ep["states"]]
+    g = torch.zeros_like(values)
+    last = ep["states"].shape[0] - 1
+    for t in range(last, -1, -1):  # the discounted game return (the 40-step cap cuts it, as it cuts R_hat)
+        later = g[t + 1] * ep["alive_next"][t] if t < last else 0.0
+        g[t] = ep["rewards"][t] + 0.9 * later
+    alive = ep["alive"]
+    assert torch.allclose((returns * alive)[alive], (g - values)[alive])

@@ -388,3 +388,29 @@ def test_a_dataset_still_being_built_is_refused(data, tmp_path):
     with pytest.raises(UserError, match=r"still being built \(3,000 of 10,000 steps\); finish it with .*--resume"):
         resolve_inputs(config(data, datasets=(str(partial), paths[1])))
     assert resolve_inputs(config(data)).datasets == [Path(p) for p in paths]
+
+
+def test_each_head_is_distilled_towards_its_own_games_teacher_rows(tmp_path):
+    """A mixed batch of two games with the same action count: each game's loss is its own head's
+    output against its own teacher rows (a mix-up raises nothing, since the shapes agree)."""
+    from multitask.data.loader import TrainBatch
+    from multitask.training.losses import distillation_loss
+    from multitask.training.student import Inputs, Student
+
+    games = [get_game("minatar/Breakout"), get_game("minatar/Freeway")]  # 3 actions each
+    cfg = StudentConfig(games=tuple(g.name for g in games), size="custom", width=0.25, loss="kl", tau=0.1,
+                        device="cpu")
+    spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
+    student = Student(spec, cfg, Inputs(games, [], [tmp_path / "none.pt"] * 2), size.counts("student"),
+                      torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 2, (8, spec.trunk.in_channels, 10, 10), generator=gen, dtype=torch.uint8)
+    teacher = (torch.randn(4, 3, generator=gen) * 3, torch.randn(4, 3, generator=gen) * 3)
+    groups = ((0, 0, 4), (1, 4, 8))
+    with torch.no_grad():
+        outputs = student.net(obs, groups=[(g, slice(a, b)) for g, a, b in groups])
+        expected = [distillation_loss("kl", out, q, 0.1).item() for out, q in zip(outputs, teacher)]
+    losses = student.learn(student.net, TrainBatch(obs, groups, teacher, 0))
+    assert [g for g, _ in losses] == ["minatar/Breakout", "minatar/Freeway"]
+    assert [l.item() for _, l in losses] == pytest.approx(expected, rel=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-3  # the check can tell the two games apart

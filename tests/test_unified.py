@@ -157,3 +157,55 @@ def test_every_variant_keeps_its_tensors_on_the_inputs_device(name):
         next_value=torch.zeros(n, **meta))
     assert {t.device.type for t in (loss, step, returns)} == {"meta"} and loss.shape == ()
     loss.backward()
+
+
+def _rows(steps=3, actions=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(steps, actions, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(steps, actions, generator=gen, dtype=torch.float64), -1)
+    return logits, teacher
+
+
+def test_variant_loss_wires_the_gate_and_masks_rows_after_the_episode():
+    logits, teacher = _rows()
+    student_log = torch.log_softmax(logits, -1)
+    on_policy = u.VARIANTS["value_gated_on_policy_distill"]
+    zeros = torch.zeros(3, dtype=torch.float64)
+    alive = torch.tensor([True, True, False])  # the episode ended after row 1; row 2 is padding
+    gate = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    _, step, _ = u.variant_loss(on_policy, False, teacher, student_log, torch.zeros(3, dtype=torch.long), alive,
+                                torch.tensor([True, False, False]), zeros, zeros, zeros, 0.9, gate)
+    assert step.tolist() == pytest.approx((gate * u.cross_entropy(teacher, student_log)).tolist())
+    # +R on a padded row: its reward (10) must not enter any return
+    _, _, returns = u.variant_loss(u.VARIANTS["on_policy_distill"], True, teacher, student_log,
+                                   torch.zeros(3, dtype=torch.long), alive, torch.tensor([True, False, True]),
+                                   torch.tensor([1.0, 2.0, 10.0], dtype=torch.float64), zeros, zeros, 0.5)
+    assert returns.tolist() == pytest.approx([2.0, 2.0, 0.0])
+
+
+def test_variant_loss_uses_the_mixture_score_function():
+    """entropy regularised under a mixture at beta: the gradient is that of
+    -log q_theta(a) (R_hat - b), q_theta = beta pi + (1 - beta) pi_theta, on each row; at beta = 1
+    (teacher control) the policy-gradient term has no gradient at all."""
+    logits, teacher = _rows(steps=2)
+    actions, beta = torch.tensor([1, 2]), 0.25
+    alive = torch.tensor([True, True])
+    alive_next = torch.tensor([True, False])
+    zeros = torch.zeros(2, dtype=torch.float64)
+    baseline = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    variant = u.VARIANTS["entropy_regularised"]
+    loss, _, returns = u.variant_loss(variant, False, teacher, torch.log_softmax(logits, -1), actions, alive,
+                                      alive_next, zeros, zeros, baseline, 0.9, teacher_share=beta)
+    loss.backward()
+    pi = torch.softmax(logits.detach(), -1)
+    mix = beta * teacher.exp() + (1 - beta) * pi
+    expected = torch.zeros_like(pi)
+    for t, a in enumerate(actions.tolist()):
+        onehot = torch.nn.functional.one_hot(torch.tensor(a), 3).to(torch.float64)
+        d_log_q = (1 - beta) * pi[t, a] * (onehot - pi[t]) / mix[t, a]
+        expected[t] = -d_log_q * (returns[t] - baseline[t])
+    assert torch.allclose(logits.grad, expected)
+    logits.grad = None
+    loss, _, _ = u.variant_loss(variant, False, teacher, torch.log_softmax(logits, -1), actions, alive,
+                                alive_next, zeros, zeros, baseline, 0.9, teacher_share=1.0)
+    assert not loss.requires_grad or torch.autograd.grad(loss, logits, allow_unused=True)[0] is None
