@@ -182,3 +182,25 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     s, r = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "straight", killed))
     assert r["resumes"] == 1 and s["resumes"] == 0
     assert r["updates"] == s["updates"] and r["scores"] == s["scores"] and r["history"] == s["history"]
+
+
+def test_every_game_acts_and_logs_with_the_linear_epsilon_schedule(tmp_path, monkeypatch):
+    """A micro run (64 env steps per game, no learning): every game acts at env step t with
+    eps_start -> eps_end linearly over eps_decay_steps, then eps_end; train/<game>/epsilon logs it."""
+    acted = []
+    act = Acting.act
+    monkeypatch.setattr(Acting, "act", lambda self, net, head, epsilon: (acted.append((head, self.env_steps, epsilon)),
+                                                                        act(self, net, head, epsilon))[1])
+    cfg = load_config(None, [f"games={','.join(GAMES)}", "teachers=none1.pt,none2.pt", "size=custom", "width=0.25",
+                             "num_threads=1", "eval_workers=1", "replay_capacity=1000", "learning_starts=100000",
+                             "eval_episodes=1", "final_eval_episodes=1", "total_steps_per_game=64", "num_envs=4",
+                             "eps_start=0.9", "eps_end=0.2", "eps_decay_steps=40", "log_every=4", "eval_every=1000",
+                             "checkpoint_every=1000", "device=cpu"])
+    train_baseline(cfg, tmp_path / "run", wandb_mode="off", show_progress=False)
+    eps = {t: 0.9 - 0.7 * min(t / 40, 1.0) for t in range(0, 64, 4)}
+    assert acted == [(head, t, pytest.approx(eps[t])) for t in eps for head in range(len(GAMES))]
+    assert eps[60] == pytest.approx(0.2)  # the run reaches eps_end
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for g in GAMES:
+        logged = [(x["env_steps"], x[f"train/{g}/epsilon"]) for x in lines if f"train/{g}/epsilon" in x]
+        assert logged == [(t + 4, pytest.approx(e)) for t, e in eps.items()]  # logged after the step it acted in

@@ -14,9 +14,10 @@ from multitask.agents.checkpoints import load_teacher
 from multitask.files import file_sha256
 from multitask.envs import get_game
 from multitask.evaluation.protocol import evaluate_game
+from multitask.training.acting import Acting
 from multitask.training.teacher import TeacherConfig, load_config, train_teacher
 
-pytestmark = pytest.mark.slow  # every test trains a teacher (30-60 s on 2 cores)
+slow = pytest.mark.slow  # these tests train a teacher (30-60 s on 2 cores)
 
 # A short, fast-learning setting (measured: ~8 points on Breakout after 40k steps, random ~0.5).
 FAST = ["total_steps=30000", "learning_starts=2000", "eps_decay_steps=15000", "replay_capacity=20000",
@@ -33,6 +34,7 @@ def trained(tmp_path_factory):
     return tmp, out, card
 
 
+@slow
 def test_short_training_beats_the_random_policy(trained):
     _, out, card = trained
     game = get_game("minatar/Breakout")
@@ -43,6 +45,7 @@ def test_short_training_beats_the_random_policy(trained):
     assert card["eval"]["mean"] > random_policy.mean + 1.0
 
 
+@slow
 def test_teacher_card_has_full_provenance(trained):
     _, out, card = trained
     saved = json.loads(out.with_suffix(".json").read_text())
@@ -56,6 +59,7 @@ def test_teacher_card_has_full_provenance(trained):
     assert len(saved["learning_curve"]) >= 3
 
 
+@slow
 def test_training_writes_a_real_wandb_offline_run(trained):
     tmp, _, _ = trained
     runs = list((tmp / "run" / "wandb").glob("offline-run-*"))
@@ -66,6 +70,7 @@ def test_training_writes_a_real_wandb_offline_run(trained):
     assert any("eval/minatar/Breakout/score" in x for x in lines)
 
 
+@slow
 def test_evaluate_cli_writes_episodes_protocol_and_seeds(trained, run_cli, tmp_path):
     _, out, _ = trained
     code, stdout, _ = run_cli("evaluate", out, "--episodes", 6, "--out", tmp_path / "s.json", "--no-progress")
@@ -77,12 +82,14 @@ def test_evaluate_cli_writes_episodes_protocol_and_seeds(trained, run_cli, tmp_p
     assert report["agent"]["sha256"] == file_sha256(out)
 
 
+@slow
 def test_evaluate_cli_refuses_a_game_the_checkpoint_does_not_play(trained, run_cli):
     _, out, _ = trained
     code, _, err = run_cli("evaluate", out, "--games", "minatar/Asterix")
     assert code == 2 and "no head for minatar/Asterix" in err and "Traceback" not in err
 
 
+@slow
 def test_killed_run_resumes_instead_of_restarting(tmp_path):
     args = [sys.executable, "-m", "multitask", "teacher", "train", "minatar/Breakout",
             "total_steps=16000", "learning_starts=1000", "checkpoint_every=4000", "eval_every=0",
@@ -108,3 +115,28 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     steps_logged = [json.loads(x)["env_steps"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     after = steps_logged[len(steps_logged_before):]
     assert after and min(after) > resumed_at  # logging continued from the checkpoint, not from 0
+
+
+def _linear(start: float, end: float, duration: int, t: int) -> float:
+    return start + (end - start) * min(t / duration, 1.0)
+
+
+def test_acts_and_logs_with_the_linear_epsilon_schedule(tmp_path, monkeypatch):
+    """A micro run (64 env steps, no learning): the epsilon the agent acts with at env step t is
+    eps_start -> eps_end linearly over eps_decay_steps, then eps_end; train/<game>/epsilon logs it."""
+    acted = []
+    act = Acting.act
+    monkeypatch.setattr(Acting, "act", lambda self, net, head, epsilon: (acted.append((self.env_steps, epsilon)),
+                                                                        act(self, net, head, epsilon))[1])
+    cfg = load_config("minatar", None, ["total_steps=64", "num_envs=4", "eps_start=0.9", "eps_end=0.2",
+                                        "eps_decay_steps=40", "log_every=4", "learning_starts=100000",
+                                        "replay_capacity=1000", "eval_every=0", "keep_best=false",
+                                        "final_eval_episodes=1", "checkpoint_every=1000", "num_threads=1",
+                                        "width=0.25", "device=cpu"])
+    train_teacher("minatar/Breakout", cfg, tmp_path / "B.pt", tmp_path / "run", wandb_mode="off", show_progress=False)
+    expected = [(t, pytest.approx(_linear(0.9, 0.2, 40, t))) for t in range(0, 64, 4)]
+    assert acted == expected
+    assert acted[-1][1] == pytest.approx(0.2) and acted[1][1] == pytest.approx(0.9 - 0.7 * 4 / 40)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(x["env_steps"], x["train/minatar/Breakout/epsilon"]) for x in lines if "train/minatar/Breakout/epsilon" in x]
+    assert logged == [(t + 4, eps) for t, eps in expected]  # logged after the step it acted in
