@@ -11,6 +11,7 @@ from multitask.data.build import build_dataset, dataset_attrs
 from multitask.data.build_config import DatasetConfig
 from multitask.data.reader import DatasetReader
 from multitask.data.schema import Compression, Episode, parts_dir
+from multitask.data.verify import verify_invariants
 from multitask.data.writer import DatasetWriter
 from multitask.envs import get_game
 
@@ -132,3 +133,65 @@ def test_kl_targets_say_how_sharp_each_temperature_makes_the_teacher(tmp_path, m
         q = d.steps["teacher_outputs"]
     code, out, _ = run_cli("dataset", "info", path, "--json")
     assert json.loads(out)["kl_targets"] == json.loads(json.dumps(kl_targets(q)))  # every step: 200 < the sample
+
+
+def _tagged_episodes(game, lengths, stack: int | None = None) -> list[Episode]:
+    """Episodes whose frames are each filled with their own row number in the file (pads included),
+    so that a rebuilt observation names the rows it was made of."""
+    stack = game.stack if stack is None else stack
+    out, row = [], 0
+    for k, length in enumerate(lengths):
+        n = stack - 1 + length + 1  # pads, s_0 .. s_length
+        frames = np.broadcast_to((row + np.arange(n, dtype=np.uint8))[:, None, None, None],
+                                 (n, *game.frame_shape)).copy()
+        row += n
+        end = np.arange(length) == length - 1
+        out.append(Episode(frames=frames, teacher_outputs=np.zeros((length, game.num_actions), np.float32),
+                           action=np.zeros(length, np.int64), reward=np.ones(length, np.float32), terminated=end,
+                           truncated=np.zeros(length, bool), life_lost=end, complete=True, policy=0,
+                           epsilon=0.25, env_seed=9, env_episode=k))
+    return out
+
+
+def test_packing_numbers_each_episodes_frames_after_its_stack_minus_one_pads():
+    """By hand, stack 4: an episode of length L owns 3 + L + 1 frame rows, s_0's own frame 3 rows
+    after its first; rows, steps and episodes numbered after what the writer already holds."""
+    from multitask.data.packing import pack_episodes
+
+    game = get_game("atari/Breakout")
+    p = pack_episodes(_tagged_episodes(game, [2, 3]), step0=10, episode0=2, frame0=100, stack=4)
+    # episode 2: frames 100..105 (pads 100-102, s_0..s_2 103-105); episode 3: frames 106..112
+    assert p.episodes["first_frame"].tolist() == [103, 109]
+    assert p.steps["frame_index"].tolist() == [103, 104, 109, 110, 111]
+    assert p.episodes["first_step"].tolist() == [10, 12] and p.episodes["length"].tolist() == [2, 3]
+    assert p.steps["episode"].tolist() == [2, 2, 3, 3, 3] and len(p.frames) == 13
+    assert np.allclose(p.episodes["epsilon"], 0.25) and p.episodes["return"].tolist() == [2.0, 3.0]
+    one = pack_episodes(_tagged_episodes(game, [2, 3], stack=1), step0=0, episode0=0, frame0=7, stack=1)
+    assert one.episodes["first_frame"].tolist() == [7, 10]  # no pads
+    assert one.steps["frame_index"].tolist() == [7, 8, 10, 11, 12]
+
+
+def test_a_file_of_four_frame_stacks_rebuilds_every_observation_oldest_first(tmp_path, make_teacher):
+    """A real (tiny) Atari-shaped file, written in a flush and a finalize: every observation is the 4
+    frames ending at its own, oldest first, the first one of an episode its pads and s_0; next_obs
+    (reader.next_obs, batch and reader[i]) the same one row later."""
+    game = get_game("atari/Breakout")
+    teacher, _ = load_teacher(make_teacher(tmp_path / "t.pt", game.name), game)
+    path = tmp_path / "a.h5"
+    writer = DatasetWriter.create(path, dataset_attrs(game, teacher, 100), DatasetConfig().compression_settings())
+    episodes = _tagged_episodes(game, [2, 1, 3])
+    writer.flush(episodes[:1])
+    writer.finalize({}, episodes[1:])
+    with DatasetReader(path) as d:
+        assert d.stack == 4 and len(d) == 6 and d.frame_rows == 6 + 5 + 7 and verify_invariants(d) == []
+        assert d.episodes["first_frame"].tolist() == [3, 9, 14]
+        assert d.steps["frame_index"].tolist() == [3, 4, 9, 14, 15, 16]
+        rows = [[0, 1, 2, 3], [1, 2, 3, 4], [6, 7, 8, 9], [11, 12, 13, 14], [12, 13, 14, 15], [13, 14, 15, 16]]
+        idx = np.arange(len(d))
+        assert d.obs(idx)[:, :, 0, 0].tolist() == rows  # channel j = the frame in row rows[t][j]
+        following = [[r + 1 for r in stack] for stack in rows]
+        assert d.next_obs(idx)[:, :, 0, 0].tolist() == following
+        assert d.batch(idx).next_obs[:, :, 0, 0].tolist() == following
+        for i in idx:
+            assert np.array_equal(d.next_obs([i])[0], d[i].next_obs) and np.array_equal(d.obs([i])[0], d[i].obs)
+        assert d.obs(idx).shape == (6, *game.obs_shape)

@@ -19,7 +19,7 @@ from multitask.data.background import BackgroundWriter
 from multitask.data.build import build_dataset, dataset_attrs
 from multitask.data.build_config import DatasetConfig
 from multitask.data.reader import DatasetReader
-from multitask.data.recorder import _is_last_stretch, _TimeLog
+from multitask.data.recorder import _is_last_stretch, _shorten, _TimeLog
 from multitask.data.schema import Episode, parts_dir
 from multitask.data.verify import check_teacher_outputs, verify_invariants
 from multitask.data.writer import DatasetWriter
@@ -44,6 +44,7 @@ def test_rebuilt_observations_are_bit_identical_on_every_step(tmp_path, game, st
         assert verify_invariants(d) == []
         e = d.episodes
         assert e["complete"].sum() >= 2  # real episode boundaries are exercised
+        assert np.allclose(e["epsilon"], 0.5)  # the build's epsilon, not the evaluation protocol's 0.05
         for ep in range(d.info.num_episodes):
             idx = np.arange(e["first_step"][ep], e["first_step"][ep] + e["length"][ep])
             batch = d.batch(idx)
@@ -85,6 +86,28 @@ def _episode(rng: np.random.Generator, game, env_episode: int) -> Episode:
                    action=rng.integers(0, game.num_actions, n), reward=rng.normal(size=n).astype(np.float32),
                    terminated=game_over, truncated=np.zeros(n, dtype=bool), life_lost=game_over, complete=True, policy=0,
                    epsilon=0.05, env_seed=3, env_episode=env_episode)
+
+
+def test_shortening_an_episode_keeps_its_first_steps_cut_by_the_budget():
+    """When every env has just reset at a build's end, the newest completed episode is cut to its
+    first `keep` steps: its pads, s_0 .. s_keep, truncated at its last step, not a game over."""
+    rng = np.random.default_rng(1)
+    game, stack, length, keep = get_game("atari/Breakout"), 4, 6, 2
+    end = np.arange(length) == length - 1
+    frames = np.arange(stack + length, dtype=np.uint8)[:, None, None, None] * np.ones((1, 1, 2, 2), np.uint8)
+    ep = Episode(frames=frames, teacher_outputs=rng.normal(size=(length, game.num_actions)).astype(np.float32),
+                 action=rng.integers(0, game.num_actions, length), reward=np.arange(length, dtype=np.float32),
+                 terminated=end, truncated=np.zeros(length, bool), life_lost=end | (np.arange(length) == 0),
+                 complete=True, policy=2, epsilon=0.3, env_seed=17, env_episode=4)
+    cut = _shorten(ep, keep)
+    assert cut.length == keep and len(cut.frames) == stack - 1 + keep + 1
+    assert np.array_equal(cut.frames, frames[:stack + keep])  # pads, s_0, s_1, s_2 (the successor of the last step)
+    assert cut.truncated.tolist() == [False, True] and not cut.terminated.any() and not cut.complete
+    assert np.array_equal(cut.teacher_outputs, ep.teacher_outputs[:keep]) and np.array_equal(cut.action, ep.action[:keep])
+    assert cut.reward.tolist() == [0.0, 1.0] and cut.life_lost.tolist() == [True, False]
+    assert (cut.policy, cut.epsilon, cut.env_seed, cut.env_episode) == (2, 0.3, 17, 4)
+    assert not ep.truncated.any() and ep.terminated[-1] and ep.complete  # the original is untouched
+    assert _shorten(ep, 1).truncated.tolist() == [True] and len(_shorten(ep, 1).frames) == stack + 1
 
 
 @pytest.mark.parametrize("background", [False, True])

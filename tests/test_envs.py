@@ -98,3 +98,17 @@ def test_minatar_vector_env_is_seeded():
         acts = np.full(2, t % 5)
         sa, sb = a.step(acts), b.step(acts)
         assert np.array_equal(sa.obs, sb.obs) and np.array_equal(sa.reward, sb.reward)
+
+
+def test_a_stack_is_the_frames_ending_at_its_own_oldest_first():
+    """Frame-once storage: observation s_t is rows [i - k + 1, i], oldest first, i its own frame's
+    row; at an episode's start those are its k - 1 pad rows and s_0's (no clamping: the pads are stored)."""
+    from multitask.envs.framestack import join_frames, newest_frame, split_frames, stack_indices
+
+    assert stack_indices(np.array([5]), 4).tolist() == [[2, 3, 4, 5]]
+    assert stack_indices(np.array([3, 10]), 4).tolist() == [[0, 1, 2, 3], [7, 8, 9, 10]]  # s_0 of episodes at 0, 7
+    assert stack_indices(np.array([5, 6]), 1).tolist() == [[5], [6]]
+    frames = np.arange(2 * 4 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 4, 2, 3, 3)  # (B, k, C, H, W)
+    obs = join_frames(frames)
+    assert obs.shape == (2, 8, 3, 3) and np.array_equal(obs[:, :2], frames[:, 0])  # oldest frame first
+    assert np.array_equal(newest_frame(obs, 2), frames[:, 3]) and np.array_equal(split_frames(obs, 2), frames)

@@ -49,3 +49,24 @@ def test_short_episodes_are_not_favoured():
     scores = evaluate_game(_net(game.name), game, episodes=7, seed=5, num_envs=3, epsilon=1.0)
     assert sorted(scores.env_index) == [0, 0, 0, 1, 1, 2, 2]
     assert len(set(scores.lengths)) > 1  # episodes of different lengths were all kept
+
+
+def test_the_protocol_pins_epsilon_caps_and_starts():
+    """docs/evaluation.md: epsilon 0.05 (Mnih et al. 2015) by default everywhere; Atari capped at
+    108,000 frames (27,000 steps of 4) with up to 30 no-ops and no sticky actions; MinAtar capped at
+    10,000 steps with its own sticky actions and no no-ops."""
+    import inspect
+
+    from multitask.evaluation.protocol import EVAL_EPSILON, evaluate_games, protocol
+
+    assert EVAL_EPSILON == 0.05
+    for f in (evaluate_game, evaluate_games):
+        assert inspect.signature(f).parameters["epsilon"].default == 0.05
+    m = protocol(get_game("minatar/Breakout"))
+    assert (m["epsilon"], m["max_episode_steps"], m["max_episode_frames"], m["noop_max"], m["sticky_action_prob"]) \
+        == (0.05, 10_000, None, None, 0.1)
+    a = protocol(get_game("atari/Breakout"))
+    assert (a["epsilon"], a["max_episode_steps"], a["max_episode_frames"], a["noop_max"], a["sticky_action_prob"]) \
+        == (0.05, 27_000, 108_000, 30, 0.0)
+    assert "never clipped" in a["score"] and "quotas" in a["episode_assignment"]
+    assert protocol(get_game("minatar/Breakout"), epsilon=1.0)["epsilon"] == 1.0  # the random-policy reference
