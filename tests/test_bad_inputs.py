@@ -122,3 +122,25 @@ def test_evaluate_takes_a_run_folder_like_compare(tmp_path, run_cli, make_teache
     assert code == 0 and "minatar/Breakout" in out and str(run / "best.pt") in out, err
     (tmp_path / "empty").mkdir()
     _one_sentence(*run_cli("evaluate", tmp_path / "empty")[::2], "has no best.pt")
+
+
+def test_a_teacher_listed_for_another_game_is_refused_before_training(tmp_path, run_cli, make_teacher):
+    """Swapped `teachers` used to train to the end and fail at the final evaluation, leaving a run
+    without its summary; every trainer now checks them before its first update."""
+    breakout = make_teacher(tmp_path / "Breakout.pt", "minatar/Breakout")
+    freeway = make_teacher(tmp_path / "Freeway.pt", "minatar/Freeway")
+    swapped = f"teachers={freeway},{breakout}"
+    for args in (("baseline", "train", "games=minatar/Breakout,minatar/Freeway", swapped, "total_steps_per_game=64"),
+                 ("student", "drive", "games=minatar/Breakout,minatar/Freeway", swapped, "total_steps_per_game=64")):
+        run_dir = tmp_path / args[0]
+        code, _, err = run_cli(*args, "--run-dir", run_dir, "--wandb", "off", "--no-progress")
+        _one_sentence(code, err, str(freeway), "minatar/Breakout", "plays minatar/Freeway")
+        assert not (run_dir / "state.pt").exists() and not (run_dir / "best.pt").exists()
+
+
+def test_a_folder_as_a_teachers_out_is_named_as_such(tmp_path, run_cli):
+    source = tmp_path / "dqn_atari.cleanrl_model"
+    source.write_bytes(b"unused: the --out check comes first")
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run_cli("teacher", "import", "cleanrl", source, "--game", "atari/Pong", "--out", tmp_path, *extra)
+        _one_sentence(code, err, "is a folder")

@@ -17,6 +17,7 @@ from multitask.agents.checkpoints import load_agent
 from multitask.agents.networks import MultiHeadNet
 from multitask.envs import GameSpec
 from multitask.evaluation.protocol import evaluate_games
+from multitask.errors import UserError
 from multitask.evaluation.report import pct_of_teacher
 from multitask.files import atomic_write_text
 
@@ -75,11 +76,19 @@ def score_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: in
 
 
 def teacher_card_scores(teachers: Sequence[Path], games: Sequence[GameSpec]) -> dict[str, float | None]:
-    """Each teacher's evaluation score from its card (None: no teacher file or no score on it)."""
+    """Each teacher's evaluation score from its card (None: no teacher file or no score on it).
+    Every trainer calls this before its first update, so a teacher listed for the wrong game is
+    refused here, not when the final evaluation divides by it."""
     scores: dict[str, float | None] = {}
     for g, path in zip(games, teachers):
-        card = load_agent(path).card if Path(path).exists() else {}
-        scores[g.name] = (card.get("eval") or {}).get("mean")
+        if not Path(path).exists():
+            scores[g.name] = None
+            continue
+        agent = load_agent(path)
+        if g.name not in agent.net.games:
+            raise UserError(f"teacher {path} plays {', '.join(agent.net.games)}, not {g.name}; list one teacher "
+                            f"per game in `teachers`, in the order of `games`")
+        scores[g.name] = (agent.card.get("eval") or {}).get("mean")
     return scores
 
 
