@@ -10,7 +10,7 @@ import torch
 from multitask import config as configlib
 from multitask.config import option
 from multitask.errors import UserError
-from multitask.training.run import Clock, Every, Run, config_differences
+from multitask.training.run import Clock, Every, Run, config_differences, finite_or_null
 from multitask.training.scoring import Scores
 
 
@@ -90,6 +90,29 @@ def test_run_writes_config_metrics_and_state_and_resumes_them(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == [{"updates": 10, "train/loss": 0.5}, {"updates": 20, "train/loss": 0.25}]
     assert configlib.load(Tiny, tmp_path / "config.toml").steps == 200  # the config this run was built with
+
+
+def test_a_resumed_run_logs_no_step_twice_and_writes_json_numbers(tmp_path):
+    """Lines the killed run logged after its last checkpoint, and a finished run's final lines, go
+    when it resumes (it logs them again); NaN and infinities are written as null."""
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.log({"train/loss": 0.5}, 10)
+    run.save_state(Learning(10))
+    run.log({"train/loss": float("nan"), "train/x": float("inf")}, 15)  # then killed: no checkpoint at 15
+    run.log({"final/score": 1.0}, 10)
+    run.finish({})
+    again = _run(tmp_path)
+    assert again.resume(Learning(), restart=False)
+    again.start("off", name="t", job_type="test", group="tests")
+    again.log({"train/loss": 0.25}, 15)
+    again.finish({})
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(x) for x in text.splitlines()] == [{"updates": 10, "train/loss": 0.5},
+                                                          {"updates": 15, "train/loss": 0.25}]
+    assert "NaN" not in text and "Infinity" not in text
+    assert finite_or_null({"a": float("nan"), "b": float("-inf"), "c": 1.5}) == {"a": None, "b": None, "c": 1.5}
 
 
 def _finished_run(folder, step: int) -> None:

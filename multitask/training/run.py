@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,7 @@ class Run:
                             f"past {key}={value:,}; pass {key}={learning.step:,} or more to resume it, or --restart "
                             f"to start over")
         self.resumes = saved.get("resumes", 0) + 1
+        self._resumed_step = learning.step
         self._times_before = (saved.get("wall_time_s", 0.0), saved.get("cpu_time_s", 0.0))
         self._wandb_id = saved.get("wandb_id")
         self.say(f"resuming {self.folder} after {learning.step:,} {self.step_metric.replace('_', ' ')}")
@@ -240,7 +242,10 @@ class Run:
         if self.writer:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / "config.toml", configlib.to_toml(self.config))
-            # a fresh run starts the curve afresh (a run killed before its first checkpoint left lines)
+            # a fresh run starts the curve afresh (a run killed before its first checkpoint left lines);
+            # a resumed one keeps only what its checkpoint had seen, so no step is logged twice
+            if self.resumes:
+                trim_metrics(self.folder / "metrics.jsonl", self.step_metric, self._resumed_step)
             self._metrics = open(self.folder / "metrics.jsonl", "a" if self.resumes else "w")
         self._tracker = Tracker(wandb_mode if self.writer else "off", self.folder, name=name, job_type=job_type,
                                 config={**self.config_dict, **(extra_config or {})}, step_metric=self.step_metric,
@@ -253,7 +258,7 @@ class Run:
         """One point of every metric at `step`, to metrics.jsonl and W&B alike."""
         if self.writer:
             self._tracker.log(metrics, step)
-            self._metrics.write(json.dumps({self.step_metric: step, **metrics}) + "\n")
+            self._metrics.write(json.dumps({self.step_metric: step, **finite_or_null(metrics)}) + "\n")
             self._metrics.flush()
 
     def report_evaluation(self, metrics: dict[str, float], line: str, step: int) -> None:
@@ -294,6 +299,29 @@ class Run:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def finite_or_null(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as null: JSON has no such numbers (json.dumps would write a bare NaN that
+    strict readers refuse)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
+def trim_metrics(path: Path, step_metric: str, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step` (the checkpoint a run resumes from), dropping
+    those logged after it by the interrupted run and any final-evaluation lines: the resumed run
+    logs them again. Written atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if row.get(step_metric, 0) <= step and not any(k.startswith("final/") for k in row):
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _short(value: Any) -> str:
