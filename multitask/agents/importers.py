@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
+from multitask.config import command_line
 from multitask.agents.checkpoints import NotTorchFile, save_agent, torch_load, weights_problem
 from multitask.files import file_sha256
 from multitask.envs import GameSpec
@@ -66,8 +67,20 @@ def _remap(source: dict, mapping: dict[str, str], what: str, fmt: str) -> dict:
     return {ours: source[key] for key, ours in renamed.items()}
 
 
+def _zip_names(path: Path) -> set[str]:
+    """The entries of a zip file (torch.save writes zips too), or none for any other file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return set(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
+        return set()
+
+
 def read_cleanrl(path: Path) -> dict:
     """CleanRL dqn_atari.py: torch.save(q_network.state_dict()) of an nn.Sequential."""
+    if "policy.pth" in _zip_names(path):
+        raise UserError(f"{path} is a Stable-Baselines3 model, not a CleanRL one; import it with "
+                        f"`multitask teacher import sb3`")
     return _remap(_torch_load(path, f"{path}"), CLEANRL_KEYS, f"{path}", "CleanRL")
 
 
@@ -77,6 +90,9 @@ def read_sb3(path: Path) -> dict:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
             if "policy.pth" not in names:
+                if any(n.endswith("/data.pkl") for n in names):  # torch.save's own zip layout
+                    raise UserError(f"{path} is a PyTorch state_dict (CleanRL's format), not a Stable-Baselines3 "
+                                    f"model; import it with `multitask teacher import cleanrl`")
                 raise UserError(f"{path} is a zip without policy.pth, not a Stable-Baselines3 model")
             policy = z.read("policy.pth")
             data = json.loads(z.read("data")) if "data" in names else {}
@@ -126,7 +142,7 @@ def import_teacher(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec, o
     card = {
         "source": "imported", "import": {"format": fmt, "file": str(path), "sha256": file_sha256(path)},
         "game": game.describe(), "config": None, "env_steps": None,
-        "parameters": sum(p.numel() for p in net.parameters()),
+        "parameters": sum(p.numel() for p in net.parameters()), "command": command_line(),
     }
     if evaluate_episodes > 0:
         card["eval"] = evaluate_game(net, game, evaluate_episodes, seed, show_progress=True).to_dict()

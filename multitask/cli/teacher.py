@@ -13,6 +13,8 @@ from multitask.files import check_writable
 def check_new_teacher(out: Path, overwrite: bool) -> None:
     """A teacher checkpoint is written only where none is, or with --overwrite: the committed
     teachers (and a day of Atari training) are one default --out away."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the checkpoint's file path (e.g. {out / 'Game.pt'})")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already holds a teacher; pass --overwrite to replace it, or --out for another path")
     check_writable(out, "a writable --out")

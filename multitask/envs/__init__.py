@@ -110,9 +110,10 @@ def get_game(name: str) -> GameSpec:
     known = known_games()
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    listing = ", ".join(known_games("minatar")) + ", " + ", ".join(known_games("atari"))
-    raise UserError(f"unknown game '{name}'{hint}; games are named <suite>/<Game>, known games: "
-                    f"{listing}")
+    # MinAtar's five are listed; Atari's ~100 would bury the sentence: `multitask games` has them
+    raise UserError(f"unknown game '{name}'{hint}; games are named <suite>/<Game>: "
+                    f"{', '.join(known_games('minatar'))}, or atari/<Game> for {len(known_games('atari'))} "
+                    f"ALE games (`multitask games` lists them)")
 
 
 def make_vector_env(game: GameSpec | str, num_envs: int, num_threads: int = 0) -> VectorEnv:

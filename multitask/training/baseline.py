@@ -163,6 +163,9 @@ def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode:
               identity={"network": spec})
     dqn = MultitaskDQN(spec, cfg, games, device, size.counts("network"), teacher_card_scores(teachers, games))
     run.say(dqn.describe())
+    if cfg.learning_starts >= cfg.total_steps_per_game:  # allowed (a play-only run), but rarely meant
+        run.say(f"note: learning_starts={cfg.learning_starts:,} >= total_steps_per_game="
+                f"{cfg.total_steps_per_game:,}: the network is never updated")
     run.resume(dqn, restart, may_differ=RESUMABLE_CHANGES,
                budget=("total_steps_per_game", cfg.total_steps_per_game, cfg.num_envs))
     run.start(wandb_mode, name=f"baseline-{cfg.run_name}", job_type="baseline", group="baselines",

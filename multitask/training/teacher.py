@@ -116,6 +116,9 @@ def train_teacher(game_name: str, cfg: TeacherConfig, out: Path, run_dir: Path,
     teacher = Teacher(game, cfg, device)
     run = Run(run_dir, cfg, step_metric="env_steps", identity={"game": game.name})
     run.resume(teacher, restart, may_differ=RESUMABLE_CHANGES, budget=("total_steps", cfg.total_steps, cfg.num_envs))
+    if cfg.learning_starts >= cfg.total_steps:  # allowed (a play-only run), but rarely meant
+        run.say(f"note: learning_starts={cfg.learning_starts:,} >= total_steps={cfg.total_steps:,}: the network is "
+                f"never updated")
     run.start(wandb_mode, name=f"teacher-{game.name}", job_type="teacher", group="teachers",
               extra_config={"game": game.name})
     _train(teacher, run, show_progress)
