@@ -306,7 +306,8 @@ CONFIG_CLASSES = {"teacher": "multitask.training.teacher:TeacherConfig",
                   "student": "multitask.training.student:StudentConfig",
                   "baseline": "multitask.training.baseline:BaselineConfig",
                   "driven": "multitask.training.driven:DrivenConfig",
-                  "gridworld": "multitask.training.gridworld_studies:StudyConfig"}
+                  "gridworld": "multitask.training.gridworld_studies:StudyConfig",
+                  "pipeline": "multitask.pipeline:PipelineConfig"}
 
 
 def config_class(what: str) -> type:

@@ -118,6 +118,17 @@ def test_config_lists_a_nested_tables_own_defaults_under_its_doc(run_cli):
     assert "'adam'" in rows["train.optimizer"]  # the other table keeps TabularConfig's
 
 
+def test_every_command_familys_config_is_listed(run_cli):
+    from multitask.config import CONFIG_CLASSES
+
+    assert "pipeline" in CONFIG_CLASSES
+    for what in CONFIG_CLASSES:
+        code, out, err = run_cli("config", what)
+        assert code == 0 and not err and len(out.splitlines()) >= 5, what
+    code, out, _ = run_cli("config", "pipeline")
+    assert {"dataset_overrides", "episodes", "baseline.overrides"} <= {line.split()[0] for line in out.splitlines()}
+
+
 def test_an_existing_teacher_is_replaced_only_with_overwrite(run_cli, tmp_path, make_teacher):
     out = make_teacher(tmp_path / "B.pt", "minatar/Breakout")
     before = out.read_bytes()
