@@ -1,7 +1,10 @@
 """`dataset build` settings (one typed config: defaults, TOML, key=value, flags; saved in the file) and
 several games built in parallel when one of them fails."""
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +13,12 @@ import torch
 from multitask.data.build import BuildJob, build_dataset, build_many
 from multitask.data.build_config import SUITE_NUM_ENVS, DatasetConfig
 from multitask.data.reader import DatasetReader
+from multitask.data.schema import parts_dir
 from multitask.devices import pick_device
 from multitask.envs import get_game
 from multitask.data.verify import verify_invariants
 from multitask.errors import UserError
+from multitask.files import file_sha256
 
 
 def test_the_config_actually_used_is_saved_with_the_build(tmp_path, run_cli, make_teacher):
@@ -91,3 +96,111 @@ def test_a_failing_game_does_not_stop_the_others(tmp_path, make_teacher):
     assert not (tmp_path / "Asterix.h5").exists()
     with DatasetReader(tmp_path / "Breakout.h5") as d:
         assert len(d) == 300 and d.info.status == "complete" and verify_invariants(d) == []
+
+
+# ---- resume targets, files that are not datasets (the committed MinAtar teacher, tiny real builds) ----
+
+TEACHER = Path(__file__).resolve().parents[1] / "teachers" / "minatar" / "Breakout.pt"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(*_):
+    raise _Interrupted  # before the first step is played, so before anything reaches the disk
+
+
+def _info(run_cli, path):
+    code, text, err = run_cli("dataset", "info", path, "--json")
+    assert code == 0, err
+    lines = text.splitlines()  # after what builds called here in-process printed
+    return json.loads("\n".join(lines[lines.index("{"):]))
+
+
+def test_a_resume_to_fewer_steps_leaves_a_complete_file_untouched(tmp_path, run_cli):
+    out = tmp_path / "b.h5"
+    args = ["dataset", "build", "minatar/Breakout", "--teacher", TEACHER, "--out", out, "--num-envs", 4, "--lanes", 1,
+            "--no-progress"]
+    assert run_cli(*args, "--steps", 600)[0] == 0
+    before = file_sha256(out)
+    code, text, err = run_cli(*args, "--steps", 250, "--resume")
+    assert code == 0 and "already holds 600 steps" in text and "nothing to add" in text, err
+    info = _info(run_cli, out)
+    assert (info["steps"], info["target_steps"], info["status"]) == (600, 600, "complete")
+    assert file_sha256(out) == before and not parts_dir(out).exists()  # not even rewritten
+
+
+def _built_then_interrupted(out, steps: int, resume_to: int) -> DatasetConfig:
+    """A complete build of `steps`, then a resume to `resume_to` stopped before its first step."""
+    cfg = DatasetConfig(steps=steps, num_envs=4, lanes=1)
+    build_dataset("minatar/Breakout", TEACHER, out, cfg, show_progress=False)
+    with pytest.raises(_Interrupted):
+        build_dataset("minatar/Breakout", TEACHER, out, dataclasses.replace(cfg, steps=resume_to), resume=True,
+                      show_progress=False, observe=_interrupt)
+    return cfg
+
+
+def test_an_interrupted_resume_has_recorded_its_new_target(tmp_path, run_cli):
+    """A resume that raises the target writes it to disk before playing: stopped before its first
+    flush, the file says how far it has to go; a later resume to fewer steps than it holds ends it
+    there, complete at what it holds."""
+    out = tmp_path / "b.h5"
+    cfg = _built_then_interrupted(out, 300, 800)
+    info = _info(run_cli, out)
+    assert (info["steps"], info["target_steps"], info["status"]) == (300, 800, "building")
+    code, text, err = run_cli("dataset", "verify", out)
+    assert code == 0 and "300 of 800 steps; continue with --resume" in text, err
+    done = build_dataset("minatar/Breakout", TEACHER, out, dataclasses.replace(cfg, steps=200), resume=True,
+                         show_progress=False)
+    assert (done.steps, done.added_steps) == (300, 0)
+    info = _info(run_cli, out)
+    assert (info["steps"], info["target_steps"], info["status"]) == (300, 300, "complete")
+    assert not parts_dir(out).exists()
+    with DatasetReader(out) as d:
+        assert d.info.attrs["layout"] == "single" and verify_invariants(d) == []
+
+
+def test_verify_tells_a_checkpoint_from_a_damaged_dataset(tmp_path, run_cli):
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format: a pickle
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    for path in (TEACHER, legacy):
+        for cmd in ("verify", "info"):
+            code, _, err = run_cli("dataset", cmd, path)
+            assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert f"{path} is not a dataset" in err and "looks like a PyTorch checkpoint" in err, err
+            assert "delete" not in err, err
+    damaged = tmp_path / "damaged.h5"
+    build_dataset("minatar/Breakout", TEACHER, damaged, DatasetConfig(steps=200, num_envs=4, lanes=1),
+                  show_progress=False)
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the HDF5 signature survives, the rest does not
+    code, _, err = run_cli("dataset", "verify", damaged)
+    assert code == 2 and "corrupt" in err and "delete it and rebuild" in err and "Traceback" not in err, err
+
+
+def test_overwrite_replaces_only_a_dataset(tmp_path, run_cli):
+    copy = tmp_path / "copy_of_teacher.pt"
+    shutil.copyfile(TEACHER, copy)
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not a dataset\n")
+    for path, says in ((copy, "looks like a PyTorch checkpoint"), (notes, "not an HDF5 file")):
+        before = path.read_bytes()
+        for flags in (["--overwrite"], []):
+            code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--steps", 200, "--out", path,
+                                   "--teacher", TEACHER, "--num-envs", 4, "--no-progress", *flags)
+            assert code == 2 and says in err and "--overwrite" in err and "Traceback" not in err, err
+            assert len(err.strip().splitlines()) == 1, err
+            assert path.read_bytes() == before and not parts_dir(path).exists()
+    # a dataset, a damaged one or a build in progress is replaced
+    out = tmp_path / "b.h5"
+    _built_then_interrupted(out, 200, 500)
+    assert parts_dir(out).exists()
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(out.read_bytes()[:1000])
+    for path in (out, damaged):
+        code, _, err = run_cli("dataset", "build", "minatar/Breakout", "--steps", 300, "--out", path, "--teacher",
+                               TEACHER, "--num-envs", 4, "--lanes", 1, "--no-progress", "--overwrite")
+        assert code == 0, err
+        info = _info(run_cli, path)
+        assert (info["steps"], info["target_steps"], info["status"]) == (300, 300, "complete")
+        assert not parts_dir(path).exists()

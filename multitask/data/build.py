@@ -23,7 +23,7 @@ from multitask.agents.checkpoints import Agent, load_teacher
 from multitask.data.background import BackgroundWriter
 from multitask.data.build_config import DatasetConfig
 from multitask.data.control import Control, policy_index, resolve as resolve_control, teacher_entry
-from multitask.data.reader import root_attrs
+from multitask.data.reader import file_kind, not_a_dataset, root_attrs
 from multitask.data.recorder import BuildResult, Observer, record
 from multitask.data.schema import now_iso, schema_attrs
 from multitask.data.writer import DatasetWriter, dataset_exists, remove_dataset
@@ -80,18 +80,46 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
         if sha != teacher.sha256:
             raise UserError(f"cannot resume {out} with a different teacher (sha256 {teacher.sha256[:12]} "
                             f"vs {sha[:12]}); use the teacher it was built with, or --overwrite")
-    elif not resume and dataset_exists(out) and not overwrite:
-        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    elif not resume:
+        if out.is_file():  # --overwrite replaces a dataset (an HDF5 file, damaged or not), nothing else
+            try:
+                kind = file_kind(out)
+            except OSError as e:
+                raise UserError(f"cannot read {out} ({e.strerror or e}) to check that it is a dataset; check "
+                                f"its permissions or choose another --out") from None
+            if kind != "hdf5":
+                raise UserError(f"{not_a_dataset(out, kind)}, so no build replaces it, not even with --overwrite; "
+                                f"choose another --out, or move the file away first")
+        if dataset_exists(out) and not overwrite:
+            raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     check_writable(out, "a writable --out")
+
+
+def _already_holds(out: Path, game: GameSpec, steps: int) -> BuildResult | None:
+    """A resume of a file that already holds `steps` steps or more: nothing to play. A complete file
+    is left untouched (its target stays what it holds); an unfinished build is consolidated where it
+    stands, complete at the steps it holds (a complete file holds exactly its target). None: there
+    is something to add."""
+    attrs = root_attrs(out)
+    held = int(attrs["num_steps"])
+    if held < steps:
+        return None
+    note = ""
+    if attrs.get("status") != "complete" or attrs.get("layout") == "parts":
+        writer = DatasetWriter.resume(out, {"target_steps": held})
+        writer.finalize()
+        note = f"; its unfinished build (target {int(attrs['target_steps']):,}) is now complete at {held:,} steps"
+    print(f"{out} already holds {held:,} steps (>= {steps:,}); nothing to add{note}")
+    return BuildResult(out, game.name, held, int(attrs["num_episodes"]), 0, 0.0, float("nan"))
 
 
 def _open_writer(out: Path, game: GameSpec, teacher: Agent, cfg: DatasetConfig, resume: bool,
                  control: Control) -> tuple[DatasetWriter, int]:
-    """Continue the dataset at `out` (`resume`: its target becomes cfg.steps) or create it; with the
-    index of this build's control policy in its `policies`."""
+    """Continue the dataset at `out` (`resume`: its target becomes cfg.steps, on disk before any
+    play, so an interrupted resume says how far it has to go) or create it; with the index of this
+    build's control policy in its `policies`."""
     if resume:
-        writer = DatasetWriter.resume(out)
-        writer.attrs["target_steps"] = cfg.steps
+        writer = DatasetWriter.resume(out, {"target_steps": cfg.steps})
         policies, index = policy_index(json.loads(writer.attrs["policies"]), control, teacher.sha256)
         writer.attrs["policies"] = json.dumps(policies)
         return writer, index
@@ -112,11 +140,9 @@ def build_dataset(game_name: str, teacher_path: Path, out: Path, config: Dataset
     if overwrite:
         remove_dataset(out)
     resume = resume and out.exists()  # --resume with nothing to resume starts a new dataset
+    if resume and (held := _already_holds(out, game, cfg.steps)) is not None:
+        return held
     writer, policy = _open_writer(out, game, teacher, cfg, resume, control)
-    if writer.num_steps >= cfg.steps:
-        writer.finalize()
-        print(f"{out} already holds {writer.num_steps:,} steps (>= {cfg.steps:,}); nothing to add")
-        return BuildResult(out, game.name, writer.num_steps, writer.num_episodes, 0, 0.0, float("nan"))
     builds = json.loads(writer.attrs["builds"])
     stream_seed = cfg.seed + 7919 * len(builds)  # each build/resume plays fresh, distinct env streams
     builds.append({"command": configlib.command_line(), "seed": cfg.seed,

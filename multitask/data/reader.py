@@ -11,6 +11,7 @@ schema, or are damaged end in one `UserError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -25,16 +26,54 @@ from multitask.errors import UserError
 DEFAULT_CHUNK_ROWS = 1 << 12  # frames per "chunk" of a file stored contiguously (no HDF5 chunks)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def file_kind(path: Path) -> str:
+    """What an existing file looks like from its first bytes: 'hdf5' (the HDF5 signature at offset
+    0, 512, 1024, ..., where HDF5 itself looks for it), 'checkpoint' (a zip, as torch.save writes,
+    or a pickle, torch's legacy format) or 'other'. Raises OSError if the file cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head == HDF5_SIGNATURE:
+            return "hdf5"
+        size, offset = os.fstat(f.fileno()).st_size, 512
+        while offset + len(HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return "hdf5"
+            offset *= 2
+    if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "checkpoint"
+    return "other"
+
+
+def not_a_dataset(path: Path, kind: str) -> str:
+    """Why `path` (of `file_kind` `kind`, not 'hdf5') is no dataset: the start of a one-sentence message."""
+    if kind == "checkpoint":
+        return f"{path} is not a dataset: it looks like a PyTorch checkpoint (a teacher or student), not an HDF5 file"
+    return f"{path} is not a dataset: it is not an HDF5 file (corrupt, or another kind of file)"
+
+
 def open_h5(path: Path, mode: str = "r") -> h5py.File:
-    """Open a dataset file, or say in one sentence why it cannot be opened."""
+    """Open a dataset file, or say in one sentence why it cannot be opened: only a file that looks
+    like a damaged HDF5 file is one to delete and rebuild (never, say, a teacher checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"dataset {path} does not exist; build it with `multitask dataset build`")
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        raise UserError(f"dataset {path} is corrupt or not an HDF5 file ({str(e).split('(')[0].strip()}); "
+        reason = str(e).split('(')[0].strip()
+    try:
+        kind = file_kind(path)
+    except OSError as e:
+        raise UserError(f"cannot read dataset {path} ({e.strerror or e}); check its permissions") from None
+    if kind == "hdf5":
+        raise UserError(f"dataset {path} is corrupt: an HDF5 file that cannot be read ({reason}); "
                         f"delete it and rebuild") from None
+    raise UserError(f"{not_a_dataset(path, kind)}; pass a dataset made by `multitask dataset build` "
+                    f"(datasets/<suite>/<Game>.h5)") from None
 
 
 def _attrs(f: h5py.File) -> dict[str, Any]:

@@ -130,8 +130,10 @@ class DatasetWriter(WriterCounts):
         return w
 
     @classmethod
-    def resume(cls, path: Path) -> "DatasetWriter":
-        """Continue a dataset: a master of parts, or a consolidated file (which becomes part 0)."""
+    def resume(cls, path: Path, attrs_update: dict[str, Any] | None = None) -> "DatasetWriter":
+        """Continue a dataset: a master of parts, or a consolidated file (which becomes part 0).
+        `attrs_update` (e.g. a new target_steps) goes into the master published here, so it is on
+        disk before anything is played."""
         path = Path(path)
         attrs = root_attrs(path)
         consolidated = attrs.get("layout") != "parts"
@@ -155,6 +157,7 @@ class DatasetWriter(WriterCounts):
                 if orphan.name not in listed:
                     orphan.unlink()
         w = cls(path, {k: v for k, v in attrs.items() if k not in ("parts", "layout")}, parts, comp)
+        w.attrs.update(attrs_update or {})
         w.attrs["status"] = "building"
         w._publish_master()
         return w
