@@ -14,9 +14,7 @@ episodes to finish".
 from __future__ import annotations
 
 import copy
-import multiprocessing
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -144,20 +142,12 @@ def evaluate_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed:
     workers > 1 (games run in parallel, each with the device), or one submitit job per game with
     executor local or slurm (multitask/jobs.py; the job's machine must have the device)."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    if executor != "processes":
-        from multitask.jobs import run_jobs
-
-        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        jobs = [(net.spec.to_dict(), state, g, episodes, seed, epsilon, str(device)) for g in games]
-        return dict(zip(games, run_jobs(_evaluate_job, jobs, list(games), executor, workers, jobs_folder)))
-    if workers <= 1 or len(games) == 1:
+    if executor == "processes" and (workers <= 1 or len(games) == 1):
         here = net if next(net.parameters()).device == device else copy.deepcopy(net).to(device)
         return {g: evaluate_game(here, get_game(g), episodes, seed, epsilon, show_progress=show_progress)
                 for g in games}
+    from multitask.jobs import run_jobs  # spawned processes (CUDA needs spawn) that an interrupt stops
+
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    ctx = multiprocessing.get_context("spawn")  # fork after torch threads exist can deadlock; CUDA needs spawn
-    with ProcessPoolExecutor(max_workers=min(workers, len(games)), mp_context=ctx) as pool:
-        futures = {g: pool.submit(_evaluate_in_worker, net.spec.to_dict(), state, g, episodes, seed, epsilon,
-                                  str(device))
-                   for g in games}
-        return {g: f.result() for g, f in futures.items()}
+    jobs = [(net.spec.to_dict(), state, g, episodes, seed, epsilon, str(device)) for g in games]
+    return dict(zip(games, run_jobs(_evaluate_job, jobs, list(games), executor, workers, jobs_folder)))
