@@ -8,14 +8,20 @@ its steps (`dataset build --resume` says so), a run folder whose summary.json ho
 stage would train with; anything else resumes (datasets, students and the multi-task DQN all resume
 after a kill) and never mixes in outputs of another config (the commands refuse those). The
 comparison reuses every evaluation whose checkpoint, seeds and protocol it has cached.
+
+Ctrl-C or SIGTERM stops the stage before the pipeline exits: the stage gets the signal once (a
+terminal's Ctrl-C reaches it already), has STAGE_STOP_SECONDS to stop as its command does on its
+own (a dataset build ends its flush in flight), and is killed with its processes if it has not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +31,11 @@ from multitask import config as configlib
 from multitask.config import option
 from multitask.envs import get_game
 from multitask.errors import UserError
+from multitask.jobs import Terminated, sigterm_raises
 from multitask.training.run import finished_with
 from multitask.training.tracking import WandbMode
+
+STAGE_STOP_SECONDS = 30.0  # an interrupted stage's time to stop by itself before it is killed
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), say: Callable[[str],
         log = logs / f"{stage.name.replace(' ', '-')}.log"
         say(f"{head}: running (log {log})")
         t0 = time.perf_counter()
-        returncode = _run_stage(stage.command, log, say)
+        returncode = _run_stage(stage.command, log, say, stage.name)
         if returncode != 0:
             raise UserError(f"stage {stage.name} failed (exit {returncode}); read {log}; the stages before it "
                             f"are kept, and running the pipeline again continues from this stage")
@@ -170,20 +179,107 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), say: Callable[[str],
     return report
 
 
-def _run_stage(command: list[str], log: Path, say: Callable[[str], None]) -> int:
+def _run_stage(command: list[str], log: Path, say: Callable[[str], None], name: str = "") -> int:
     """Run a stage's command: every line it prints (run without progress bars: its set-up, periodic
-    evaluation scores and summary) goes to `log` and, indented, to the console as it comes."""
+    evaluation scores and summary) goes to `log` and, indented, to the console as it comes. On
+    Ctrl-C or SIGTERM the stage is stopped (`_stop_stage`) before the interrupt goes on."""
     with open(log, "w") as f:
         f.write("$ " + " ".join(command) + "\n")
         f.flush()
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
-            for line in proc.stdout:
-                f.write(line)
-                f.flush()
-                if line.strip():
-                    say("    " + line.rstrip()[:200])
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        relay = threading.Thread(target=_relay, args=(proc.stdout, f, say), name="stage output", daemon=True)
+        relay.start()
+        with sigterm_raises():
+            try:
+                proc.wait()
+                relay.join()  # the output of every process of the stage
+            except BaseException as e:
+                _stop_stage(proc, relay, isinstance(e, Terminated), name or log.stem, say)
+                raise
+        proc.stdout.close()
         return proc.returncode
+
+
+def _relay(stream, log, say: Callable[[str], None]) -> None:
+    """Copy the stage's output to its log and the console until every process holding it ended."""
+    console = True
+    try:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            if line.strip() and console:
+                try:
+                    say("    " + line.rstrip()[:200])
+                except Exception:  # noqa: BLE001 - a console gone: the log still gets every line
+                    console = False
+    except (ValueError, OSError):  # the log closed after a stage that was killed
+        pass
+
+
+def _stop_stage(proc: subprocess.Popen, relay: threading.Thread, terminated: bool, name: str,
+                say: Callable[[str], None]) -> None:
+    """Have the stage stop within STAGE_STOP_SECONDS, else kill it and its processes. The stage gets
+    the signal once: a SIGTERM is passed on (a second one is harmless), a Ctrl-C only where it did
+    not come from this terminal (whose Ctrl-C reaches the whole foreground group, the stage too; a
+    second one would interrupt the stage's own clean-up). Interrupts that come meanwhile are ignored."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        tree = _descendants(proc.pid)
+        if proc.poll() is None and (terminated or not _in_terminal_foreground()):
+            proc.send_signal(signal.SIGTERM if terminated else signal.SIGINT)
+        deadline = time.monotonic() + STAGE_STOP_SECONDS
+        try:
+            proc.wait(timeout=STAGE_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        relay.join(max(0.0, deadline - time.monotonic()))  # its output closes when all its processes ended
+        if proc.poll() is None or relay.is_alive():
+            tree |= _descendants(proc.pid)
+            proc.kill()
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+            relay.join(5)
+            say(f"stage {name}: killed, it had not stopped {STAGE_STOP_SECONDS:g} s after the interrupt; running "
+                f"the pipeline again continues from this stage")
+        if not relay.is_alive():  # else a process outside the stage's tree holds its output: leave the pipe
+            proc.stdout.close()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The process's descendants now (Linux; elsewhere none)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = [int(c) for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        todo += [c for c in children if c not in found]
+        found.update(children)
+    return found
+
+
+def _in_terminal_foreground() -> bool:
+    """Whether this process's group is its terminal's foreground group: a Ctrl-C there reached the stage too."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _last_line(log: Path) -> str:

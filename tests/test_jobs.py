@@ -1,16 +1,23 @@
 """One job per game through submitit's local executor: a dataset build and an evaluation, and a
-failing game's error named with its log. The commands run as processes, as users run them: in the
+failing game's error named with its log; and in local processes, a multi-game build that an
+interrupt stops whole. The commands run as processes, as users run them: in the
 pytest process, after another test has started W&B's service, submitit's local jobs lost the
 captured stderr (measured: the suite crashed with 'I/O operation on closed file')."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from multitask.data.reader import DatasetReader
+from multitask.data.schema import parts_dir
 from multitask.data.verify import verify_invariants
+from multitask.jobs import STOP_SECONDS
 
 
 def run_cli(*args, cwd=None):
@@ -68,3 +75,76 @@ def test_comparison_evaluations_as_submitit_local_jobs(tmp_path, make_teacher):
         games[how] = [a["games"] for a in json.loads((tmp_path / how / "report.json").read_text())["agents"]]
     assert games["local"] == games["processes"]
     assert len(list((tmp_path / "jobs").glob("*_result.pkl"))) == 3  # random policy, teacher, student
+
+
+def _live_processes_in_group(pgid: int) -> list[str]:
+    """Processes of the process group that have not ended (zombies aside), as 'pid command'."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z":
+                alive.append(f"{stat.parent.name} {(stat.parent / 'cmdline').read_bytes()[:120]!r}")
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("sig, to_group, when", [
+    (signal.SIGINT, True, "starting"),   # Ctrl-C in a terminal (the whole group) while the workers import
+    (signal.SIGINT, True, "recording"),  # Ctrl-C while both games record
+    (signal.SIGINT, False, "recording"),  # kill -INT <pid>: the old pool waited for the jobs to end
+    (signal.SIGTERM, False, "recording"),  # kill <pid>: the old pool's workers outlived it
+], ids=["ctrl-c-starting", "ctrl-c", "sigint-parent", "sigterm-parent"])
+def test_an_interrupted_multi_game_build_ends_every_process(tmp_path, make_teacher, sig, to_group, when):
+    """A multi-game build (one spawned worker per game, each with its forked writer) stops within a
+    few seconds of SIGINT or SIGTERM, leaves no process behind, and leaves files --resume continues."""
+    games = ("Breakout", "Asterix")  # short episodes: flushes come fast
+    for game in games:
+        make_teacher(tmp_path / "teachers" / "minatar" / f"{game}.pt", f"minatar/{game}", seed=1)
+    files = [tmp_path / "datasets" / "minatar" / f"{game}.h5" for game in games]
+    log = tmp_path / "stderr.txt"  # not a pipe: workers that outlived the build would hold it open
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "multitask", "dataset", "build", "--games",
+                                 *(f"minatar/{g}" for g in games), "--steps", "10000000", "--num-envs", "4",
+                                 "--flush-steps", "300", "--no-progress"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=True)  # its own group: as a terminal's job
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            started = (len(_live_processes_in_group(proc.pid)) >= 3 if when == "starting"  # workers spawned
+                       else all(len(list(parts_dir(f).glob("part-*.h5"))) >= 2 for f in files))  # flushed
+            if started:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.5)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+        sent = time.monotonic()
+        try:
+            code = proc.wait(timeout=STOP_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the build had not exited {STOP_SECONDS + 10:g} s after {sig.name}")
+        took = time.monotonic() - sent
+        err = log.read_text()
+        assert code == 128 + sig, err
+        assert ("interrupted" if sig == signal.SIGINT else "terminated") in err
+        assert took < STOP_SECONDS + 5, took
+        deadline = time.monotonic() + 2  # the workers' helpers die with them (PR_SET_PDEATHSIG)
+        while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _live_processes_in_group(proc.pid) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left, so that no test leaves a build behind
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    for path in files:  # each holds its flushed episodes; a build stopped before its first flush leaves nothing
+        assert path.exists() or when == "starting"
+        if path.exists():
+            with DatasetReader(path) as d:
+                assert d.info.status == "building" and verify_invariants(d) == []
+                assert len(d) > 0 or when == "starting"

@@ -1,6 +1,6 @@
 """`multitask pipeline` end to end on a micro config: every stage runs, the report's numbers are the
 evaluation files', a second run reuses every stage, a run killed in the student stage resumes there,
-and a failing stage is named with its log."""
+a failing stage is named with its log, and an interrupted pipeline stops its stage before it exits."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,8 +113,6 @@ def test_a_killed_student_stage_resumes_and_a_failing_stage_is_named(project):
 
 
 def test_the_committed_pipeline_configs_plan_their_stages(monkeypatch):
-    from pathlib import Path
-
     from multitask import config as configlib
     from multitask.errors import UserError
     from multitask.pipeline import PipelineConfig, stages
@@ -129,3 +128,79 @@ def test_the_committed_pipeline_configs_plan_their_stages(monkeypatch):
     assert "student minatar-3games-nll-multitask-s2" in plans["minatar3"]
     with pytest.raises(UserError, match="stage teachers: no teacher for atari/Asteroids"):
         stages(configlib.load(PipelineConfig, root / "configs" / "pipeline" / "atari10.toml"))
+
+
+FAKE_STAGE = """import os, signal, sys, time
+from pathlib import Path
+
+out = Path(sys.argv[1])
+(out / "stage.pid").write_text(str(os.getpid()))
+if sys.argv[2] == "stubborn":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:  # SIGTERM stops it as Ctrl-C does, as it does a multi-game dataset build
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+print("stage up", flush=True)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    time.sleep(2)  # stopping takes a while: a trainer saving its state, a build ending its flush
+    (out / "stopped").write_text("clean")
+    print("stage stopped", flush=True)
+    sys.exit(130)
+"""
+RUN_STAGE = """import sys
+from pathlib import Path
+
+import multitask.pipeline as p
+
+p.STAGE_STOP_SECONDS = 4
+out = Path(sys.argv[1])
+try:
+    p._run_stage([sys.executable, str(out / "stage.py"), str(out), sys.argv[2]], out / "stage.log", print)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("stage, sig", [("clean", signal.SIGINT), ("clean", signal.SIGTERM),
+                                        ("stubborn", signal.SIGINT)], ids=["sigint", "sigterm", "stubborn"])
+def test_an_interrupted_pipeline_stops_its_stage_before_it_exits(tmp_path, stage, sig):
+    """The stage gets the interrupt, the pipeline waits while it stops (it used to exit 0.25 s after a
+    Ctrl-C, and at once on SIGTERM, its stage running on), and kills a stage that does not stop."""
+    (tmp_path / "stage.py").write_text(FAKE_STAGE)
+    proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(tmp_path), stage], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = tmp_path / "stage.log"
+        deadline = time.monotonic() + 120
+        while "stage up" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        stage_pid = int((tmp_path / "stage.pid").read_text())
+        os.kill(proc.pid, sig)  # the pipeline only: `kill -INT <pid>`, `kill <pid>`
+        out, _ = proc.communicate(timeout=20)
+        assert not _alive(stage_pid), "the stage outlived the pipeline"
+        assert proc.returncode == 128 + sig, out
+        if stage == "clean":
+            assert (tmp_path / "stopped").exists() and "stage stopped" in log.read_text()
+            assert "killed" not in out
+        else:
+            assert "stage stage: killed, it had not stopped 4 s after the interrupt" in out
+    finally:
+        proc.kill()
+        pid_file = tmp_path / "stage.pid"
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        proc.communicate()
