@@ -234,6 +234,23 @@ def test_a_rollout_records_what_was_played_and_the_teachers_labels(teacher):
     assert learner.baselines[0] == pytest.approx(0.5 * learner.last[0]["pseudo_return"])
 
 
+def test_game_rewards_are_clipped_as_the_suites_teachers_learnt_them(tmp_path, teacher):
+    learner = _learner(teacher, "variant=on_policy_distill+R", "reward_clip=true")
+    steps = _recording_steps(learner)
+    envs, play = learner.envs[0], learner.envs[0].step
+
+    def bigger(actions):  # MinAtar pays 0 or 1: scale it to see the clip
+        step = play(actions)
+        return step._replace(reward=step.reward * 5.0 - 3.0)
+    envs.step = bigger
+    rollout = learner._play(0)
+    raw = torch.stack([torch.from_numpy(s.reward).double() * 5.0 - 3.0 for s in steps])
+    assert torch.equal(rollout["rewards"], raw.clamp(-1.0, 1.0)) and (raw.abs() > 1).any()
+    summary = train_driven(_cfg(teacher, "total_steps_per_game=32", "eval_every=32", "checkpoint_every=32"),
+                           tmp_path / "run", wandb_mode="off", show_progress=False)
+    assert summary["config"]["reward_clip"] is False  # MinAtar's teachers learnt raw rewards
+
+
 def test_a_full_teacher_share_plays_the_teachers_actions(teacher):
     learner = _learner(teacher, "teacher_share=1.0", "tau=0")
     observed = []

@@ -72,6 +72,10 @@ class DrivenConfig:
     updates_per_rollout: int = option(4, "updates on each rollout (1: every label used once; the offline students "
                                          "use each of theirs 6.4-12.8 times)")
     gamma: float = option(0.9, "pseudo-return discount (paper B: 0.99; 0.9 measured better on grids, docs/gridworld.md)")
+    reward_clip: bool | None = option(None, "clip the game rewards that +R and the teacher V reward add to [-1, 1] "
+                                            "(unset: as the suite's DQN teachers learnt them, so on the scale of "
+                                            "their V: Atari yes, MinAtar no; saved configs hold the choice)",
+                                     absent=False)  # runs saved before the key existed did not clip
     baseline_rate: float = option(0.01, "rate of each game's running-mean baseline of the pseudo-returns")
     optimizer: Literal["adam", "rmsprop"] = option("adam", "optimiser")
     lr: float = option(1e-3, "learning rate (the offline students': 1e-3)")
@@ -129,7 +133,9 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
     teachers = [_load_teacher(p, g) for p, g in zip(teacher_paths, games)]
     spec, size = sized_network(cfg.size, games, cfg.width, cfg.extra_fc)
     device = pick_device(cfg.device)
-    cfg = replace(cfg, width=spec.trunk.width, extra_fc=spec.trunk.extra_fc, device=device.type)  # as built
+    clip = games[0].suite == "atari" if cfg.reward_clip is None else cfg.reward_clip
+    cfg = replace(cfg, width=spec.trunk.width, extra_fc=spec.trunk.extra_fc, device=device.type,
+                  reward_clip=clip)  # as built
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "driven" / cfg.run_name, cfg, step_metric="env_steps",
@@ -260,6 +266,8 @@ class Driven:
                 actions = torch.where(use_teacher, teacher_pick, student_pick)
                 step = envs.step(actions.numpy())
                 reward, done = step.reward, step.done
+                if cfg.reward_clip:  # the scale the teachers' values were learnt on (reward_clip)
+                    reward = reward.clip(-1.0, 1.0)
                 for k, v in (("obs", obs), ("teacher_log", teacher_log), ("teacher_value", teacher_value),
                              ("actions", actions.to(self.device)),
                              ("rewards", torch.from_numpy(reward).double().to(self.device)),
