@@ -40,10 +40,17 @@ def test_kl_is_zero_at_the_sharpened_target_and_finite_when_sharp():
 
 
 def test_kl_takes_raw_outputs_not_probabilities():
-    """Passing probabilities where raw outputs are expected gives a different (wrong) value."""
+    """Both sides are raw outputs (logits, Q-values): the student's go through a softmax inside, so
+    a constant added to them changes nothing, and the value is the KL of the two softmaxes by hand;
+    probabilities passed instead give another (wrong) value."""
     q_t = torch.tensor([[1.0, 3.0]])
     z_s = torch.tensor([[2.0, 0.0]])
+    p_t = [1 / (1 + math.e ** 2), math.e ** 2 / (1 + math.e ** 2)]
+    p_s = [math.e ** 2 / (1 + math.e ** 2), 1 / (1 + math.e ** 2)]
+    expected = sum(t * math.log(t / s) for t, s in zip(p_t, p_s))
     raw = kl_loss(z_s, q_t, tau=1.0).item()
+    assert raw == pytest.approx(expected, rel=1e-6)
+    assert kl_loss(z_s + 7.0, q_t + 3.0, tau=1.0).item() == pytest.approx(expected, rel=1e-5)
     probs = kl_loss(torch.softmax(z_s, -1), torch.softmax(q_t, -1), tau=1.0).item()
     assert raw != pytest.approx(probs, rel=1e-3)
 
