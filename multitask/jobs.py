@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def check_executor(executor: str) -> None:
 
 def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], names: Sequence[str], executor: Executor = "processes",
              workers: int = 2, folder: Path = Path("runs/jobs"), resources: JobResources = JobResources()) -> list[Any]:
-    """fn(job) for every job, in order of `jobs`; raises a UserError naming every failed job."""
+    """fn(job) for every job, in order of `jobs`; raises a UserError naming every failed job (a job's
+    own bug is raised as it is, with a note naming its job). Call it from the main thread: Ctrl-C
+    stops `processes` jobs only there (their workers leave Ctrl-C to the caller)."""
     check_executor(executor)
     if executor == "processes":
         return _in_processes(fn, jobs, names, workers)
@@ -103,7 +106,9 @@ def _in_processes(fn: Callable[[Any], Any], jobs: Sequence[Any], names: Sequence
                                    initializer=_worker_started, initargs=(os.getpid(),))
         try:
             # The workers are spawned here, and start with Ctrl-C and SIGTERM blocked (the mask is
-            # inherited): one that comes before their initializer handles them waits for it.
+            # inherited): one that comes before their initializer handles them waits for it. (The mask
+            # is this thread's: in the parent, an interrupt taken by another thread still raises here;
+            # a worker started meanwhile is then not signalled by _stop_pool but dies with the parent.)
             with _signals_blocked():
                 futures = [(name, pool.submit(_run_job, fn, job)) for name, job in zip(names, jobs)]
             for name, fut in futures:
@@ -111,17 +116,29 @@ def _in_processes(fn: Callable[[Any], Any], jobs: Sequence[Any], names: Sequence
                     results.append(fut.result())
                 except UserError as e:
                     errors.append(f"{name}: {e}")
-                except Exception as e:  # a bug: raised once the other jobs have finished
+                except BrokenProcessPool as e:  # a worker died (killed, out of memory, a crash)
+                    failure = failure or e
+                    errors.append(f"{name}: not finished, a job process died (killed, out of memory or crashed)")
+                except Exception as e:  # a bug: raised, naming its job, once the other jobs have finished
+                    _note(e, f"in the job for {name}")
                     failure = failure or e
             pool.shutdown()
         except BaseException:  # Ctrl-C, SIGTERM (Terminated), a job's own interrupt
             _stop_pool(pool)
             raise
-    if failure is not None:
+    if failure is not None and not isinstance(failure, BrokenProcessPool):
+        if errors:
+            _note(failure, "other jobs failed too: " + "; ".join(errors))
         raise failure
     if errors:
         raise UserError("; ".join(errors))
     return results
+
+
+def _note(error: BaseException, text: str) -> None:
+    """Add `text` to the error's traceback (Python 3.11's add_note; 3.10 goes without)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
 
 
 class Terminated(BaseException):

@@ -9,8 +9,8 @@ stage would train with; anything else resumes (datasets, students and the multi-
 after a kill) and never mixes in outputs of another config (the commands refuse those). The
 comparison reuses every evaluation whose checkpoint, seeds and protocol it has cached.
 
-Ctrl-C or SIGTERM stops the stage before the pipeline exits: the stage gets the signal once (a
-terminal's Ctrl-C reaches it already), has STAGE_STOP_SECONDS to stop as its command does on its
+Ctrl-C or SIGTERM stops the stage before the pipeline exits: the stage runs in a session of its own,
+gets the signal once, from the pipeline, has STAGE_STOP_SECONDS to stop as its command does on its
 own (a dataset build ends its flush in flight), and is killed with its processes if it has not.
 """
 
@@ -186,7 +186,11 @@ def _run_stage(command: list[str], log: Path, say: Callable[[str], None], name: 
     with open(log, "w") as f:
         f.write("$ " + " ".join(command) + "\n")
         f.flush()
+        # its own session: the stage gets an interrupt from the pipeline only, exactly once (a terminal's
+        # or a process group's Ctrl-C would reach it as well, and a second one cuts its clean-up short);
+        # undecodable bytes are replaced, so that the relay never stops reading
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                encoding="utf-8", errors="replace", start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         relay = threading.Thread(target=_relay, args=(proc.stdout, f, say), name="stage output", daemon=True)
         relay.start()
@@ -213,22 +217,25 @@ def _relay(stream, log, say: Callable[[str], None]) -> None:
                     say("    " + line.rstrip()[:200])
                 except Exception:  # noqa: BLE001 - a console gone: the log still gets every line
                     console = False
-    except (ValueError, OSError):  # the log closed after a stage that was killed
-        pass
+    except (ValueError, OSError):  # the log or the pipe closed after a stage that was killed
+        if not (log.closed or stream.closed):
+            raise
 
 
 def _stop_stage(proc: subprocess.Popen, relay: threading.Thread, terminated: bool, name: str,
                 say: Callable[[str], None]) -> None:
-    """Have the stage stop within STAGE_STOP_SECONDS, else kill it and its processes. The stage gets
-    the signal once: a SIGTERM is passed on (a second one is harmless), a Ctrl-C only where it did
-    not come from this terminal (whose Ctrl-C reaches the whole foreground group, the stage too; a
-    second one would interrupt the stage's own clean-up). Interrupts that come meanwhile are ignored."""
+    """Have the stage stop within STAGE_STOP_SECONDS, else kill it and its processes. The stage, in a
+    session of its own, gets the interrupt once from here: a Ctrl-C goes to its process group, as a
+    terminal's would, a SIGTERM to the stage's process. Interrupts that come meanwhile are ignored."""
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         tree = _descendants(proc.pid)
-        if proc.poll() is None and (terminated or not _in_terminal_foreground()):
-            proc.send_signal(signal.SIGTERM if terminated else signal.SIGINT)
+        if proc.poll() is None:
+            if terminated:
+                proc.send_signal(signal.SIGTERM)
+            else:
+                _kill_group(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + STAGE_STOP_SECONDS
         try:
             proc.wait(timeout=STAGE_STOP_SECONDS)
@@ -237,6 +244,7 @@ def _stop_stage(proc: subprocess.Popen, relay: threading.Thread, terminated: boo
         relay.join(max(0.0, deadline - time.monotonic()))  # its output closes when all its processes ended
         if proc.poll() is None or relay.is_alive():
             tree |= _descendants(proc.pid)
+            _kill_group(proc.pid, signal.SIGKILL)
             proc.kill()
             for pid in tree:
                 try:
@@ -268,18 +276,11 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _in_terminal_foreground() -> bool:
-    """Whether this process's group is its terminal's foreground group: a Ctrl-C there reached the stage too."""
+def _kill_group(pgid: int, signum: int) -> None:
     try:
-        fd = os.open("/dev/tty", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the group has ended
+        pass
 
 
 def _last_line(log: Path) -> str:

@@ -17,6 +17,7 @@ import pytest
 from multitask.data.reader import DatasetReader
 from multitask.data.schema import parts_dir
 from multitask.data.verify import verify_invariants
+from multitask.errors import UserError
 from multitask.jobs import STOP_SECONDS
 
 
@@ -148,3 +149,29 @@ def test_an_interrupted_multi_game_build_ends_every_process(tmp_path, make_teach
             with DatasetReader(path) as d:
                 assert d.info.status == "building" and verify_invariants(d) == []
                 assert len(d) > 0 or when == "starting"
+
+
+def _job_that_fails(kind: str):
+    import os
+    import signal
+
+    if kind == "user":
+        raise UserError("bad input")
+    if kind == "bug":
+        raise ValueError("a bug")
+    if kind == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return kind
+
+
+def test_failed_jobs_are_named_whatever_the_failure():
+    from multitask.jobs import run_jobs
+
+    with pytest.raises(UserError, match="user: bad input"):
+        run_jobs(_job_that_fails, ["ok", "user"], ["ok", "user"], workers=2)
+    with pytest.raises(ValueError, match="a bug") as bug:
+        run_jobs(_job_that_fails, ["user", "bug"], ["user", "bug"], workers=2)
+    notes = getattr(bug.value, "__notes__", ["in the job for bug", "other jobs failed too: user: bad input"])
+    assert notes == ["in the job for bug", "other jobs failed too: user: bad input"]
+    with pytest.raises(UserError, match="die: not finished, a job process died"):
+        run_jobs(_job_that_fails, ["die", "ok"], ["die", "ok"], workers=2)

@@ -204,3 +204,15 @@ def test_an_interrupted_pipeline_stops_its_stage_before_it_exits(tmp_path, stage
         if pid_file.exists() and _alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
         proc.communicate()
+
+
+def test_a_stage_printing_undecodable_bytes_is_relayed_to_its_end(tmp_path):
+    """Bytes that are not UTF-8 are replaced: the relay keeps reading, so the stage never blocks on
+    a full pipe (it did: the relay stopped at the first such byte and the pipeline waited for ever)."""
+    from multitask.pipeline import _run_stage
+
+    script = "import sys; sys.stdout.buffer.write(b'\\xff\\xfe\\n'); [print(i) for i in range(20000)]"
+    lines = []
+    code = _run_stage([sys.executable, "-c", script], tmp_path / "stage.log", lines.append, "bytes")
+    log = (tmp_path / "stage.log").read_text()
+    assert code == 0 and "\ufffd" in log and log.rstrip().endswith("19999") and len(lines) == 20001

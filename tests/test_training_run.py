@@ -102,6 +102,7 @@ def test_a_resumed_run_logs_no_step_twice_and_writes_json_numbers(tmp_path):
     run.save_state(Learning(10))
     run.log({"train/loss": float("nan"), "train/x": float("inf")}, 15)  # then killed: no checkpoint at 15
     run.log({"final/score": 1.0}, 10)
+    run.log({"eval/minatar/Breakout/final_score": 1.0}, 10)  # a teacher's final line
     run.finish({})
     again = _run(tmp_path)
     assert again.resume(Learning(), restart=False)

@@ -309,8 +309,8 @@ def finite_or_null(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def trim_metrics(path: Path, step_metric: str, step: int) -> None:
     """Keep the lines of metrics.jsonl up to `step` (the checkpoint a run resumes from), dropping
-    those logged after it by the interrupted run and any final-evaluation lines: the resumed run
-    logs them again. Written atomically."""
+    those logged after it by the interrupted run and any final-evaluation lines (`final/...`, a
+    teacher's `eval/<game>/final_score`): the resumed run logs them again. Written atomically."""
     if not path.exists():
         return
     kept = []
@@ -319,7 +319,8 @@ def trim_metrics(path: Path, step_metric: str, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line torn by the kill
             continue
-        if row.get(step_metric, 0) <= step and not any(k.startswith("final/") for k in row):
+        if row.get(step_metric, 0) <= step and not any(k.startswith("final/") or k.endswith("/final_score")
+                                                       for k in row):
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
