@@ -230,7 +230,6 @@ def _stop_stage(proc: subprocess.Popen, relay: threading.Thread, terminated: boo
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        tree = _descendants(proc.pid)
         if proc.poll() is None:
             if terminated:
                 proc.send_signal(signal.SIGTERM)
@@ -243,7 +242,9 @@ def _stop_stage(proc: subprocess.Popen, relay: threading.Thread, terminated: boo
             pass
         relay.join(max(0.0, deadline - time.monotonic()))  # its output closes when all its processes ended
         if proc.poll() is None or relay.is_alive():
-            tree |= _descendants(proc.pid)
+            # its process group (the stage's session; a pgid is not reused while the group lives), and
+            # any descendant that left it, found now and only while the stage runs: no pid reused is killed
+            tree = _descendants(proc.pid) if proc.poll() is None else set()
             _kill_group(proc.pid, signal.SIGKILL)
             proc.kill()
             for pid in tree:
