@@ -19,7 +19,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-
 CI_SIZE = 0.95
 BOOTSTRAP_METHOD = "percentile"  # rliable's default: the 2.5th and 97.5th bootstrap percentiles
 

@@ -246,8 +246,9 @@ class Driven:
             self.baselines[g] += self.cfg.baseline_rate * (self.last[g]["pseudo_return"] - self.baselines[g])
         self.env_steps += self.cfg.rollout * self.cfg.num_envs
 
-    def _play(self, g: int) -> dict[str, torch.Tensor]:
-        """`rollout` steps of game g's envs under the control policy; what the update needs, (T, N, ...)."""
+    def _play(self, g: int) -> dict[str, Any]:
+        """`rollout` steps of game g's envs under the control policy; what the update needs, (T, N, ...)
+        tensors and the teacher share they were played at."""
         cfg, envs, teacher = self.cfg, self.envs[g], self.teachers[g]
         share = self.teacher_share()
         rows: dict[str, list] = {k: [] for k in ("obs", "teacher_log", "teacher_value", "actions", "rewards", "alive_next")}
@@ -257,7 +258,7 @@ class Driven:
                 student = torch.softmax(self.net(pad_channels(obs, self.spec.trunk.in_channels), g).double(), -1)
                 q = teacher(obs).double()
                 teacher_log = u.teacher_log_probs(q, cfg.tau)
-                teacher_value = (teacher_log.exp() * q).sum(-1)  # V_pi(s) = sum_a pi(a|s) q(s, a)
+                teacher_value = u.policy_value(teacher_log, q)
                 student_pick = torch.multinomial(student.cpu(), 1, generator=self.gen).squeeze(-1)
                 teacher_pick = torch.multinomial(teacher_log.exp().cpu(), 1, generator=self.gen).squeeze(-1)
                 if self.variant.control == "uniform":
@@ -276,11 +277,11 @@ class Driven:
             out = {k: torch.stack(v) for k, v in rows.items()}
             if self.variant.pseudo_reward == "teacher_value":  # V_pi after the last step bootstraps the window
                 q = teacher(torch.from_numpy(envs.obs).to(self.device)).double()
-                out["next_value"] = (u.teacher_log_probs(q, cfg.tau).exp() * q).sum(-1)
-        out["teacher_share"] = torch.tensor(share, dtype=torch.float64)
+                out["next_value"] = u.policy_value(u.teacher_log_probs(q, cfg.tau), q)
+        out["teacher_share"] = share
         return out
 
-    def _game_loss(self, g: int, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _game_loss(self, g: int, t: dict[str, Any]) -> torch.Tensor:
         """The unified surrogate loss of game g's rollout under the current weights."""
         steps, n = t["actions"].shape
         logits = self.net(pad_channels(t["obs"].flatten(0, 1), self.spec.trunk.in_channels), g)
@@ -289,7 +290,7 @@ class Driven:
         loss, step_loss, returns = u.variant_loss(self.variant, self.plus_reward, t["teacher_log"], student_log,
                                                   t["actions"], torch.ones_like(t["alive_next"]), t["alive_next"],
                                                   t["rewards"], t["teacher_value"], baseline, self.cfg.gamma,
-                                                  teacher_share=float(t["teacher_share"]),
+                                                  teacher_share=t["teacher_share"],
                                                   next_value=t.get("next_value"))
         self.last[g] = {"loss": loss.item(), "step_loss": step_loss.mean().item(), "pseudo_return": returns.mean().item()}
         return loss

@@ -83,6 +83,11 @@ def teacher_log_probs(q_values: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.log(probs).clamp_min(MIN_LOG_PROB)
 
 
+def policy_value(log_probs: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
+    """V_pi(s) = sum_a pi(a | s) q(s, a) per row (the teacher's value under its softmax policy)."""
+    return (log_probs.exp() * q_values).sum(dim=-1)
+
+
 def cross_entropy(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """H^x(p || q) = -sum_a p(a) log q(a), per row (sum over the last axis, no reduction over rows).
     Both arguments are log-probabilities; gradients flow into both."""
@@ -178,13 +183,13 @@ def control_log_probs(student_log: torch.Tensor, teacher_log: torch.Tensor, teac
     return torch.logaddexp(teacher_log.detach() + math.log(teacher_share), student_log + math.log1p(-teacher_share))
 
 
-def surrogate_loss(student_log: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor,
+def surrogate_loss(control_log: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor,
                    baseline: torch.Tensor, per_step_loss: torch.Tensor) -> torch.Tensor:
     """sum_t mask_t [ -log q_theta(a_t | s_t) (R_hat_t - b_t) + l_t ], summed over time and
-    averaged over the other axes (independent trajectories); `student_log` holds log q_theta, the
+    averaged over the other axes (independent trajectories); `control_log` holds log q_theta, the
     control policy's log-probabilities (the student's, or a mixture's: `control_log_probs`). Returns
     and baseline carry no gradient."""
-    log_pa = student_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    log_pa = control_log.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     advantage = (returns - baseline).detach()
     per_step = -log_pa * advantage + per_step_loss
     return (per_step * mask.to(per_step.dtype)).sum(dim=0).mean()
