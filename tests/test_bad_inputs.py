@@ -4,6 +4,7 @@ cluster, non-UTF-8 or directory `--config`, multi-player-only Atari ROMs, run fo
 
 import random
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -144,3 +145,17 @@ def test_a_folder_as_a_teachers_out_is_named_as_such(tmp_path, run_cli):
     for extra in ((), ("--overwrite",)):
         code, _, err = run_cli("teacher", "import", "cleanrl", source, "--game", "atari/Pong", "--out", tmp_path, *extra)
         _one_sentence(code, err, "is a folder")
+
+
+def test_a_listed_teacher_that_is_missing_is_refused(tmp_path, run_cli):
+    """A path in `teachers` that is not there used to be dropped in silence by the student and the
+    multi-task DQN (the run trained and reported no % of teacher); only the default path may be missing."""
+    missing = tmp_path / "nowhere" / "Breakout.pt"
+    for args in (("student", "train", "--config", Path(__file__).parents[1] / "configs/student/minatar_single.toml", "updates=10"),
+                 ("baseline", "train", "total_steps_per_game=64"),
+                 ("student", "drive", "total_steps_per_game=64")):
+        run_dir = tmp_path / args[1]
+        code, _, err = run_cli(*args, "games=minatar/Breakout", f"teachers={missing}", "--run-dir", run_dir,
+                               "--wandb", "off", "--no-progress")
+        _one_sentence(code, err, str(missing), "which `teachers` lists")
+        assert not run_dir.exists()

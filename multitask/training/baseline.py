@@ -46,7 +46,7 @@ from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.devices import (CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange,
                                pick_device)
 from multitask.training.evaluating import final_evaluation, periodic_evaluation
-from multitask.training.scoring import Scores, teacher_card_scores
+from multitask.training.scoring import Scores, teacher_card_scores, teacher_paths
 from multitask.training.teacher import load_config as load_teacher_config
 from multitask.training.tracking import WandbMode
 
@@ -137,15 +137,14 @@ def load_config(path: Path | None, overrides: list[str]) -> BaselineConfig:
     return configlib.load(BaselineConfig, None, overrides, data=data)
 
 
-def resolve_games(cfg: BaselineConfig) -> tuple[list[GameSpec], list[Path]]:
-    """The games (known, of one suite) and each one's teacher path."""
+def resolve_games(cfg: BaselineConfig, listed_exist: bool = True) -> tuple[list[GameSpec], list[Path]]:
+    """The games (known, of one suite) and each one's teacher path (scoring.teacher_paths)."""
     games = [get_game(g) for g in cfg.games]
     suites = sorted({g.suite for g in games})
     if len(suites) > 1:
         raise UserError(f"games from different suites ({', '.join(suites)}) cannot share a trunk; "
                         f"train a baseline per suite")
-    teachers = [Path(p) for p in cfg.teachers] or [Path("teachers") / g.suite / f"{g.game}.pt" for g in games]
-    return games, teachers
+    return games, teacher_paths(cfg.teachers, games, listed_exist)
 
 
 def train_baseline(cfg: BaselineConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",

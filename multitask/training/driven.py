@@ -127,7 +127,7 @@ class DrivenConfig:
 
 def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: WandbMode = "offline",
                  restart: bool = False, show_progress: bool = True) -> dict:
-    games, teacher_paths = resolve_games(cfg)
+    games, teacher_paths = resolve_games(cfg, listed_exist=not cfg.follow)  # a followed teacher is waited for
     if cfg.follow:
         wait_for_teachers(teacher_paths)
     teachers = [_load_teacher(p, g) for p, g in zip(teacher_paths, games)]

@@ -75,6 +75,20 @@ def score_games(net: MultiHeadNet, games: Sequence[str], episodes: int, seed: in
     return Scores({g: r.to_dict() for g, r in results.items()}, pct, geomean)
 
 
+def teacher_paths(listed: Sequence[str], games: Sequence[GameSpec], listed_exist: bool = True) -> list[Path]:
+    """Each game's teacher: the paths a config lists in `teachers`, which must exist (unless
+    `listed_exist` is False: a run following teachers still training waits for them), or else
+    teachers/<suite>/<Game>.pt, which may be missing (its game then goes without % of teacher)."""
+    if not listed:
+        return [Path("teachers") / g.suite / f"{g.game}.pt" for g in games]
+    paths = [Path(p) for p in listed]
+    for g, path in zip(games, paths):
+        if listed_exist and not path.is_file():
+            raise UserError(f"no teacher for {g.name} at {path}, which `teachers` lists; fix the path, or leave "
+                            f"`teachers` out to use teachers/<suite>/<Game>.pt")
+    return paths
+
+
 def teacher_card_scores(teachers: Sequence[Path], games: Sequence[GameSpec]) -> dict[str, float | None]:
     """Each teacher's evaluation score from its card (None: no teacher file or no score on it).
     Every trainer calls this before its first update, so a teacher listed for the wrong game is

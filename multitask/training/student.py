@@ -39,7 +39,7 @@ from multitask.training.distributed import Processes, checksum, gather, replicat
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
-                                        score_games, teacher_card_scores)
+                                        score_games, teacher_card_scores, teacher_paths)
 from multitask.training.tracking import WandbMode
 
 # A killed run may be resumed with these changed. width and extra_fc are left to the network
@@ -141,7 +141,7 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
     """Games, datasets and teachers, checked: datasets exist, carry teacher outputs, share a trunk."""
     games = [get_game(g) for g in cfg.games]
     datasets = [Path(p) for p in cfg.datasets] or [dataset_path(g) for g in games]
-    teachers = [Path(p) for p in cfg.teachers] or [Path("teachers") / g.suite / f"{g.game}.pt" for g in games]
+    teachers = teacher_paths(cfg.teachers, games)
     suites = {g.suite for g in games}
     if len(suites) > 1:
         raise UserError(f"games from different suites ({', '.join(sorted(suites))}) cannot share a trunk; "
