@@ -74,14 +74,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 pass
         raise bad
     if origin in (tuple, list):
-        if isinstance(value, str):  # a,b,c on the command line: each item read as an override's value
-            value = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        if isinstance(value, str):  # a,b,c on the command line: each item read as an override's value,
+            # except in a list of strings, whose items are taken as written (`--num-envs,8`)
+            value = [v.strip() if item_tp is str else parse_value(v.strip()) for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # actions=4 on the command line: a list of one
         if not isinstance(value, (list, tuple)):
             raise bad
-        args = get_args(tp)
-        item_tp = args[0] if args else Any
         return tuple(_coerce(v, item_tp, key, source) for v in value)
     if tp is Any:
         return value

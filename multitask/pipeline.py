@@ -93,9 +93,10 @@ def stages(cfg: PipelineConfig) -> tuple[list[Stage], list[Path]]:
     if missing:
         raise UserError(f"stage teachers: no teacher for {', '.join(missing)} in teachers/<suite>/; import or "
                         f"train them first (`multitask teacher import|train`)")
-    out.append(Stage("datasets", cli + ["dataset", "build", "--games", *cfg.games, "--steps", str(cfg.dataset_steps),
-                                        "--resume", "--no-progress", *cfg.dataset_overrides],
-                     lambda: _datasets_complete(games, cfg.dataset_steps)))
+    build = ["dataset", "build", "--games", *cfg.games, "--steps", str(cfg.dataset_steps), "--resume", "--no-progress",
+             *cfg.dataset_overrides]
+    recording = _recording(build)
+    out.append(Stage("datasets", cli + build, lambda: _datasets_complete(games, cfg.dataset_steps, recording)))
     runs: list[Path] = []
     for s in cfg.students:
         student = configlib.load(StudentConfig, Path(s.config), [f"games={','.join(cfg.games)}", *s.overrides])
@@ -120,23 +121,49 @@ def stages(cfg: PipelineConfig) -> tuple[list[Stage], list[Path]]:
     return out, runs
 
 
-def _datasets_complete(games, steps: int) -> str | None:
+def _recording(build: list[str]) -> dict:
+    """Who plays and how in the datasets the `dataset build` command line `build` records: its
+    control policy and epsilon (DatasetConfig), the settings a dataset's meaning depends on."""
+    from multitask.cli import build_parser
+    from multitask.cli.dataset import build_request
+
+    args, extra = build_parser().parse_known_args(build)
+    if [w for w in extra if "=" not in w]:
+        raise UserError(f"dataset_overrides: {' '.join(extra)} is not a `dataset build` setting "
+                        f"(`multitask dataset build --help`, `multitask config dataset`)")
+    args.overrides = [*args.overrides, *extra]
+    cfg = build_request(args)[2]
+    return {"control": cfg.control, "epsilon": cfg.epsilon}
+
+
+def _datasets_complete(games, steps: int, recording: dict) -> str | None:
     """Why the datasets can be reused: each is complete, holds `steps` and was labelled by the
-    teacher file that is there now."""
+    teacher file that is there now. A dataset recorded with another control policy or epsilon
+    (`recording`) is refused: resuming it would mix two kinds of play in one file, and reusing it
+    would train on play that the config did not ask for."""
     from multitask.data.reader import root_attrs
     from multitask.data.schema import dataset_path
     from multitask.files import file_sha256
 
+    reasons = []
     for g in games:
         path = dataset_path(g)
         if not path.is_file():
-            return None
+            reasons.append("missing")
+            continue
         attrs = root_attrs(path)
+        for build in json.loads(attrs["builds"]):
+            played = {k: build.get(k) for k in recording}
+            if played != recording:
+                raise UserError(f"{path} holds play recorded with control {played['control']}, epsilon "
+                                f"{played['epsilon']}, not the pipeline's control {recording['control']}, epsilon "
+                                f"{recording['epsilon']} (dataset_overrides); move it away, or give the pipeline "
+                                f"the settings it was built with")
         teacher = Path("teachers") / g.suite / f"{g.game}.pt"
         if (attrs.get("status") != "complete" or int(attrs["num_steps"]) < steps
                 or json.loads(attrs["teacher"])["sha256"] != file_sha256(teacher)):
-            return None
-    return f"every dataset holds {steps:,} steps labelled by its teacher"
+            reasons.append("unfinished")
+    return None if reasons else f"every dataset holds {steps:,} steps labelled by its teacher"
 
 
 def _report_current(report: Path, runs: list[Path], episodes: int) -> str | None:

@@ -130,6 +130,33 @@ def test_the_committed_pipeline_configs_plan_their_stages(monkeypatch):
         stages(configlib.load(PipelineConfig, root / "configs" / "pipeline" / "atari10.toml"))
 
 
+def test_datasets_recorded_otherwise_are_refused_not_reused(project, run_cli):
+    """The datasets stage reused any complete file of the right size and teacher, whatever control
+    policy and epsilon `dataset_overrides` asked for (and would have resumed an unfinished one into a
+    mix of both)."""
+    from multitask import config as configlib
+    from multitask.errors import UserError
+    from multitask.pipeline import PipelineConfig, stages
+
+    (project / "student.toml").write_text(STUDENT.format(updates=40))
+    for g in GAMES:
+        code, _, err = run_cli("dataset", "build", g, "--steps", "1000", "--num-envs", "8", "--lanes", "1",
+                               "--no-progress")
+        assert code == 0, err
+
+    def datasets_stage(*overrides):
+        return stages(configlib.load(PipelineConfig, project / "pipeline.toml", list(overrides)))[0][0]
+
+    assert "every dataset holds 1,000 steps" in datasets_stage().reused()
+    assert datasets_stage("dataset_steps=2000").reused() is None  # resumed to the bigger size
+    for asked in (["epsilon=0.5"], ["--epsilon", "0.5"], ["control=mixture:teachers/minatar/Freeway.pt:0.5"]):
+        stage = datasets_stage(f"dataset_overrides={','.join(asked)}")
+        with pytest.raises(UserError, match="holds play recorded with control teacher, epsilon 0.05, not the pipeline's"):
+            stage.reused()
+    with pytest.raises(UserError, match="not a `dataset build` setting"):
+        datasets_stage("dataset_overrides=--no-such-flag")
+
+
 FAKE_STAGE = """import os, signal, sys, time
 from pathlib import Path
 

@@ -16,10 +16,10 @@ BUILD_FLAGS = {"--steps": "steps", "--epsilon": "epsilon", "--control": "control
 COMPRESSION_KEYS = {"compression": "frames", "level": "level", "frame_chunk": "frame_chunk", "step_chunk": "step_chunk"}
 
 
-def cmd_dataset_build(args: argparse.Namespace) -> None:
-    from multitask.data.build import BuildJob, build_many
+def build_request(args: argparse.Namespace):
+    """What `dataset build` was asked for: its games, its key=value overrides and its settings
+    (DatasetConfig: defaults <- --config <- overrides <- flags)."""
     from multitask.data.build_config import load_config
-    from multitask.data.schema import dataset_path
     from multitask.envs import get_game
 
     words = list(args.game or [])  # key=value overrides may stand among the game names
@@ -28,10 +28,18 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     if not names:
         raise UserError("name at least one game, e.g. `multitask dataset build minatar/Breakout --steps 100000`")
     games = [get_game(n) for n in names]
+    cfg = load_config(args.config, overrides, **{key: getattr(args, key) for key in BUILD_FLAGS.values()})
+    return games, overrides, cfg
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> None:
+    from multitask.data.build import BuildJob, build_many
+    from multitask.data.schema import dataset_path
+
+    games, overrides, cfg = build_request(args)
     if len(games) > 1 and (args.teacher or args.out):
         raise UserError("--teacher and --out name one game's files; with several games the defaults "
                         "teachers/<suite>/<Game>.pt and datasets/<suite>/<Game>.h5 are used")
-    cfg = load_config(args.config, overrides, **{key: getattr(args, key) for key in BUILD_FLAGS.values()})
     jobs = [BuildJob(g.name, args.teacher or Path("teachers") / g.suite / f"{g.game}.pt",
                      args.out or dataset_path(g), cfg, args.resume, args.overwrite,
                      not args.no_progress) for g in games]
