@@ -199,3 +199,30 @@ def test_tabular_teacher_v_reward_uses_the_teachers_values():
         g[t] = ep["rewards"][t] + 0.9 * later
     alive = ep["alive"]
     assert torch.allclose((returns * alive)[alive], (g - values)[alive])
+
+
+def test_control_ratio_leaves_out_mdps_already_at_the_target_when_training_starts(tmp_path):
+    """An MDP where no terminal can be reached has teacher = uniform policy = 0: every control "reaches" it at
+    update 0, which says nothing about speed (and read as a 0.00x ratio)."""
+    cfg = StudyConfig(mdps=4, temperatures=(0.1,), grid=GridConfig(size=8), train=TabularConfig(updates=20))
+    report = run_study("control", cfg, tmp_path, say=lambda s: None, show_progress=False)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["on_policy_distill"]["reached"] >= 1  # seed 0 holds one such MDP among its four
+    ratio = rows["ratio teacher-driven / student-driven"]
+    assert ratio["ratio_median"] != 0.0 and ratio["label_ratio_median"] != 0.0
+
+
+@pytest.mark.parametrize("study, key", [("control", "mdps"), ("actions", "actions_mdps"),
+                                        ("counter", "counter_students")])
+def test_the_mdps_flag_sets_the_count_of_the_study_it_runs(study, key, run_cli, tmp_path, monkeypatch):
+    from multitask.training import gridworld_studies
+
+    seen = {}
+
+    def fake_run(name, cfg, out, show_progress=True):
+        seen["cfg"] = cfg
+        return {"seconds": 0.0}
+    monkeypatch.setattr(gridworld_studies, "run_study", fake_run)
+    code, out, err = run_cli("gridworld", study, "--mdps", 3, "--out", tmp_path, "--no-progress")
+    assert code == 0, err
+    assert getattr(seen["cfg"], key) == 3 and "3 " in out

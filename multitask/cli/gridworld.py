@@ -13,12 +13,15 @@ STUDIES_HELP = ("control: teacher- vs student-driven distillation speed; actions
                 "on an aliased fork")
 
 
+MDPS_KEY = {"control": "mdps", "actions": "actions_mdps", "counter": "counter_students"}  # what --mdps sets
+
+
 def cmd_gridworld(args: argparse.Namespace) -> None:
     from multitask import config as configlib
     from multitask.files import check_writable
     from multitask.training.gridworld_studies import StudyConfig, run_study
 
-    overrides = list(args.overrides) + ([f"mdps={args.mdps}"] if args.mdps is not None else [])
+    overrides = list(args.overrides) + ([f"{MDPS_KEY[args.study]}={args.mdps}"] if args.mdps is not None else [])
     cfg = configlib.load(StudyConfig, args.config, overrides)
     check_writable(args.out / f"{args.study}.json", "a writable --out folder")  # before minutes of study
     report = run_study(args.study, cfg, args.out, show_progress=not args.no_progress)
@@ -31,7 +34,8 @@ def add_commands(sub) -> None:
     g = sub.add_parser("gridworld", help="paper B's grid-world studies on sampled 20x20 MDPs with tabular students")
     g.add_argument("study", choices=STUDIES, help=STUDIES_HELP)
     add_config_options(g, "train.updates=400 grid.noise=0.2", "study.toml (keys: multitask config gridworld)")
-    g.add_argument("--mdps", type=int, help="sampled MDPs (default 32; paper B averaged over 1,000)")
+    g.add_argument("--mdps", type=int, help="the study's MDPs: control's mdps (default 32; paper B averaged over "
+                   "1,000), actions' actions_mdps (default 8), counter's counter_students (default 8)")
     g.add_argument("--out", type=Path, default=Path("results/gridworld"), help="folder for <study>.json, .md, .png")
     add_no_progress(g)
     g.set_defaults(func=cmd_gridworld)

@@ -25,7 +25,7 @@ from multitask.training import unified as u
 @dataclass(frozen=True)
 class TabularConfig:
     variant: str = option("on_policy_distill", "unified-update variant (training/unified.VARIANTS), '+R' adds the reward")
-    updates: int = option(400, "updates, one episode per MDP each (paper B: ~30,000 steps; here the default grids' "
+    updates: int = option(400, "updates, `episodes` episodes per MDP each (paper B: ~30,000 steps; here the default grids' "
                                 "curves are flat by 300, docs/gridworld.md)")
     optimizer: Literal["adam", "sgd"] = option("adam", "optimiser of the logits (paper B: unknown)")
     lr: float = option(0.05, "step size on the logits (paper B: unknown)")
