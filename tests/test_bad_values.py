@@ -39,11 +39,25 @@ CONFIG_CASES = [  # (load the config from these overrides, words of the refusal)
         ("seed=-1", "must not be negative"), ("eps_start=2", "in [0, 1]")]],
     *[("driven", [BREAKOUT, o], w) for o, w in [
         ("gamma=1.5", "gamma must be in [0, 1]"), ("games=minatar/Breakout,minatar/Breakout", "each game once"),
-        ("final_eval_episodes=0", "final_eval_episodes"), ("seed=-1", "must not be negative")]],
+        ("final_eval_episodes=0", "final_eval_episodes"), ("seed=-1", "must not be negative"),
+        ("checkpoint_every=0", "checkpoint_every"), ("baseline_rate=-1", "baseline_rate"),
+        ("teacher_share_decay_steps=-10", "teacher_share_decay_steps must not be negative"),
+        ("teacher_share_decay_steps=1000", "which is 0"), ("eval_every=-1", "eval_every and log_every"),
+        ("tau=nan", "finite"), ("lr=inf", "finite")]],
+    ("driven", [BREAKOUT, "size=custom", "width=0"], "width must be positive"),
+    # a share the variant ignores, and policy-gradient terms on trajectories only the teacher plays
+    ("driven", [BREAKOUT, "variant=teacher_distill", "teacher_share=0.3"], "drop teacher_share"),
+    *[("driven", [BREAKOUT, f"variant={v}", "teacher_share=1"], "no gradient")
+      for v in ("entropy_regularised", "teacher_v_reward", "n_distill+R")],
+    ("driven", [BREAKOUT, "follow=true", "follow_every=0"], "follow_every"),
     *[("gridworld", [o], w) for o, w in [
         ("mdps=0", "mdps"), ("mdps=-2", "mdps"), ("seed=-1", "seed"), ("grid.size=0", "[grid]: size and num_actions"),
         ("grid.noise=1.5", "probabilities"), ("train.lr=-1", "lr must be positive"),
-        ("train.eval_every=0", "eval_every"), ("counter_train.gamma=2", "gamma must be in [0, 1]")]],
+        ("train.eval_every=0", "eval_every"), ("counter_train.gamma=2", "gamma must be in [0, 1]"),
+        ("temperatures=-1", "must not be negative"), ("counter_temperature=-0.1", "must not be negative"),
+        ("temperatures=", "at least one value"), ("counter_rewards=", "at least one value"),
+        ("reach=1.5", "reach"), ("train.variant=n_distill", "train.variant is not read"),
+        ("counter_train.variant=n_distill+R", "counter_train.variant is not read")]],
     *[("pipeline", [*PIPELINE, o], w) for o, w in [
         ("wandb=onlin", "must be one of 'off', 'offline', 'online'"), ("dataset_steps=-1", "dataset_steps"),
         ("episodes=1", "episodes at least 2")]],
@@ -70,8 +84,11 @@ def test_bad_config_values_are_refused_in_one_sentence(what, overrides, words):
                  "eps_decay_steps=0"]),  # eval_every 0: no periodic evaluation, so no episodes for one
     ("student", [BREAKOUT, "eval_every=0", "num_threads=0", "seed=0", "loader_workers=0"]),
     ("baseline", [BREAKOUT, "eval_every=0", "num_threads=0", "eps_end=1"]),
-    ("driven", [BREAKOUT, "gamma=0", "num_threads=0", "tau=0"]),
-    ("gridworld", ["grid.noise=0", "grid.size=1", "train.gamma=1"]),
+    ("driven", [BREAKOUT, "gamma=0", "num_threads=0", "tau=0", "eval_every=0", "log_every=0"]),
+    ("driven", [BREAKOUT, "variant=entropy_regularised", "teacher_share=1", "teacher_share_decay_steps=1000"]),
+    ("driven", [BREAKOUT, "variant=on_policy_distill", "teacher_share=1"]),
+    ("gridworld", ["grid.noise=0", "grid.size=1", "train.gamma=1", "temperatures=0", "reach=0",
+                   "train.variant=on_policy_distill"]),
     ("pipeline", [*PIPELINE, "wandb=off", "episodes=2"]),
 ])
 def test_values_that_mean_something_stay_allowed(what, overrides):

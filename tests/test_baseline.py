@@ -157,23 +157,24 @@ def test_micro_run_writes_config_metrics_checkpoints_and_summary(micro, run_cli)
 
 def _cli(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "multitask", "baseline", "train", f"games={','.join(GAMES)}", *TINY,
-            "total_steps_per_game=4000", "eval_every=2000", "checkpoint_every=1000", "teachers=none1.pt,none2.pt", "device=cpu",
+            "total_steps_per_game=4000", "eval_every=2000", "checkpoint_every=1000", "device=cpu",
             "--run-dir", str(run_dir), "--wandb", "off", "--no-progress"]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
-    straight = subprocess.run(_cli(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    # run where teachers/ holds none: no teacher to score, as this test needs none
+    straight = subprocess.run(_cli(tmp_path / "straight"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 300
     while not (killed / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up, as in a crash
     proc.wait()
     assert (killed / "state.pt").exists() and not (killed / "last.pt").exists()
-    resumed = subprocess.run(_cli(killed), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cli(killed), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {killed} after " in resumed.stderr
     a, b = load_agent(tmp_path / "straight" / "last.pt"), load_agent(killed / "last.pt")
@@ -191,7 +192,8 @@ def test_every_game_acts_and_logs_with_the_linear_epsilon_schedule(tmp_path, mon
     act = Acting.act
     monkeypatch.setattr(Acting, "act", lambda self, net, head, epsilon: (acted.append((head, self.env_steps, epsilon)),
                                                                         act(self, net, head, epsilon))[1])
-    cfg = load_config(None, [f"games={','.join(GAMES)}", "teachers=none1.pt,none2.pt", "size=custom", "width=0.25",
+    monkeypatch.chdir(tmp_path)  # teachers/ holds none here: no teacher to score
+    cfg = load_config(None, [f"games={','.join(GAMES)}", "size=custom", "width=0.25",
                              "num_threads=1", "eval_workers=1", "replay_capacity=1000", "learning_starts=100000",
                              "eval_episodes=1", "final_eval_episodes=1", "total_steps_per_game=64", "num_envs=4",
                              "eps_start=0.9", "eps_end=0.2", "eps_decay_steps=40", "log_every=4", "eval_every=1000",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,19 @@ def test_summary_table_and_a_mixture_schedule(tmp_path, teacher):
     assert "Student-driven student (expected_entropy_regularised)" in table and "128 teacher-labelled" in table
 
 
-def test_bad_configs_are_refused(tmp_path, teacher):
+def test_bad_configs_are_refused(tmp_path, teacher, monkeypatch):
     for words, message in ((["variant=value_gated_on_policy_distill"], "no value head"),
                            (["variant=teacher_distill+R"], "student's own trajectories"),
                            (["variant=dagger"], "unknown distillation variant"),
                            (["teacher_share=1.5"], "probability")):
         with pytest.raises(UserError, match=message):
             _cfg(teacher, *words)
-    with pytest.raises(UserError, match="needs one to label"):
+    with pytest.raises(UserError, match="which `teachers` lists"):
         train_driven(configlib.load(DrivenConfig, None, [f"games={GAME}", "teachers=missing.pt", *TINY]),
+                     tmp_path / "x", wandb_mode="off", show_progress=False)
+    monkeypatch.chdir(tmp_path)  # no teachers/<suite>/<Game>.pt, the default, here
+    with pytest.raises(UserError, match="needs one to label"):
+        train_driven(configlib.load(DrivenConfig, None, [f"games={GAME}", *TINY]),
                      tmp_path / "x", wandb_mode="off", show_progress=False)
 
 
@@ -78,6 +83,18 @@ def _cli(run_dir: Path, teacher: Path) -> list[str]:
 
 
 @pytest.mark.slow
+def test_a_resume_with_another_teacher_file_is_refused(tmp_path, make_teacher):
+    """The teacher labels every state a driven student learns from: a run resumed after its teacher
+    file was replaced trained on in silence under the old run's name. The summary names the files."""
+    path = make_teacher(tmp_path / "Breakout.pt", GAME, seed=1)
+    cfg = _cfg(path, "total_steps_per_game=32", "eval_every=32", "checkpoint_every=32")
+    summary = train_driven(cfg, tmp_path / "run", wandb_mode="off", show_progress=False)
+    assert summary["teachers"] == {GAME: {"path": str(path), "sha256": load_agent(path).sha256}}
+    make_teacher(path, GAME, seed=2)  # another teacher at the same path
+    with pytest.raises(UserError, match="other settings \\(teachers"):
+        train_driven(replace(cfg, total_steps_per_game=64), tmp_path / "run", wandb_mode="off", show_progress=False)
+
+
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, teacher):
     straight = subprocess.run(_cli(tmp_path / "straight", teacher), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr
@@ -252,7 +269,7 @@ def test_game_rewards_are_clipped_as_the_suites_teachers_learnt_them(tmp_path, t
 
 
 def test_a_full_teacher_share_plays_the_teachers_actions(teacher):
-    learner = _learner(teacher, "teacher_share=1.0", "tau=0")
+    learner = _learner(teacher, "variant=on_policy_distill", "teacher_share=1.0", "tau=0")
     observed = []
     play = learner._play
     learner._play = lambda g: observed.append(play(g)) or observed[-1]
@@ -260,3 +277,16 @@ def test_a_full_teacher_share_plays_the_teachers_actions(teacher):
     rollout = observed[0]
     q = learner.teachers[0](rollout["obs"].flatten(0, 1)).view(*rollout["obs"].shape[:2], -1)
     assert torch.equal(rollout["actions"], q.argmax(-1)) and float(rollout["teacher_share"]) == 1.0
+
+
+def test_a_policy_gradient_variant_decaying_from_a_full_teacher_share_trains(teacher):
+    """At teacher_share 1 (the first rollout of a decay from 1) the teacher plays every step, so a variant
+    with no per-step loss has nothing that depends on the weights: that rollout takes no update (it used to
+    end the run in a traceback), the next one, partly the student's, does."""
+    learner = _learner(teacher, "variant=entropy_regularised", "teacher_share=1", "teacher_share_decay_steps=1000",
+                       "updates_per_rollout=2")
+    learner.learn()
+    assert learner.updates == 0 and learner.env_steps == 4 * 8
+    before = [p.detach().clone() for p in learner.net.parameters()]
+    learner.learn()
+    assert learner.updates == 2 and any(not torch.equal(a, b) for a, b in zip(before, learner.net.parameters()))

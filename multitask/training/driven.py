@@ -3,8 +3,8 @@
 The student acts in every game's vector envs (or a teacher/student mixture: each step, each env
 takes the teacher's action with probability `teacher_share`, decaying linearly to 0 over
 `teacher_share_decay_steps`); the teacher labels every visited state with its raw Q-values; every
-`rollout` steps per env, one update with the unified rule of training/unified.py and the chosen
-variant, each game's loss weighing the same. Same networks, size presets, evaluation protocol,
+`rollout` steps per env, `updates_per_rollout` updates with the unified rule of training/unified.py
+and the chosen variant, each game's loss weighing the same. Same networks, size presets, evaluation protocol,
 run scaffolding and exact resume as the other trainers.
 
 Pseudo-returns are sums over the rollout, truncated at its end (no bootstrap: the student has no
@@ -22,6 +22,7 @@ summary.json, table.md, wandb/.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from multitask.agents.sizes import SizePreset, sized_network
 from multitask.config import option
 from multitask.envs import GameSpec
 from multitask.errors import UserError
+from multitask.files import file_sha256
 from multitask.progress import Progress
 from multitask.training import unified as u
 from multitask.training.acting import RECENT_EPISODES, GamePlay
@@ -103,11 +105,31 @@ class DrivenConfig:
             raise ValueError("name each game once in `games`")
         if self.teachers and len(self.teachers) != len(self.games):
             raise ValueError("`teachers` needs one path per game")
-        variant, _ = u.parse_variant(self.variant)
+        variant, plus_reward = u.parse_variant(self.variant)
         if variant.value_gate:
             raise ValueError(f"{self.variant} needs the student's state values; network students have no value head")
         if not 0.0 <= self.teacher_share <= 1.0:
             raise ValueError("teacher_share is a probability")
+        if self.teacher_share_decay_steps < 0:
+            raise ValueError("teacher_share_decay_steps must not be negative (0: a constant teacher_share)")
+        if self.teacher_share_decay_steps and not self.teacher_share:
+            raise ValueError("teacher_share_decay_steps decays teacher_share, which is 0; give teacher_share too")
+        if variant.control == "teacher" and (self.teacher_share or self.teacher_share_decay_steps):
+            raise ValueError(f"{self.variant} plays the teacher's action at every step; drop teacher_share")
+        if (self.teacher_share == 1.0 and not self.teacher_share_decay_steps
+                and (variant.pseudo_reward != "none" or plus_reward)):
+            raise ValueError(f"{self.variant} with teacher_share = 1: the teacher plays every step, so its "
+                             f"policy-gradient terms have no gradient; lower teacher_share or decay it")
+        if not 0.0 <= self.baseline_rate <= 1.0:
+            raise ValueError("baseline_rate must be in [0, 1]")
+        if self.checkpoint_every < 1 or (self.follow and self.follow_every < 1):
+            raise ValueError("checkpoint_every (and follow_every when following) must be positive")
+        if min(self.eval_every, self.log_every) < 0:
+            raise ValueError("eval_every and log_every must not be negative (0: only at the end)")
+        if not self.width > 0 or self.extra_fc < 0:
+            raise ValueError("width must be positive and extra_fc not negative")
+        if not (math.isfinite(self.tau) and math.isfinite(self.lr)):
+            raise ValueError("tau and lr must be finite numbers")
         if self.follow_pace < 0:
             raise ValueError("follow_pace is a ratio of env steps, not negative")
         if min(self.num_envs, self.rollout, self.total_steps_per_game, self.updates_per_rollout) < 1 or self.lr <= 0 or self.tau < 0:
@@ -138,8 +160,10 @@ def train_driven(cfg: DrivenConfig, run_dir: Path | None = None, wandb_mode: Wan
                   reward_clip=clip)  # as built
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # the teachers label every state, so a resume must find the same files (a followed teacher changes by design)
+    labels = {} if cfg.follow else {"teachers": {g.name: file_sha256(p) for g, p in zip(games, teacher_paths)}}
     run = Run(run_dir or Path("runs") / "driven" / cfg.run_name, cfg, step_metric="env_steps",
-              identity={"network": spec})
+              identity={"network": spec, **labels})
     learner = Driven(spec, cfg, games, teachers, device, size.counts("student"), teacher_card_scores(teacher_paths, games))
     learner.teacher_paths = teacher_paths
     learner.follow_teachers()
@@ -238,6 +262,8 @@ class Driven:
         rollouts = [self._play(g) for g in range(len(self.games))]
         for _ in range(self.cfg.updates_per_rollout):
             loss = torch.stack([self._game_loss(g, r) for g, r in enumerate(rollouts)]).mean()
+            if not loss.requires_grad:  # a policy-gradient-only variant on a rollout the teacher played throughout
+                continue  # (teacher_share 1 at the start of its decay): nothing depends on the weights
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -15,7 +15,8 @@ from typing import Any
 from multitask.agents.checkpoints import load_agent
 from multitask.evaluation.report import run_table
 from multitask.training.run import Run
-from multitask.training.scoring import FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, measured_teacher_scores, score_games
+from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, measured_teacher_scores, score_games,
+                                        teacher_files)
 from multitask.training.teacher import EVAL_SEED_STRIDE  # periodic evaluation j: seeds from seed + 10,000 + 100 j
 
 
@@ -47,7 +48,8 @@ def final_evaluation(learner: Any, run: Run, teachers: list[Path], kind: str, su
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "kind": summary_kind, "config": run.config_dict,
         "parameters": learner.counts, "env_steps": learner.env_steps, "updates": learner.updates,
-        "best_env_steps": learner.best["env_steps"], "teacher_scores": teacher_scores,
+        "best_env_steps": learner.best["env_steps"], "teachers": teacher_files(teachers, learner.games),
+        "teacher_scores": teacher_scores,
         "teacher_card_scores": learner.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
         "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": learner.history,
         "wall_time_s": round(run.clock.wall(), 1), "cpu_time_s": round(run.clock.cpu(), 1), "resumes": run.resumes,

@@ -205,8 +205,9 @@ class Run:
             return False
         saved = self._read_state()
         saved_config = saved.get("config", {})
-        differences = config_differences({**saved_config, **{k: saved.get(k) for k in self.identity}},
-                                         {**self.config_dict, **self.identity},
+        known = [k for k in self.identity if k in saved]  # identity keys added since an older run was saved go unchecked
+        differences = config_differences({**saved_config, **{k: saved[k] for k in known}},
+                                         {**self.config_dict, **{k: self.identity[k] for k in known}},
                                          [*may_differ, *added_at_defaults(self.config, saved_config),
                                           *(key for k, obj in self._identity_objects.items()
                                             for key in added_at_defaults(obj, saved.get(k) or {}, f"{k}."))])

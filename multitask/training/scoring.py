@@ -19,7 +19,7 @@ from multitask.envs import GameSpec
 from multitask.evaluation.protocol import evaluate_games
 from multitask.errors import UserError
 from multitask.evaluation.report import pct_of_teacher
-from multitask.files import atomic_write_text
+from multitask.files import atomic_write_text, file_sha256
 
 PERIODIC_EVAL_SEED = 10_000  # periodic evaluations play env seeds from here on, apart from training's
 FINAL_EVAL_SEED = 777_777  # students and teachers meet the same env seeds in the final evaluation
@@ -87,6 +87,13 @@ def teacher_paths(listed: Sequence[str], games: Sequence[GameSpec], listed_exist
             raise UserError(f"no teacher for {g.name} at {path}, which `teachers` lists; fix the path, or leave "
                             f"`teachers` out to use teachers/<suite>/<Game>.pt")
     return paths
+
+
+def teacher_files(teachers: Sequence[Path], games: Sequence[GameSpec]) -> dict[str, dict]:
+    """What a summary records of each game's teacher: its path and the sha256 of the file there at
+    the end (None: no file, so no % of teacher)."""
+    return {g.name: {"path": str(p), "sha256": file_sha256(p) if Path(p).is_file() else None}
+            for g, p in zip(games, teachers)}
 
 
 def teacher_card_scores(teachers: Sequence[Path], games: Sequence[GameSpec]) -> dict[str, float | None]:

@@ -39,7 +39,7 @@ from multitask.training.distributed import Processes, checksum, gather, replicat
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
-                                        score_games, teacher_card_scores, teacher_paths)
+                                        score_games, teacher_card_scores, teacher_files, teacher_paths)
 from multitask.training.tracking import WandbMode
 
 # A killed run may be resumed with these changed. width and extra_fc are left to the network
@@ -340,7 +340,8 @@ def _final_evaluation(student: Student, run: Run, checksums: list[float]) -> dic
                         student.device)
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "config": run.config_dict, "parameters": student.counts,
-        "updates": student.update, "best_update": student.best["update"], "teacher_scores": teachers,
+        "updates": student.update, "best_update": student.best["update"],
+        "teachers": teacher_files(inputs.teachers, inputs.games), "teacher_scores": teachers,
         "teacher_card_scores": student.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
         "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": student.history,
         "wall_time_s": round(run.clock.wall(), 1), "world_size": run.identity["world_size"],
