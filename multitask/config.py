@@ -307,6 +307,7 @@ CONFIG_CLASSES = {"teacher": "multitask.training.teacher:TeacherConfig",
                   "student": "multitask.training.student:StudentConfig",
                   "baseline": "multitask.training.baseline:BaselineConfig",
                   "driven": "multitask.training.driven:DrivenConfig",
+                  "sweep": "multitask.training.sweep:SweepConfig",
                   "gridworld": "multitask.training.gridworld_studies:StudyConfig",
                   "pipeline": "multitask.pipeline:PipelineConfig"}
 

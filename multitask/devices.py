@@ -17,7 +17,8 @@ DEVICE_DOC = "auto: cuda when torch sees a GPU, else cpu; the saved config holds
 def pick_device(name: DeviceName) -> torch.device:
     """cuda (refused in one sentence without a GPU), cpu, or auto (cuda when torch sees a GPU)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
+        raise UserError("cuda asked for as the device, but torch sees no CUDA GPU; ask for auto or cpu (device=... in a "
+                        "config, --device on the command line)")
     exact_fp32()
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 

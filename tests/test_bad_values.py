@@ -52,7 +52,7 @@ CONFIG_CASES = [  # (load the config from these overrides, words of the refusal)
     ("driven", [BREAKOUT, "follow=true", "follow_every=0"], "follow_every"),
     *[("gridworld", [o], w) for o, w in [
         ("mdps=0", "mdps"), ("mdps=-2", "mdps"), ("seed=-1", "seed"), ("grid.size=0", "[grid]: size and num_actions"),
-        ("grid.noise=1.5", "probabilities"), ("train.lr=-1", "lr must be positive"),
+        ("grid.noise=1.5", "probabilities"), ("grid.wall_prob=0.99", "at most 1"), ("train.lr=-1", "lr must be positive"),
         ("train.eval_every=0", "eval_every"), ("counter_train.gamma=2", "gamma must be in [0, 1]"),
         ("temperatures=-1", "must not be negative"), ("counter_temperature=-0.1", "must not be negative"),
         ("temperatures=", "at least one value"), ("counter_rewards=", "at least one value"),

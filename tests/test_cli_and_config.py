@@ -121,7 +121,7 @@ def test_config_lists_a_nested_tables_own_defaults_under_its_doc(run_cli):
 def test_every_command_familys_config_is_listed(run_cli):
     from multitask.config import CONFIG_CLASSES
 
-    assert "pipeline" in CONFIG_CLASSES
+    assert {"pipeline", "sweep"} <= set(CONFIG_CLASSES)
     for what in CONFIG_CLASSES:
         code, out, err = run_cli("config", what)
         assert code == 0 and not err and len(out.splitlines()) >= 5, what

@@ -137,7 +137,8 @@ def convert(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec) -> Multi
 
 
 def import_teacher(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec, out: Path,
-                   evaluate_episodes: int = 0, seed: int = 12345) -> dict:
+                   evaluate_episodes: int = 0, seed: int = 12345,
+                   show_progress: bool = True) -> dict:
     net = convert(fmt, path, game)
     card = {
         "source": "imported", "import": {"format": fmt, "file": str(path), "sha256": file_sha256(path)},
@@ -145,7 +146,7 @@ def import_teacher(fmt: Literal["cleanrl", "sb3"], path: Path, game: GameSpec, o
         "parameters": sum(p.numel() for p in net.parameters()), "command": command_line(),
     }
     if evaluate_episodes > 0:
-        card["eval"] = evaluate_game(net, game, evaluate_episodes, seed, show_progress=True).to_dict()
+        card["eval"] = evaluate_game(net, game, evaluate_episodes, seed, show_progress=show_progress).to_dict()
     digest = save_agent(out, net, "teacher", card)
     score = f", score {card['eval']['mean']:.1f}" if "eval" in card else ""
     print(f"imported {fmt} teacher for {game.name} from {path}{score} -> {out} (sha256 {digest[:12]})")

@@ -32,7 +32,7 @@ MULTITASK_EXTRA_FC = 1  # Rusu et al. 2016: ... and one more hidden FC layer tha
 # "Compression", KL tau 0.1, three seeds: 88% vs 77% of the teachers at 7%, 70% vs 56% at 4%).
 # Atari students at 7% and 4% take paper A's: three convs of 16 channels (`flat` at conv_width 0.5 of
 # Nature's 32) and a shrunk FC (paper A: FC 128 at 7%, 64 at 4%). Any other preset and suite: uniform
-# (Atari at 25% is then paper A's conv 16/32/32, FC 254 against its 256).
+# (Atari at 25% is then paper A's conv 16/32/32, FC 255 against its 256).
 PRESET_SHAPES: dict[tuple[str, str], tuple[TrunkShape, float]] = {
     ("minatar", "7%"): ("strided", 1.0), ("minatar", "4%"): ("strided", 1.0),
     ("atari", "7%"): ("flat", 0.5), ("atari", "4%"): ("flat", 0.5)}

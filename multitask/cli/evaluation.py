@@ -134,7 +134,7 @@ def add_commands(sub) -> None:
     on = rs.add_parser("online", help="a student following a training teacher, beside it: JSON and PNG")
     on.add_argument("student", type=Path, help="the `student drive follow=true` run folder (runs/driven/<run>)")
     on.add_argument("teacher", type=Path, help="the teacher's run folder (runs/teacher/<run>)")
-    on.add_argument("--out", type=Path, default=Path("results"), help="folder for online-<Game>.json and .png")
+    on.add_argument("--out", type=Path, default=Path("results"), help="folder for online-<suite>-<Game>.json and .png")
     on.set_defaults(func=cmd_report_online)
     docs = rs.add_parser("docs", help="rewrite every marked result table of Markdown files from the JSON it names")
     docs.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("docs/results.md"), Path("docs/gridworld.md")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multitask.cli.common import add_run_options
+from multitask.cli.common import add_no_progress, add_run_options
 from multitask.errors import UserError
 from multitask.files import check_writable
 
@@ -44,7 +44,8 @@ def cmd_teacher_import(args: argparse.Namespace) -> None:
         raise UserError(f"teacher import converts Atari DQN checkpoints; {game.name} is not an Atari game")
     out = args.out or Path("teachers") / game.suite / f"{game.game}.pt"
     check_new_teacher(out, args.overwrite)
-    import_teacher(args.format, args.file, game, out, evaluate_episodes=args.episodes)
+    import_teacher(args.format, args.file, game, out, evaluate_episodes=args.episodes,
+                   show_progress=not args.no_progress)
 
 
 def cmd_teacher_manifest(args: argparse.Namespace) -> None:
@@ -57,7 +58,7 @@ def cmd_teacher_manifest(args: argparse.Namespace) -> None:
         raise UserError(f"{folder} is not a folder of teacher checkpoints")
     table = teacher_manifest(folder, MINATAR_TEACHER_TARGETS)
     header = (f"# Teachers in {folder}\n\nMade by `multitask teacher manifest {folder}` from the cards "
-              f"(`<Game>.json`) written by `multitask teacher train`. Scores: the one evaluation protocol "
+              f"(`<Game>.json`) written by `multitask teacher train` or `teacher import`. Scores: the one evaluation protocol "
               f"(epsilon {EVAL_EPSILON}, whole games, raw score), fresh seeds, best periodic snapshot or last weights "
               f"as the `weights` column says.\n\n")
     notes = folder / "NOTES.md"
@@ -84,6 +85,7 @@ def add_commands(sub) -> None:
     ti.add_argument("--out", type=Path, help="teacher checkpoint (default: teachers/atari/<Game>.pt)")
     ti.add_argument("--overwrite", action="store_true", help="replace an existing teacher at --out")
     ti.add_argument("--episodes", type=int, default=0, help="evaluate the imported teacher for the card (default: 0, skip)")
+    add_no_progress(ti)
     ti.set_defaults(func=cmd_teacher_import)
 
     tm = t.add_parser("manifest", help="write <folder>/MANIFEST.md from the teacher cards")

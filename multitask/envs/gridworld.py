@@ -47,6 +47,8 @@ class GridConfig:
             raise ValueError("size and num_actions must be positive")
         if not all(0.0 <= p <= 1.0 for p in (self.wall_prob, self.goal_prob, self.pit_prob, self.noise, self.end_prob)):
             raise ValueError("wall_prob, goal_prob, pit_prob, noise and end_prob are probabilities, in [0, 1]")
+        if self.wall_prob + self.goal_prob + self.pit_prob > 1.0:  # one draw per cell picks its kind
+            raise ValueError("wall_prob + goal_prob + pit_prob is a cell's chance of not being empty, at most 1")
 
 
 @dataclass

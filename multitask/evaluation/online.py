@@ -3,7 +3,7 @@ training (`student drive follow=true`), beside that teacher, over the teacher's 
 
 `online_report` reads the two runs' files only: the student's summary.json (its periodic
 evaluations, each with the teacher's env steps when it was taken) and the teacher run's
-metrics.jsonl (its periodic evaluations), and writes online-<Game>.json and .png.
+metrics.jsonl (its periodic evaluations), and writes online-<suite>-<Game>.json and .png.
 """
 
 from __future__ import annotations

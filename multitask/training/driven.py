@@ -205,6 +205,7 @@ class Driven:
         self.env_steps, self.updates = 0, 0
         self.baselines = [0.0] * len(games)
         self.last = [{} for _ in games]  # the latest update's per-game metrics
+        self.played_share = self.teacher_share()  # the teacher share the latest rollout was played at
         self.history: list[dict] = []
         self.best = {"score": -float("inf"), "env_steps": 0}
 
@@ -260,6 +261,7 @@ class Driven:
         """Play `rollout` steps in every game, then `updates_per_rollout` updates on the unified loss
         of all games over that rollout."""
         rollouts = [self._play(g) for g in range(len(self.games))]
+        self.played_share = rollouts[0]["teacher_share"]
         for _ in range(self.cfg.updates_per_rollout):
             loss = torch.stack([self._game_loss(g, r) for g, r in enumerate(rollouts)]).mean()
             if not loss.requires_grad:  # a policy-gradient-only variant on a rollout the teacher played throughout
@@ -322,7 +324,7 @@ class Driven:
         return loss
 
     def train_metrics(self, steps_per_s: float) -> dict[str, float]:
-        m: dict[str, float] = {"train/updates": self.updates, "train/teacher_share": self.teacher_share(),
+        m: dict[str, float] = {"train/updates": self.updates, "train/teacher_share": self.played_share,
                                "train/steps_per_s": steps_per_s}
         if self.cfg.follow:
             m["train/teacher_reloads"] = self.teacher_reloads

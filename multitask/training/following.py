@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+from multitask import config as configlib
 from multitask.errors import UserError
 
 FOLLOW_WAIT_SECONDS = 3600  # how long a following student waits for a teacher run's first best.pt or progress
@@ -41,8 +41,8 @@ def teacher_run_progress(run_folder: Path) -> tuple[int, int | None]:
     parses and its config.toml; (0, None) before it has written them."""
     steps, total = 0, None
     try:
-        total = int(tomllib.loads((run_folder / "config.toml").read_text())["total_steps"])
-    except (OSError, ValueError, KeyError):
+        total = int(configlib.read_toml(run_folder / "config.toml")["total_steps"])
+    except (UserError, ValueError, KeyError):  # not written yet, or being written
         pass
     try:
         lines = (run_folder / "metrics.jsonl").read_text().splitlines()
