@@ -117,7 +117,7 @@ def stages(cfg: PipelineConfig) -> tuple[list[Stage], list[Path]]:
     report = Path("results") / cfg.name
     out.append(Stage("compare", cli + ["compare", *map(str, runs), "--out", str(report), "--episodes",
                                        str(cfg.episodes), "--no-progress", "--wandb", cfg.wandb],
-                     lambda: _report_current(report, runs, cfg.episodes)))
+                     lambda: _report_current(report, runs, cfg.episodes, cfg.games)))
     return out, runs
 
 
@@ -166,8 +166,9 @@ def _datasets_complete(games, steps: int, recording: dict) -> str | None:
     return None if reasons else f"every dataset holds {steps:,} steps labelled by its teacher"
 
 
-def _report_current(report: Path, runs: list[Path], episodes: int) -> str | None:
-    """Why the report can be reused: it compared exactly these checkpoints on as many episodes."""
+def _report_current(report: Path, runs: list[Path], episodes: int, games: Sequence[str] = ()) -> str | None:
+    """Why the report can be reused: it compared exactly these checkpoints, beside the teachers now
+    at teachers/<suite>/<Game>.pt (the compare stage's default), on as many episodes."""
     from multitask.files import file_sha256
 
     path = report / "report.json"
@@ -177,6 +178,10 @@ def _report_current(report: Path, runs: list[Path], episodes: int) -> str | None
     wanted = sorted(file_sha256(r / "best.pt") for r in runs if (r / "best.pt").is_file())
     if data.get("episodes") != episodes or sorted(i["sha256"] for i in data.get("inputs", [])) != wanted:
         return None
+    teachers = {g: Path("teachers") / f"{g}.pt" for g in games}
+    now = {g: file_sha256(p) for g, p in teachers.items() if p.is_file()}
+    if {g: t.get("sha256") for g, t in (data.get("teachers") or {}).items()} != now:
+        return None  # a teacher retrained, imported or removed since: its column and every % of teacher changed
     return f"{path} compares these checkpoints"
 
 

@@ -24,6 +24,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"{a['label'] + seeds:24s} {len(a['games'])} game(s)  geometric mean "
               + ("-" if geo is None else f"{geo:.0f}%") + " of teacher  IQM normalised "
               + ("-" if iqm is None else f"{iqm['value']:.2f} [{iqm['ci95'][0]:.2f}, {iqm['ci95'][1]:.2f}]"))
+    for note in report["notes"]:  # e.g. games without a teacher (teachers/<suite>/ is looked up from here)
+        print(f"note: {note}")
     ev = report["evaluations"]
     print(f"compared {len(report['agents']) - 1} agent(s) ({len(report['inputs'])} checkpoint(s)) with the teachers on {len(report['games'])} game(s) "
           f"({ev['evaluated']} evaluation(s) run, {ev['reused']} reused) -> {args.out}/report.md")

@@ -16,7 +16,7 @@ from multitask.errors import UserError
 from multitask.files import check_writable
 
 
-def check_protocol_flags(episodes: int, seed: int, epsilon: float | None = None) -> None:
+def check_protocol_flags(episodes: int, seed: int, epsilon: float | None = None, workers: int = 1) -> None:
     """Refuse, before any work, evaluation flags the protocol cannot play."""
     if episodes < 1:
         raise UserError(f"--episodes {episodes} plays nothing; pass 1 or more")
@@ -24,6 +24,8 @@ def check_protocol_flags(episodes: int, seed: int, epsilon: float | None = None)
         raise UserError(f"--seed {seed} is negative; env seeds must be 0 or more")
     if epsilon is not None and not 0.0 <= epsilon <= 1.0:
         raise UserError(f"--epsilon {epsilon} is not a probability; pass a value in [0, 1]")
+    if workers < 1:
+        raise UserError(f"--workers {workers} runs nothing; pass 1 or more")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -32,9 +34,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from multitask.envs import get_game
     from multitask.evaluation.entrants import load_input
     from multitask.evaluation.protocol import EVAL_EPSILON, evaluate_games
+    from multitask.config import command_line
     from multitask.files import atomic_write_text
 
-    check_protocol_flags(args.episodes, args.seed, args.epsilon)
+    check_protocol_flags(args.episodes, args.seed, args.epsilon, args.workers)
     device = pick_device(args.device)
     agent, _ = load_input(args.checkpoint)  # a checkpoint, or a run folder's best.pt (as compare takes)
     games = args.games or list(agent.net.games)
@@ -49,7 +52,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = {
         "agent": {"checkpoint": str(agent.path), "sha256": agent.sha256, "kind": agent.kind,
                   "games": list(agent.net.games)},
-        "package_version": __version__, "seed": args.seed, "episodes": args.episodes, "device": device.type,
+        "command": command_line(), "package_version": __version__, "seed": args.seed, "episodes": args.episodes,
+        "device": device.type,
         "games": {g: r.to_dict() for g, r in results.items()},
     }
     if args.out:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from multitask import __version__
+from multitask import config as configlib
 from multitask.agents.networks import MultiHeadNet
 from multitask.devices import DeviceName, pick_device
 from multitask.envs import get_game
@@ -203,7 +204,7 @@ def game_entry(per_seed: Sequence[Sequence[float]], teacher: Sequence[float] | N
     runs = run_scores(per_seed)
     mean, stderr = st.mean_stderr(runs)
     teacher_mean = None if teacher is None else st.mean_stderr(teacher)[0]
-    pct, _ = pct_of_teacher({game: mean}, {game: teacher_mean})
+    pct, _ = pct_of_teacher({game: mean}, {game: teacher_mean})  # the trainers' rule; a note flags a weak teacher
     interval = None
     if pct.get(game) is not None and not is_teacher:
         interval = st.ratio_interval(runs, teacher, reps, seed)
@@ -242,7 +243,8 @@ def _teacher_notes(games: Sequence[str], random_mean: dict[str, float], teacher_
             notes.append(f"{g}: the teacher scored {teacher_mean[g]:.2f}, 0 or below: no % of teacher for this game")
         if g in teacher_mean and st.normalised_score(0.0, random_mean[g], teacher_mean[g]) is None:
             notes.append(f"{g}: the teacher ({teacher_mean[g]:.2f}) is no better than the random policy "
-                         f"({random_mean[g]:.2f}): no teacher-normalised score for this game")
+                         f"({random_mean[g]:.2f}): no teacher-normalised score for this game, and its % of teacher "
+                         f"divides by a teacher that plays no better than chance")
     return notes
 
 
@@ -254,7 +256,8 @@ def agent_report(e: Entrant, games: Sequence[str], done: Evaluations, teacher: d
     for g in [g for g in games if g in e.games]:
         files = done.files[(e.label, g)]
         per_seed = [_returns(f) for f in files]
-        entry[g] = game_entry(per_seed, teacher.get(g), random_mean[g], g, files, out, reps, seed, e.kind == "teacher")
+        entry[g] = game_entry(per_seed, teacher.get(g), random_mean[g], g, files, out, reps, seed,
+                             e.label == TEACHER_LABEL)  # the teacher column, not any input of kind teacher
         entry[g]["members"] = [{"checkpoint": str(m.agents[g].path), "sha256": m.agents[g].sha256, "seed": m.seed}
                                for m in e.members]
         runs = run_scores(per_seed)
@@ -276,9 +279,13 @@ def assemble(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str
     notes += _teacher_notes(games, random_mean, {g: st.mean_stderr(r)[0] for g, r in teacher.items()})
     notes += [f"{e.label}: {len(e.members)} seeds ({', '.join(str(m.seed) for m in e.members)}) pooled: scores are "
               f"means over seeds, intervals resample seeds" for e in entrants if e.pooled]
+    if len({tuple(e.games) for e in entrants}) > 1:
+        notes.append("the agents play different games (" + "; ".join(f"{e.label}: {len(e.games)}" for e in entrants)
+                     + "): their aggregates are over different games and not directly comparable")
     agents = [agent_report(e, games, done, teacher, random_mean, out, reps, seed) for e in [teachers, *entrants]]
     return {
         "format": "multitask-compare", "format_version": 2, "package_version": __version__,
+        "command": configlib.command_line(),
         "suite": get_game(games[0]).suite, "games": list(games), "episodes": episodes, "seed": seed,
         "seeds": {"env_seeds": f"env i of each game's vector env is seeded {seed} + i",
                   "action_seed": seed + 1_000_003, "bootstrap_seed": seed, "bootstrap_reps": reps},
@@ -330,16 +337,20 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
         raise UserError(f"--bootstrap-reps {reps} gives no intervals; pass 1 or more (default 10000)")
     if seed < 0:
         raise UserError(f"--seed {seed} is negative; env seeds must be 0 or more")
+    if workers < 1:
+        raise UserError(f"--workers {workers} runs nothing; pass 1 or more")
     out = Path(out)
     entrants = resolve_entrants(inputs, pool_seeds)  # the inputs first: a bad one leaves no --out folder behind
     chosen = choose_games(entrants, games)
     teacher_column, notes = resolve_teachers(chosen, teachers)
-    check_writable(out / "report.json", "a writable --out folder")
-    cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"
-    check_writable(cache_dir / "probe.json", "a writable --cache folder")
     entrants, dropped = drop_teachers(entrants, teacher_column)
     notes += dropped
-    run = Execution(workers, pick_device(device), executor, Path(jobs_folder))
+    run = Execution(workers, pick_device(device), executor, Path(jobs_folder))  # before any folder is made
+    cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"
+    if not cache_dir.is_relative_to(out):  # a bad --cache leaves no --out folder behind
+        check_writable(cache_dir / "probe.json", "a writable --cache folder")
+    check_writable(out / "report.json", "a writable --out folder")
+    check_writable(cache_dir / "probe.json", "a writable --cache folder")
     done = run_evaluations(entrants, teacher_column, chosen, episodes, seed, run, cache_dir, show_progress)
     report = assemble(entrants, teacher_column, chosen, done, episodes, seed, reps, out, notes)
     report["plots"] = plots.write_plots(report, out)

@@ -146,7 +146,7 @@ def choose_games(entrants: Sequence[Entrant], games: Sequence[str] | None) -> li
                 suites.setdefault(_suite(g), f"{m.source} ({g})")
     if len(suites) > 1:
         raise UserError(f"the agents mix suites ({'; '.join(suites.values())}); compare one suite at a time")
-    chosen = list(games) if games else list(dict.fromkeys(g for e in entrants for g in e.games))
+    chosen = list(dict.fromkeys(games if games else (g for e in entrants for g in e.games)))  # a game once
     specs = [get_game(g) for g in chosen]  # unknown names are a UserError listing the known games
     if len({s.suite for s in specs}) > 1:
         raise UserError(f"--games mixes suites ({', '.join(chosen)}); compare one suite at a time")
@@ -174,6 +174,9 @@ def resolve_teachers(games: Sequence[str], paths: Sequence[Path] | None) -> tupl
             if len(agent.net.games) != 1 or _suite(agent.net.games[0]) != suite:
                 raise UserError(f"teacher {p} plays {', '.join(agent.net.games)}, it is not a {suite} teacher "
                                 f"of one game; pass one single-game teacher per compared game")
+            if agent.net.games[0] in agents:
+                raise UserError(f"--teachers names two teachers of {agent.net.games[0]} "
+                                f"({agents[agent.net.games[0]].path} and {p}); pass one per game")
             if agent.net.games[0] in games:
                 agents[agent.net.games[0]] = agent
             else:  # teachers of games not compared are left out

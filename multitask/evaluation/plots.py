@@ -16,9 +16,15 @@ from matplotlib.ticker import EngFormatter, PercentFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from multitask.files import atomic_write_bytes  # noqa: E402
+from multitask.evaluation.entrants import TEACHER_LABEL  # noqa: E402  (the teachers' column; an input may be a teacher too)
+from multitask.evaluation.statistics import t_multiplier  # noqa: E402
 
 DPI = 120
-NORMAL_95 = 1.96  # half-width of a normal 95% interval in standard errors (raw-score error bars)
+
+
+def _colour(report: dict[str, Any], label: str) -> str:
+    """An agent's colour, the same in every plot: C<its column's index in report.json>."""
+    return f"C{[a['label'] for a in report['agents']].index(label) % 10}"
 
 
 def _short(game: str) -> str:
@@ -39,10 +45,10 @@ def _save(fig, path: Path, legend: dict[str, Any] | None = None) -> str:
 
 def pct_of_teacher(report: dict[str, Any], path: Path) -> str | None:
     """Grouped bars: per game, each agent's % of teacher with its 95% bootstrap interval."""
-    agents = [a for a in report["agents"] if a["kind"] != "teacher"]
+    agents = [a for a in report["agents"] if a["label"] != TEACHER_LABEL]
     games = report["games"]
-    if not agents:
-        return None
+    if not any(e.get("pct_teacher") is not None for a in agents for e in a["games"].values()):
+        return None  # no teacher to divide by: an empty chart says nothing
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(games) * max(1, len(agents)) / 2 + 3), 4))
     width = 0.8 / len(agents)
     x = np.arange(len(games))
@@ -54,7 +60,8 @@ def pct_of_teacher(report: dict[str, Any], path: Path) -> str | None:
             values.append(np.nan if p is None else p)
             low.append(0 if p is None or ci is None else max(p - ci[0], 0))
             high.append(0 if p is None or ci is None else max(ci[1] - p, 0))
-        ax.bar(x + (i - (len(agents) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3, label=a["label"])
+        ax.bar(x + (i - (len(agents) - 1) / 2) * width, values, width, yerr=[low, high], capsize=3, label=a["label"],
+               color=_colour(report, a["label"]))
     ax.axhline(100, color="black", linewidth=0.8, linestyle="--", label="teacher")
     ax.set_xticks(x, [_short(g) for g in games])
     ax.set_ylabel("% of teacher (95% CI)")
@@ -65,7 +72,7 @@ def pct_of_teacher(report: dict[str, Any], path: Path) -> str | None:
 
 def raw_scores(report: dict[str, Any], path: Path) -> str:
     """One panel per game: the random policy's, the teacher's and each agent's mean raw score,
-    error bars a normal 95% interval (mean ± 1.96 standard errors)."""
+    error bars a 95% Student-t interval over the runs (episodes, or seeds where pooled)."""
     games = report["games"]
     cols = min(len(games), 3)
     rows = -(-len(games) // cols)
@@ -74,11 +81,13 @@ def raw_scores(report: dict[str, Any], path: Path) -> str:
         playing = [(i, a) for i, a in enumerate(report["agents"]) if g in a["games"]]
         labels = ["random"] + [a["label"] for _, a in playing]
         entries = [report["random"][g]] + [a["games"][g] for _, a in playing]
-        ax.bar(range(len(labels)), [e["mean"] for e in entries], yerr=[NORMAL_95 * e["stderr"] for e in entries],
+        runs = [report["episodes"]] + [e["seeds"] if e["seeds"] > 1 else e["episodes"] for e in entries[1:]]
+        yerr = [t_multiplier(n) * e["stderr"] for n, e in zip(runs, entries)]
+        ax.bar(range(len(labels)), [e["mean"] for e in entries], yerr=yerr,
                capsize=3, color=["grey"] + [f"C{i}" for i, _ in playing])  # an agent keeps its colour
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(_short(g))
-        ax.set_ylabel("raw score")
+        ax.set_ylabel("raw score (mean, 95% CI)")
     for ax in list(axes.flat)[len(games):]:
         ax.axis("off")
     return _save(fig, path)
@@ -116,7 +125,7 @@ def learning_curves(report: dict[str, Any], path: Path) -> str | None:
             c = a["learning_curves"].get(g)
             if c:
                 label = _curve_label(a["label"], g) + (f" (mean of {c['runs']} seeds)" if "runs" in c else "")
-                colour = colours.setdefault(label, f"C{len(colours) % 10}")
+                colour = colours.setdefault(label, _colour(report, a["label"]))  # as in the other plots
                 x = np.asarray(c["steps"], dtype=float)
                 x = x / x.max() if shared and x.size and x.max() > 0 else x
                 handles[label], = ax.plot(x, c["scores"], marker=".", color=colour, label=label)

@@ -33,16 +33,22 @@ def _seeded(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
+def t_multiplier(runs: int) -> float:
+    """Half-width of a 95% Student-t interval in standard errors over `runs` runs: t_{0.975, runs-1}
+    (1.96 for many episodes, 4.30 for three seeds, 12.7 for two); 0 for one run (no interval)."""
+    from scipy import stats  # rliable's own dependency
+
+    return float(stats.t.ppf(0.5 + CI_SIZE / 2, runs - 1)) if runs > 1 else 0.0
+
+
 def seed_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
     """Mean over seeds (or other independent units: grid-world MDPs) and its 95% Student-t interval:
     mean -+ t_{0.975, n-1} s / sqrt(n), s the sample standard deviation (n - 1); no interval from
     one. Few seeds give wide intervals, which is the honest answer (3 seeds: t = 4.30)."""
-    from scipy import stats  # rliable's own dependency
-
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return float(x.mean()), None, None
-    half = float(stats.t.ppf(0.5 + CI_SIZE / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    half = t_multiplier(len(x)) * float(x.std(ddof=1) / np.sqrt(len(x)))
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
