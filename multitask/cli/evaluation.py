@@ -59,8 +59,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     for g, r in results.items():
-        print(f"{g:28s} {r.mean:10.2f} +/- {np.std(r.returns):.2f}  ({len(r.returns)} episodes, "
-              f"mean length {np.mean(r.lengths):.0f})")
+        std = float(np.std(r.returns, ddof=1)) if len(r.returns) > 1 else 0.0  # per episode, not the mean's error
+        print(f"{g:28s} {r.mean:10.2f} (per-episode std {std:.2f}, standard error {std / np.sqrt(len(r.returns)):.2f}; "
+              f"{len(r.returns)} episodes, mean length {np.mean(r.lengths):.0f})")
     print(f"evaluated {agent.kind} {agent.path} on {len(results)} game(s)"
           + (f" -> {args.out}" if args.out else ""))
 
