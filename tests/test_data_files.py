@@ -14,6 +14,7 @@ from multitask.data.schema import Compression, Episode, parts_dir
 from multitask.data.verify import verify_invariants
 from multitask.data.writer import DatasetWriter
 from multitask.envs import get_game
+from multitask.errors import UserError
 
 GAME = "minatar/Breakout"
 
@@ -195,3 +196,112 @@ def test_a_file_of_four_frame_stacks_rebuilds_every_observation_oldest_first(tmp
         for i in idx:
             assert np.array_equal(d.next_obs([i])[0], d[i].next_obs) and np.array_equal(d.obs([i])[0], d[i].obs)
         assert d.obs(idx).shape == (6, *game.obs_shape)
+
+
+# ---- damaged files: one sentence (exit 2), never a traceback or a silent wrong answer --------------
+
+def _finished(new_writer, path, comp: Compression | None = None):
+    new_writer(path, comp).finalize({}, _episodes(3))
+    return path
+
+
+def _copy(src, dst, edit=None):
+    import h5py
+    dst.write_bytes(src.read_bytes())
+    if edit is not None:
+        with h5py.File(dst, "r+") as f:
+            edit(f)
+    return dst
+
+
+@pytest.mark.parametrize("attr", ["num_actions", "compression", "teacher_output_kind", "builds", "frame_shape"])
+def test_a_file_missing_a_root_attribute_is_refused_in_one_sentence(tmp_path, new_writer, run_cli, attr):
+    good = _finished(new_writer, tmp_path / "good.h5")
+    bad = _copy(good, tmp_path / "bad.h5", lambda f: f.attrs.__delitem__(attr))
+    for cmd in ("verify", "info"):
+        code, _, err = run_cli("dataset", cmd, bad)
+        assert code == 2 and f"lacks the root attribute {attr}" in err and str(bad) in err, (cmd, err)
+    code, _, err = run_cli("dataset", "build", GAME, "--teacher", tmp_path / "t.pt", "--steps", 200, "--out", bad,
+                           "--resume", "--no-progress")
+    assert code == 2 and f"lacks the root attribute {attr}" in err
+
+
+def test_a_build_in_progress_without_its_part_files_is_refused_not_read_as_zeros(tmp_path, new_writer, run_cli):
+    """HDF5 reads a virtual dataset's missing source as zeros: a master moved without its .parts
+    folder, or with a part deleted or truncated, must be refused by name, not summarised as zeros."""
+    import shutil
+    path = tmp_path / "b" / "P.h5"
+    writer = new_writer(path)
+    writer.flush(_episodes(2))
+    writer.flush(_episodes(2, seed=1))
+    writer.close()
+    alone = tmp_path / "alone" / "P.h5"
+    alone.parent.mkdir()
+    shutil.copy(path, alone)
+    lost = tmp_path / "lost" / "P.h5"
+    shutil.copytree(path.parent, lost.parent)
+    (parts_dir(lost) / "part-000001.h5").unlink()
+    short = tmp_path / "short" / "P.h5"
+    shutil.copytree(path.parent, short.parent)
+    part = parts_dir(short) / "part-000000.h5"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    for p, what in [(alone, "missing"), (lost, "missing"), (short, "cannot be read")]:
+        for cmd in ("verify", "info"):
+            code, _, err = run_cli("dataset", cmd, p)
+            assert code == 2 and "part file" in err and what in err and "Traceback" not in err, (p, cmd, err)
+        with pytest.raises(UserError, match="part file"):
+            DatasetWriter.resume(p)  # before any play, not after it
+    code, _, _ = run_cli("dataset", "manifest", tmp_path / "alone")
+    assert code == 0 and "unreadable" in (tmp_path / "alone" / "MANIFEST.md").read_text()
+    assert run_cli("dataset", "verify", path)[0] == 0  # the intact build in progress still verifies
+
+
+def test_verify_checks_dtypes_shapes_and_the_game_it_names(tmp_path, new_writer, run_cli):
+    good = _finished(new_writer, tmp_path / "good.h5")
+    assert run_cli("dataset", "verify", good)[0] == 0
+
+    def int64_actions(f):
+        a = f["steps/action"][:]
+        del f["steps/action"]
+        f["steps/action"] = a.astype(np.int64)
+
+    def nan_epsilon(f):
+        f["episodes/epsilon"][0] = np.nan
+
+    cases = [(int64_actions, "/steps/action is int64"),
+             (lambda f: f.attrs.__setitem__("game", "Asterix"), "minatar/Asterix has 5 legal actions"),
+             (lambda f: f.attrs.__setitem__("frame_shape", "[7, 10, 10]"), "frame_shape [7, 10, 10]"),
+             (nan_epsilon, "epsilon outside [0, 1]")]
+    for k, (edit, message) in enumerate(cases):
+        bad = _copy(good, tmp_path / f"bad{k}.h5", edit)
+        code, _, err = run_cli("dataset", "verify", bad)
+        assert code == 2 and message in err, (message, err)
+
+
+def test_undecodable_frames_are_a_user_error_for_every_reader(tmp_path, new_writer, run_cli):
+    import h5py
+    path = _finished(new_writer, tmp_path / "f.h5", Compression(frames="gzip", level=1, frame_chunk=4, step_chunk=16))
+    with h5py.File(path, "r") as f:
+        chunk = f["frames"].id.get_chunk_info(1)
+    with open(path, "r+b") as fh:  # garbage in the middle of one compressed chunk of frames
+        fh.seek(chunk.byte_offset + chunk.size // 4)
+        fh.write(b"\xff" * max(1, chunk.size // 2))
+    with DatasetReader(path) as d:
+        with pytest.raises(UserError, match="cannot be decoded"):
+            d.load_frames()
+    code, _, err = run_cli("dataset", "verify", path)
+    assert code == 2 and "cannot be decoded" in err
+
+
+def test_resume_refuses_a_file_that_fails_verification(tmp_path, make_teacher, run_cli):
+    import h5py
+    teacher = make_teacher(tmp_path / "t.pt", GAME)
+    path = tmp_path / "r.h5"
+    build_dataset(GAME, teacher, path, DatasetConfig(steps=200, num_envs=4), show_progress=False)
+    with h5py.File(path, "r+") as f:
+        f["steps/teacher_outputs"][5, 0] = np.nan
+    before = path.read_bytes()
+    code, _, err = run_cli("dataset", "build", GAME, "--teacher", teacher, "--steps", 400, "--out", path, "--resume",
+                           "--num-envs", 4, "--no-progress")
+    assert code == 2 and "cannot resume" in err and "NaN" in err
+    assert path.read_bytes() == before and not parts_dir(path).exists()

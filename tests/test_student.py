@@ -254,6 +254,21 @@ def test_bad_inputs(data, run_cli, tmp_path):
     assert code == 2 and "holds minatar/Freeway" in err
 
 
+def test_a_dataset_that_fails_verification_is_refused_before_training(data, run_cli, tmp_path):
+    """NaN teacher outputs would train the student to NaN weights; a damaged file is named up front."""
+    _, paths, teachers = data
+    damaged = tmp_path / "nan.h5"
+    damaged.write_bytes(Path(paths[0]).read_bytes())
+    with h5py.File(damaged, "a") as f:
+        f["steps/teacher_outputs"][7, 1] = np.nan
+    run = tmp_path / "run"
+    code, _, err = run_cli("student", "train", "games=minatar/Breakout", f"datasets={damaged}",
+                           f"teachers={teachers[0]}", "updates=20", "eval_every=0", "final_eval_episodes=1",
+                           "loader_workers=0", "--wandb", "off", "--no-progress", "--run-dir", run)
+    assert code == 2 and f"dataset {damaged} fails verification" in err and "NaN" in err, err
+    assert not run.exists()
+
+
 @pytest.mark.slow
 def test_rerun_resumes_a_preset_run_and_another_architecture_is_refused(data, tmp_path, capsys):
     """The saved config holds the width the preset built; the same command again compares like with

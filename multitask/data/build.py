@@ -23,8 +23,9 @@ from multitask.agents.checkpoints import Agent, load_teacher
 from multitask.data.background import BackgroundWriter
 from multitask.data.build_config import DatasetConfig
 from multitask.data.control import Control, policy_index, resolve as resolve_control, teacher_entry
-from multitask.data.reader import file_kind, not_a_dataset, root_attrs
+from multitask.data.reader import DatasetReader, file_kind, not_a_dataset, root_attrs
 from multitask.data.recorder import BuildResult, Observer, record
+from multitask.data.verify import verify_invariants
 from multitask.data.schema import now_iso, schema_attrs
 from multitask.data.writer import DatasetWriter, dataset_exists, remove_dataset
 from multitask.envs import GameSpec, get_game
@@ -74,6 +75,11 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
         raise UserError("pass either --resume or --overwrite, not both")
     if resume and out.exists():
         attrs = root_attrs(out)
+        with DatasetReader(out, cache_bytes=0) as d:  # parts present, arrays consistent (not decoding frames)
+            problems = verify_invariants(d, decode_frames=False)
+        if problems:
+            raise UserError(f"cannot resume {out}: it fails verification ({problems[0]}); "
+                            f"rebuild it with --overwrite")
         if f"{attrs['suite']}/{attrs['game']}" != game.name:
             raise UserError(f"cannot resume {out}: it holds {attrs['suite']}/{attrs['game']}, not {game.name}")
         sha = json.loads(attrs["teacher"])["sha256"]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from multitask.envs.framestack import join_frames, stack_indices
 from multitask.agents.networks import pad_channels
 from multitask.data.reader import DatasetReader
+from multitask.errors import UserError
 
 BatchMode = Literal["per_game", "mixed"]
 GROUP_BATCHES = 32  # batches per hand-over at most
@@ -230,7 +231,11 @@ class BatchLoader:
 
     def __next__(self) -> TrainBatch:
         if not self._ready:
-            self._ready = next(self._groups).unpack()[::-1]
+            try:
+                group = next(self._groups)
+            except UserError as e:  # from a worker, its message holds the worker's traceback: keep the sentence
+                raise UserError(str(e).rsplit(f"{UserError.__module__}.UserError: ", 1)[-1].strip()) from None
+            self._ready = group.unpack()[::-1]
         return self._ready.pop()
 
     def close(self) -> None:

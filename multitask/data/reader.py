@@ -88,6 +88,40 @@ def root_attrs(path: Path) -> dict[str, Any]:
         return _attrs(f)
 
 
+def check_parts(path: Path, attrs: Mapping[str, Any]) -> None:
+    """A build in progress (layout 'parts') reads its arrays from the part files its `parts`
+    attribute lists; HDF5 reads a missing or unreadable source of a virtual dataset as zeros, without
+    an error. So refuse, in one sentence, a master whose part files are missing, damaged or short."""
+    if attrs.get("layout") != "parts":
+        return
+    path = Path(path)
+    pdir = parts_dir(path)
+    missing, damaged = [], []
+    for p in json.loads(attrs["parts"]):
+        part = pdir / p["file"]
+        if not part.is_file():
+            missing.append(p["file"])
+            continue
+        try:
+            with h5py.File(part, "r") as f:
+                rows = {"steps": len(f["steps/action"]), "episodes": len(f["episodes/length"]),
+                        "frames": len(f["frames"])}
+        except (OSError, KeyError, ValueError):
+            damaged.append(p["file"])
+            continue
+        if any(rows[k] != int(p[k]) for k in rows):
+            damaged.append(p["file"])
+    if missing:
+        raise UserError(f"dataset {path} is a build in progress whose part file{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} in {pdir} "
+                        f"{'are' if len(missing) > 1 else 'is'} missing; keep {path.name} and its folder "
+                        f"{pdir.name} side by side, or rebuild it with --overwrite")
+    if damaged:
+        raise UserError(f"dataset {path} is a build in progress whose part file{'s' if len(damaged) > 1 else ''} "
+                        f"{', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} in {pdir} cannot be read "
+                        f"(damaged or truncated); rebuild it with --overwrite")
+
+
 def gather_frames(rows: np.ndarray, chunk_rows: int, frame_shape: tuple[int, ...],
            block: Callable[[int], np.ndarray]) -> np.ndarray:
     """Frames at arbitrary rows (any order, repeats allowed), each chunk's block fetched once:
@@ -145,6 +179,7 @@ class DatasetReader:
         try:
             check_schema(self.file.attrs, self.path)
             attrs = _attrs(self.file)
+            check_parts(self.path, attrs)
             self.info = DatasetInfo(
                 path=self.path, game=f"{attrs['suite']}/{attrs['game']}", env=json.loads(attrs["env"]),
                 teacher=json.loads(attrs["teacher"]), policies=json.loads(attrs["policies"]),
@@ -155,13 +190,17 @@ class DatasetReader:
             self.steps = {k: self.file[f"steps/{k}"][:] for k in STEP_FIELDS}
             self.episodes = {k: self.file[f"episodes/{k}"][:] for k in EPISODE_FIELDS}
             self._frames_ds = self.file["frames"]
+        except UserError:
+            self.file.close()
+            raise
         except (KeyError, OSError, ValueError) as e:
             self.file.close()
             raise UserError(f"dataset {self.path} is damaged or incomplete ({type(e).__name__}: "
-                            f"{str(e)[:100]}); run `multitask dataset verify` or rebuild it") from None
+                            f"{str(e)[:100]}); delete it and rebuild it") from None
         self._frames: np.ndarray | None = None
         self.chunk_rows: int = (self._frames_ds.chunks or (DEFAULT_CHUNK_ROWS,))[0]  # frames per chunk
         self.frame_shape: tuple[int, ...] = tuple(self._frames_ds.shape[1:])  # (C, H, W)
+        self.frame_dtype: np.dtype = self._frames_ds.dtype
         self.frame_rows: int = len(self._frames_ds)  # rows stored in /frames (info.num_frames: what the file claims)
         self._cache: dict[int, np.ndarray] = {}
         chunk_bytes = self.chunk_rows * int(np.prod(self.frame_shape))
@@ -194,8 +233,13 @@ class DatasetReader:
         return -(-self.frame_rows // self.chunk_rows)
 
     def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Frames [start, stop) decoded from disk (no cache)."""
-        return self._frames_ds[start:self.frame_rows if stop is None else stop]
+        """Frames [start, stop) decoded from disk (no cache); a UserError where they cannot be."""
+        stop = self.frame_rows if stop is None else min(stop, self.frame_rows)
+        try:
+            return self._frames_ds[start:stop]
+        except (OSError, ValueError) as e:
+            raise UserError(f"dataset {self.path} is corrupt: frames {start}..{stop - 1} cannot be decoded "
+                            f"({str(e).split('(')[-1].rstrip(')')[:80]}); delete it and rebuild") from None
 
     def read_chunks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """Chunk id -> its frames, decoded from disk (no cache): a loader's window."""

@@ -95,6 +95,17 @@ def check_schema(attrs: Mapping[str, Any], path: Path) -> None:
     if version != SCHEMA_VERSION:
         raise UserError(f"dataset {path} has schema version {version}, this package reads version "
                         f"{SCHEMA_VERSION}; rebuild it with this version of multitask")
+    missing = missing_attrs(attrs)
+    if missing:
+        raise UserError(f"dataset {path} lacks the root attribute{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)} that the schema requires: it is damaged; rebuild it "
+                        f"(`multitask dataset build ... --overwrite`)")
+
+
+def missing_attrs(attrs: Mapping[str, Any]) -> list[str]:
+    """The ROOT_ATTRS a file lacks (`parts` is required of layout 'parts' only)."""
+    names = [n.strip() for key in ROOT_ATTRS for n in key.split(",")]
+    return [n for n in names if n not in attrs and (n != "parts" or attrs.get("layout") == "parts")]
 
 
 def dataset_layout(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple, str]]:

@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 
 from multitask.data.packing import Packed, WriterCounts, flat_arrays
-from multitask.data.reader import root_attrs
+from multitask.data.reader import check_parts, root_attrs
 from multitask.data.schema import Compression, Episode, dataset_layout, parts_dir
 from multitask.errors import UserError
 
@@ -136,6 +136,7 @@ class DatasetWriter(WriterCounts):
         disk before anything is played."""
         path = Path(path)
         attrs = root_attrs(path)
+        check_parts(path, attrs)  # a missing or damaged part would only fail at the end, after all the play
         consolidated = attrs.get("layout") != "parts"
         comp = Compression(**json.loads(attrs["compression"]))
         pdir = parts_dir(path)

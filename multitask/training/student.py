@@ -33,6 +33,7 @@ from multitask.errors import UserError
 from multitask.evaluation.report import run_table
 from multitask.progress import Progress
 from multitask.data.reader import DatasetReader, has_teacher_outputs
+from multitask.data.verify import verify_invariants
 from multitask.data.schema import dataset_path
 from multitask.devices import CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange, autocast
 from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
@@ -160,6 +161,11 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
                 raise UserError(f"dataset {path} is still being built ({d.info.num_steps:,} of "
                                 f"{d.info.target_steps:,} steps); finish it with `multitask dataset build {g.name} "
                                 f"--out {path} --steps {d.info.target_steps} --resume`")
+            problems = verify_invariants(d, decode_frames=False)  # arrays in memory only: cheap
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise UserError(f"dataset {path} fails verification: {problems[0]}{more}; "
+                                f"`multitask dataset verify {path}` lists every problem; rebuild it")
             env = d.info.env
             if tuple(env["frame_shape"][1:]) != g.frame_shape[1:] or env["stack"] != g.stack:
                 raise UserError(f"dataset {path} has observations {env['obs_shape']} that do not match "
