@@ -10,6 +10,7 @@ import torch
 
 from multitask.agents.checkpoints import load_agent
 from multitask.agents.networks import pad_channels
+from multitask.data.summary import summarize
 from multitask.data.loader import GameSource, played_by
 from multitask.data.reader import DatasetReader
 from multitask.errors import UserError
@@ -54,8 +55,13 @@ def test_student_play_is_appended_labelled_by_the_teacher(nets, run_cli):
         assert check_teacher_outputs(r, load_agent(teacher), sample=300) == []  # labels are the teacher's
         builds = json.loads(r.info.attrs["builds"])
         assert [b["control"] for b in builds] == ["teacher", f"student:{student}"] and builds[1]["policy"] == 1
+        ep_done = ep["complete"]
+        returns = [ep["return"][(policy == i) & ep_done] for i in (0, 1)]
     code, out_text, err = run_cli("dataset", "verify", out, "--teacher", teacher)
     assert code == 0, err
+    # dataset info gives each control policy's own return mean (the file's mixes them)
+    control = summarize(out)["control"]
+    assert [c["return_mean"] for c in control] == [pytest.approx(r.mean()) if len(r) else None for r in returns]
 
     # the offline student can train on the student-played steps alone (StudentConfig.control)
     with DatasetReader(out) as r:

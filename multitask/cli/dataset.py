@@ -109,7 +109,8 @@ def cmd_dataset_info(args: argparse.Namespace) -> None:
         print(f"  targets   teacher Q: median top-two gap {k['top_two_gap_median']:.4f}; median share of the top "
               f"action in softmax(q / tau): {shares} (uniform {k['uniform_share']:.2f})")
     for c in s["control"]:
-        print(f"  control   {c['kind']}: {c['episodes']:,} episodes, epsilon {c['epsilon']}")
+        ret = "" if c["return_mean"] is None else f", return mean {c['return_mean']:.2f}"
+        print(f"  control   {c['kind']}: {c['episodes']:,} episodes, epsilon {c['epsilon']}{ret}")
     print(f"  size      {s['size_bytes'] / 2**20:.2f} MiB on disk, {per_step} bytes/step "
           f"({s['compression']['frames']} frames)")
 

@@ -67,12 +67,19 @@ def summarize(path: Path) -> dict[str, Any]:
             "teacher": {k: info.teacher.get(k) for k in ("path", "sha256", "source", "eval_mean")},
             "teacher_output_kind": info.attrs["teacher_output_kind"],
             "kl_targets": kl_targets(outputs) if q_values else None,
-            "control": [{**p, "episodes": int((e["policy"] == i).sum()),
-                         "epsilon": sorted(set(np.round(e["epsilon"][e["policy"] == i].astype(float), 4).tolist()))}
-                        for i, p in enumerate(info.policies)],
+            "control": [_control_summary(p, e, e["policy"] == i) for i, p in enumerate(info.policies)],
             "size_bytes": size, "bytes_per_step": bytes_per_step_on_disk(size, info.num_steps),
             "compression": json.loads(info.attrs["compression"]),
         }
+
+
+def _control_summary(policy: dict, episodes: dict[str, np.ndarray], mine: np.ndarray) -> dict[str, Any]:
+    """One control policy's episodes, epsilons and mean return over its complete episodes (the
+    file's return mean mixes every policy: a student's play beside its teacher's)."""
+    done = episodes["return"][mine & episodes["complete"]]
+    return {**policy, "episodes": int(mine.sum()),
+            "epsilon": sorted(set(np.round(episodes["epsilon"][mine].astype(float), 4).tolist())),
+            "return_mean": float(done.mean()) if len(done) else None}
 
 
 def find_datasets(folder: Path) -> list[Path]:
