@@ -278,6 +278,28 @@ def test_verify_checks_dtypes_shapes_and_the_game_it_names(tmp_path, new_writer,
         assert code == 2 and message in err, (message, err)
 
 
+def test_verify_checks_which_episodes_are_marked_complete(tmp_path, new_writer, run_cli):
+    """`complete` decides which returns `dataset info` averages: a budget-cut episode marked complete
+    (or a whole game marked cut) used to verify."""
+    good = _finished(new_writer, tmp_path / "good.h5")  # three games of 5 steps, each ended by game over
+
+    def cut_by_budget_but_marked_complete(f):  # episode 1 truncated after 5 steps, far from the cap
+        for group, row in (("episodes", 1), ("steps", 9)):
+            f[f"{group}/terminated"][row] = False
+            f[f"{group}/truncated"][row] = True
+
+    def a_game_over_marked_cut(f):
+        f["episodes/complete"][0] = False
+
+    for k, (edit, messages) in enumerate([
+            (cut_by_budget_but_marked_complete, ["1 episodes marked complete neither ended the game"]),
+            (a_game_over_marked_cut, ["1 episodes marked incomplete ended the game",
+                                      "followed by more episodes of its env stream"])]):
+        bad = _copy(good, tmp_path / f"bad{k}.h5", edit)
+        code, _, err = run_cli("dataset", "verify", bad)
+        assert code == 2 and all(m in err for m in messages), (messages, err)
+
+
 def test_undecodable_frames_are_a_user_error_for_every_reader(tmp_path, new_writer, run_cli):
     import h5py
     path = _finished(new_writer, tmp_path / "f.h5", Compression(frames="gzip", level=1, frame_chunk=4, step_chunk=16))

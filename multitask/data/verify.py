@@ -53,6 +53,25 @@ def _game_problems(reader: DatasetReader) -> list[str]:
     return problems
 
 
+def _completeness_problems(e: dict[str, np.ndarray], cap: int) -> list[str]:
+    """`complete` marks whole games: a complete episode ended the game or reached the episode cap;
+    an incomplete one was cut by the step budget, so it did neither and is the last of its env stream."""
+    complete, problems = e["complete"], []
+    whole = e["terminated"] | (e["truncated"] & (e["length"] >= cap))
+    if (complete & ~whole).any():
+        problems.append(f"{int((complete & ~whole).sum())} episodes marked complete neither ended the game nor "
+                        f"reached the {cap}-step episode cap")
+    if (~complete & e["terminated"]).any():
+        problems.append(f"{int((~complete & e['terminated']).sum())} episodes marked incomplete ended the game")
+    later = {}
+    for seed, number in zip(e["env_seed"].tolist(), e["env_episode"].tolist()):
+        later[seed] = max(later.get(seed, -1), number)
+    cut = np.flatnonzero(~complete)
+    if any(e["env_episode"][i] < later[int(e["env_seed"][i])] for i in cut):
+        problems.append("an episode marked incomplete is followed by more episodes of its env stream")
+    return problems
+
+
 def verify_invariants(reader: DatasetReader, block_frames: int = 1 << 14, decode_frames: bool = True) -> list[str]:
     """Every structural invariant of the schema; returns the problems found (empty: valid).
     `decode_frames=False` skips decompressing every frame (the rest reads only arrays in memory)."""
@@ -115,6 +134,7 @@ def verify_invariants(reader: DatasetReader, block_frames: int = 1 << 14, decode
             problems.append("episodes refer to control policies missing from the `policies` attribute")
         if not ((e["epsilon"] >= 0) & (e["epsilon"] <= 1)).all():  # NaN included
             problems.append("epsilon outside [0, 1]")
+        problems += _completeness_problems(e, int(info.env["max_episode_steps"]))
     for i in range(0, nf if decode_frames else 0, block_frames):
         try:
             reader.read_frames(i, i + block_frames)
