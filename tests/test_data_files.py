@@ -298,6 +298,12 @@ def test_verify_checks_which_episodes_are_marked_complete(tmp_path, new_writer, 
         bad = _copy(good, tmp_path / f"bad{k}.h5", edit)
         code, _, err = run_cli("dataset", "verify", bad)
         assert code == 2 and all(m in err for m in messages), (messages, err)
+        code, out, _ = run_cli("dataset", "info", bad)  # info and the manifest say so too
+        assert code == 0 and f"checks    {messages[0]}" in out
+    assert "checks    ok" in run_cli("dataset", "info", good)[1]
+    assert run_cli("dataset", "manifest", tmp_path)[0] == 0
+    rows = [line for line in (tmp_path / "MANIFEST.md").read_text().splitlines() if "bad0.h5" in line or "good.h5" in line]
+    assert len(rows) == 2 and ("fails verification" in rows[0]) != ("fails verification" in rows[1])
 
 
 def test_undecodable_frames_are_a_user_error_for_every_reader(tmp_path, new_writer, run_cli):

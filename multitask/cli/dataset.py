@@ -113,6 +113,8 @@ def cmd_dataset_info(args: argparse.Namespace) -> None:
         print(f"  control   {c['kind']}: {c['episodes']:,} episodes, epsilon {c['epsilon']}{ret}")
     print(f"  size      {s['size_bytes'] / 2**20:.2f} MiB on disk, {per_step} bytes/step "
           f"({s['compression']['frames']} frames)")
+    checks = "; ".join(s["problems"]) if s["problems"] else "ok (`dataset verify` also decodes every frame)"
+    print(f"  checks    {checks}")
 
 
 def cmd_dataset_verify(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 (`dataset manifest`, written to `<folder>/MANIFEST.md`).
 
 Returns are of complete episodes only: episodes cut by a build's step budget are not whole games.
+Both run the array checks of `dataset verify` (not decoding the frames) and say what fails.
 A file of 0 steps (a build killed before its first flush) has no bytes per step.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from multitask.data.reader import DatasetReader, disk_bytes
+from multitask.data.verify import verify_invariants
 from multitask.errors import UserError
 from multitask.files import atomic_write_text
 
@@ -70,6 +72,7 @@ def summarize(path: Path) -> dict[str, Any]:
             "control": [_control_summary(p, e, e["policy"] == i) for i, p in enumerate(info.policies)],
             "size_bytes": size, "bytes_per_step": bytes_per_step_on_disk(size, info.num_steps),
             "compression": json.loads(info.attrs["compression"]),
+            "problems": verify_invariants(d, decode_frames=False),  # arrays in memory: milliseconds
         }
 
 
@@ -100,6 +103,8 @@ def manifest_row(path: Path, folder: Path) -> list[str]:
         return [name, "?", "-", "-", "-", "-", _cell(disk_bytes(path) / 2**20, ".2f") + " MiB", "-",
                 f"unreadable: {str(e).split(';')[0]}"]
     status = s["status"] if s["status"] == "complete" else f"{s['status']} (target {s['target_steps']:,} steps)"
+    if s["problems"]:
+        status += f"; fails verification: {s['problems'][0]}"
     return [name, s["game"], f"{s['steps']:,}", f"{s['complete_episodes']:,}", _cell(s["return_mean"], ".2f"),
             f"`{str(s['teacher']['sha256'])[:12]}`", f"{s['size_bytes'] / 2**20:.2f} MiB",
             _cell(s["bytes_per_step"], ".1f"), status]
