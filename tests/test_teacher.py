@@ -80,6 +80,10 @@ def test_evaluate_cli_writes_episodes_protocol_and_seeds(trained, run_cli, tmp_p
     assert len(g["returns"]) == len(g["lengths"]) == 6
     assert g["protocol"]["epsilon"] == 0.05 and g["env_seed"] == 12345
     assert report["agent"]["sha256"] == file_sha256(out)
+    row = f"| minatar/Breakout | {g['mean']:.2f} | {g['stderr']:.2f} | {g['std']:.2f} |"  # mean, its error, the spread
+    assert row in stdout
+    code, shown, err = run_cli("report", "show", tmp_path / "s.json")  # the data flow's scores.json, as a table
+    assert code == 0 and row in shown and str(out) in shown, err
 
 
 @slow

@@ -34,6 +34,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from multitask.envs import get_game
     from multitask.evaluation.entrants import load_input
     from multitask.evaluation.protocol import EVAL_EPSILON, evaluate_games
+    from multitask.evaluation.report import scores_table
     from multitask.config import command_line
     from multitask.files import atomic_write_text
 
@@ -50,6 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                              workers=args.workers, show_progress=not args.no_progress, executor=args.executor,
                              jobs_folder=args.jobs_dir, device=device)
     report = {
+        "format": "multitask-scores",  # `report show` prints it
         "agent": {"checkpoint": str(agent.path), "sha256": agent.sha256, "kind": agent.kind,
                   "games": list(agent.net.games)},
         "command": command_line(), "package_version": __version__, "seed": args.seed, "episodes": args.episodes,
@@ -58,10 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     }
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    for g, r in results.items():
-        std = float(np.std(r.returns, ddof=1)) if len(r.returns) > 1 else 0.0  # per episode, not the mean's error
-        print(f"{g:28s} {r.mean:10.2f} (per-episode std {std:.2f}, standard error {std / np.sqrt(len(r.returns)):.2f}; "
-              f"{len(r.returns)} episodes, mean length {np.mean(r.lengths):.0f})")
+    print(scores_table(report))
     print(f"evaluated {agent.kind} {agent.path} on {len(results)} game(s)"
           + (f" -> {args.out}" if args.out else ""))
 
@@ -74,7 +73,8 @@ def cmd_report_show(args: argparse.Namespace) -> None:
         if isinstance(results, list):
             name = f"sweep of {len(results)} runs"
         else:  # a run's summary, a comparison report or a grid-world study
-            name = results.get("run") or results.get("study") or results.get("format", "results")
+            name = (results.get("run") or results.get("study") or (results.get("agent") or {}).get("checkpoint")
+                    or results.get("format", "results"))
         print(f"{name} ({path}):\n{results_table(results)}\n")
 
 

@@ -200,8 +200,23 @@ def sweep_columns(summaries: Sequence[dict]) -> tuple[str, list[str]]:
     return key, list(dict.fromkeys(column_value(s, key) for s in summaries))
 
 
+def scores_table(report: dict) -> str:
+    """`multitask evaluate`'s scores (its --out JSON): a row per game, the mean with its standard
+    error and the per-episode spread."""
+    lines = ["| game | mean | standard error | per-episode std | min | max | episodes | mean length |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for g, r in report["games"].items():
+        length = f"{np.mean(r['lengths']):.0f}" if r.get("lengths") else "-"
+        lines.append(f"| {g} | {r['mean']:.2f} | {r['stderr']:.2f} | {r['std']:.2f} | {r['min']:g} | {r['max']:g} | "
+                     f"{r['episodes']} | {length} |")
+    return "\n".join(lines)
+
+
 def results_table(results: Results) -> str:
-    """The table of one run (a summary), of a sweep (a list of summaries) or of a grid-world study."""
+    """The table of one run (a summary), of a sweep (a list of summaries), of an evaluation, a
+    comparison or a grid-world study."""
+    if isinstance(results, dict) and results.get("format") == "multitask-scores":
+        return scores_table(results)
     if isinstance(results, dict) and results.get("format") == "multitask-gridworld":
         return gridworld_table(results)
     if isinstance(results, dict) and results.get("format") == "multitask-compare":
@@ -231,12 +246,12 @@ def load_results(path: Path) -> Results:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         data = None
-    if isinstance(data, dict) and data.get("format") in ("multitask-gridworld", "multitask-compare"):
+    if isinstance(data, dict) and data.get("format") in ("multitask-scores", "multitask-gridworld", "multitask-compare"):
         return data
     runs = data if isinstance(data, list) else [data]
     if not runs or not all(isinstance(r, dict) and all(k in r for k in SUMMARY_KEYS) for r in runs):
-        raise UserError(f"{path} is not a student run's summary.json or a list of them; "
-                        "pass runs/student/<run>/summary.json or results/<sweep>.json")
+        raise UserError(f"{path} is not a result file of this package; pass a run's summary.json, a sweep's "
+                        "results/<sweep>.json, `evaluate --out`'s, `compare`'s report.json or a grid-world study's JSON")
     return data
 
 
