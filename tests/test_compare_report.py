@@ -68,6 +68,12 @@ def test_a_teacher_no_better_than_random_keeps_its_percent_with_a_note(tmp_path)
     assert e["pct_teacher"] == pytest.approx(3000.0) and e["normalised"] is None
     notes = _teacher_notes(["minatar/Breakout"], {"minatar/Breakout": 0.4}, {"minatar/Breakout": 0.1})
     assert len(notes) == 1 and "no better than chance" in notes[0]
+    # a teacher barely above random: normalised scores divide by noise (0.2 +- 0.15)
+    barely = _teacher_notes(["minatar/Breakout"], {"minatar/Breakout": 0.4}, {"minatar/Breakout": 0.6},
+                            {"minatar/Breakout": 0.15})
+    assert len(barely) == 1 and "less than two standard errors" in barely[0]
+    assert _teacher_notes(["minatar/Breakout"], {"minatar/Breakout": 0.4}, {"minatar/Breakout": 0.9},
+                          {"minatar/Breakout": 0.15}) == []
 
 
 def test_two_teachers_of_one_game_are_refused(tmp_path, make_teacher, run_cli):

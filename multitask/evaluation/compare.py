@@ -236,9 +236,19 @@ def aggregates(entry: dict[str, dict], per_run: dict[str, np.ndarray | None],
     return out
 
 
-def _teacher_notes(games: Sequence[str], random_mean: dict[str, float], teacher_mean: dict[str, float]) -> list[str]:
+def _teacher_notes(games: Sequence[str], random_mean: dict[str, float], teacher_mean: dict[str, float],
+                   gap_stderr: dict[str, float] | None = None) -> list[str]:
+    """What a reader must know of each game's teacher: no % of teacher where it scored 0 or below, no
+    teacher-normalised score where it is no better than random, and a warning where it is better than
+    random by less than two standard errors of the difference (`gap_stderr`): dividing by that gap
+    blows the normalised scores up."""
     notes = []
     for g in games:
+        gap = teacher_mean.get(g, 0.0) - random_mean[g]
+        if g in teacher_mean and gap > 0 and gap_stderr and gap < 2 * gap_stderr[g]:
+            notes.append(f"{g}: the teacher ({teacher_mean[g]:.2f}) beats the random policy ({random_mean[g]:.2f}) "
+                         f"by less than two standard errors: its teacher-normalised scores divide by a gap that is "
+                         f"mostly noise")
         if g in teacher_mean and teacher_mean[g] <= 0:
             notes.append(f"{g}: the teacher scored {teacher_mean[g]:.2f}, 0 or below: no % of teacher for this game")
         if g in teacher_mean and st.normalised_score(0.0, random_mean[g], teacher_mean[g]) is None:
@@ -276,7 +286,8 @@ def assemble(entrants: Sequence[Entrant], teachers: Entrant, games: Sequence[str
     random = {g: _returns(done.files[(RANDOM_LABEL, g)][0]) for g in games}
     random_mean = {g: st.mean_stderr(r)[0] for g, r in random.items()}
     teacher = {g: _returns(done.files[(TEACHER_LABEL, g)][0]) for g in teachers.games}
-    notes += _teacher_notes(games, random_mean, {g: st.mean_stderr(r)[0] for g, r in teacher.items()})
+    gap_stderr = {g: float(np.hypot(st.mean_stderr(random[g])[1], st.mean_stderr(teacher[g])[1])) for g in teacher}
+    notes += _teacher_notes(games, random_mean, {g: st.mean_stderr(r)[0] for g, r in teacher.items()}, gap_stderr)
     notes += [f"{e.label}: {len(e.members)} seeds ({', '.join(str(m.seed) for m in e.members)}) pooled: scores are "
               f"means over seeds, intervals resample seeds" for e in entrants if e.pooled]
     if len({tuple(e.games) for e in entrants}) > 1:
