@@ -32,7 +32,12 @@ CONFIG_CASES = [  # (load the config from these overrides, words of the refusal)
     *[("student", [BREAKOUT, o], w) for o, w in [
         ("seed=-1", "must not be negative"), ("num_threads=-1", "must not be negative"),
         ("final_eval_episodes=0", "final_eval_episodes"), ("eval_episodes=0", "eval_episodes"),
-        ("window_batches=0", "window_batches"), ("games=minatar/Breakout,minatar/Breakout", "each game once")]],
+        ("window_batches=0", "window_batches"), ("games=minatar/Breakout,minatar/Breakout", "each game once"),
+        # NaN passed `tau <= 0` and trained a NaN student to the end; width 0 or -1 built 1-unit layers
+        ("tau=nan", "must be positive"), ("lr=nan", "must be positive"), ("tau=inf", "finite"),
+        ("lr=inf", "finite"), ("width=nan", "finite"), ("conv_width=inf", "finite"),
+        ("width=0", "width must be positive"), ("width=-1", "width must be positive"),
+        ("conv_width=-1", "conv_width positive"), ("extra_fc=-1", "extra_fc 0 or more")]],
     *[("baseline", [BREAKOUT, o], w) for o, w in [
         ("total_steps_per_game=0", "total_steps_per_game"), ("total_steps_per_game=-1", "total_steps_per_game"),
         ("num_envs=0", "num_envs"), ("eval_episodes=0", "eval_episodes"), ("final_eval_episodes=0", "final_eval"),

@@ -89,3 +89,25 @@ def test_a_mixture_build_and_bad_controls(nets, run_cli):
                                "100", "--control", control, "--no-progress")
         assert code == 2 and words in err and err.count("\n") == 1, err
         assert not (root / "bad.h5").exists()
+
+
+def test_a_dataset_read_through_windows_trains_on_the_kept_episodes_only(nets, run_cli):
+    """Over the memory budget the loader reads windows of chunks; with `control`, a window holding none
+    of the kept episodes' chunks fell back to rows outside the window and crashed (KeyError in gather).
+    Windows are now drawn among the kept episodes' chunks."""
+    root, teacher, student = nets
+    out = root / "windowed.h5"
+    _build(run_cli, out, teacher, "--steps", "2000")
+    _build(run_cli, out, teacher, "--steps", "2100", "--resume", "--control", f"student:{student}")
+    with DatasetReader(out) as r:
+        rows = played_by(r, ("student",))
+        labels = {r.obs([i])[0].tobytes(): r.steps["teacher_outputs"][i] for i in rows}
+        chunk_bytes = r.chunk_rows * int(np.prod(r.frame_shape))
+        assert r.num_chunks > 20 and len(rows) == 100
+    source = GameSource(str(out), budget=2 * chunk_bytes, control=("student",))
+    assert not source.in_memory
+    rng = np.random.default_rng(0)
+    for window in range(20):
+        obs, q = source.sample(rng, 32, (window, 0, 0))
+        for o, label in zip(obs, q):
+            assert np.array_equal(labels[o.tobytes()], label)  # a student-played step, with its own label

@@ -102,3 +102,37 @@ def test_small_atari_presets_are_paper_as_students(size):
     assert count_parameters(net) == sized.parameters
     assert sized.fraction_of_teacher >= SIZE_FRACTIONS[size]
     assert net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 6)
+
+
+def test_a_100pct_student_with_its_own_conv_width_still_has_a_teachers_parameters():
+    """size 100% skipped the width search whenever the shape was uniform, so conv_width 0.5 built a
+    network of half a teacher's parameters that its name and preset called 100%."""
+    games = [get_game("minatar/Breakout")]
+    for conv_width in (0.5, 2.0):
+        _, sized = sized_network("100%", games, shape="uniform", conv_width=conv_width)
+        assert sized.fraction_of_teacher == pytest.approx(1.0, rel=0.01), conv_width
+    spec, sized = sized_network("100%", games)
+    assert spec.trunk.width == 1.0 and sized.fraction_of_teacher == 1.0  # the teacher's own architecture
+
+
+def test_sizes_whose_layers_round_to_zero_units_are_refused():
+    """Layer sizes are kept at 1 unit at least (so a width search can count any width); a size whose
+    layers round to 0 is refused rather than built as a 1-unit network."""
+    games = [get_game("minatar/Breakout")]
+    with pytest.raises(UserError, match=r"conv 1 \(16 x 0.001\), FC \(128 x 0.001\) with no units"):
+        sized_network("custom", games, width=0.001)
+    with pytest.raises(UserError, match=r"conv 1 \(16 x 0.01\), conv 2 \(16 x 0.01\) with no units"):
+        sized_network("7%", games, shape="strided", conv_width=0.01)
+    spec, _ = sized_network("custom", games, width=0.04)  # 0.64 conv channels round to 1, 5.12 FC units to 5
+    assert spec.trunk.layer_sizes() == (((1, 3, 1),), 5)
+
+
+@pytest.mark.parametrize("size", ["25%", "7%", "4%"])
+def test_a_multi_game_student_at_a_fraction_has_that_fraction_with_one_head(size):
+    """The width search counted the first game's teacher trunk (Asterix: 4 input channels) while the
+    student's trunk takes every game's (10): a five-game 4% student was 4.7% with one head."""
+    names = ["minatar/Asterix", "minatar/Breakout", "minatar/Freeway", "minatar/Seaquest", "minatar/SpaceInvaders"]
+    shape, conv_width = preset_shape(size, names)
+    spec, sized = sized_network(size, [get_game(g) for g in names], shape=shape, conv_width=conv_width)
+    assert spec.trunk.in_channels == 10
+    assert sized.fraction_of_teacher == pytest.approx(SIZE_FRACTIONS[size], rel=0.02)

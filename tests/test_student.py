@@ -85,6 +85,28 @@ def test_worker_processes_and_chunk_windows_give_the_same_kind_of_data(data):
     assert seen == 12 * 64
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_windowed_batches_do_not_depend_on_where_iteration_started(data, workers):
+    """A dataset over its memory budget is read through windows of chunks; batch k must still be the
+    same batch when a resumed run starts iterating at k (the window follows k, not a count of the
+    batches this process has made), or a killed run does not resume to the same weights."""
+    _, paths, _ = data
+    with DatasetReader(paths[1]) as d:
+        frames_bytes = d.frames_nbytes
+    spec = LoaderSpec(tuple(paths), 16, "per_game", seed=1, channels=7, memory_budget=frames_bytes // 4,
+                      workers=workers, window_batches=3)
+    straight = make_loader(spec, start=0, stop=20)
+    a = list(straight)
+    straight.close()
+    for start in (5, 7):
+        resumed = make_loader(spec, start=start, stop=20)
+        b = list(resumed)
+        resumed.close()
+        assert [x.index for x in b] == list(range(start, 20))
+        for x, y in zip(a[start:], b):
+            assert torch.equal(x.obs, y.obs) and torch.equal(x.teacher[0], y.teacher[0]), (start, x.index)
+
+
 @pytest.fixture(scope="module")
 def multitask_run(data):
     """One multi-task-sized student, mixed batches, evaluated at updates 30 and 60; its stderr kept."""
@@ -269,6 +291,22 @@ def test_a_dataset_that_fails_verification_is_refused_before_training(data, run_
     assert not run.exists()
 
 
+def test_a_cosine_run_is_not_resumed_with_another_budget(data, tmp_path, capsys):
+    """Cosine decay is a function of `updates`: a finished (or killed) run resumed with more updates
+    would restart the decay from mid-way, a schedule neither budget has. A constant rate may extend."""
+    small = dict(updates=12, games=GAMES[:1], datasets=(data[1][0],), teachers=(data[2][0],), eval_every=0,
+                 checkpoint_every=6, final_eval_episodes=1, batch_size=16)
+    train_student(config(data, **small, lr_schedule="cosine"), tmp_path / "cos", wandb_mode="off",
+                  show_progress=False)
+    with pytest.raises(UserError, match="updates 12 then, 24 now"):
+        train_student(config(data, **{**small, "updates": 24}, lr_schedule="cosine"), tmp_path / "cos",
+                      wandb_mode="off", show_progress=False)
+    train_student(config(data, **small), tmp_path / "const", wandb_mode="off", show_progress=False)
+    summary = train_student(config(data, **{**small, "updates": 24}), tmp_path / "const", wandb_mode="off",
+                            show_progress=False)
+    assert summary["updates"] == 24 and "resuming" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_rerun_resumes_a_preset_run_and_another_architecture_is_refused(data, tmp_path, capsys):
     """The saved config holds the width the preset built; the same command again compares like with
@@ -378,6 +416,25 @@ def test_sweep_cells_cross_the_grid_and_take_datasets_from_a_folder():
     assert cell_configs(SweepConfig(name="t", base="b.toml", games=("minatar/Breakout",)), {})[0].datasets == ()
 
 
+@pytest.mark.parametrize("fields, words", [
+    (dict(seeds=(0, 0)), "two runs named minatar-Breakout-kl-100pct-s0 (a value listed twice)"),
+    (dict(games=("minatar/Breakout", "minatar/Breakout")), "(a value listed twice)"),
+    (dict(losses=("nll",), taus=(0.1, 0.01)), "two runs named minatar-Breakout-nll-100pct-s0 that differ in tau"),
+    (dict(losses=("kl", "nll"), overrides=("name=fixed",)), "two runs named fixed that differ in loss"),
+    (dict(losses=()), "has no runs"),
+])
+def test_sweep_cells_that_share_a_run_folder_or_make_no_run_are_refused_before_training(fields, words):
+    """A seed listed twice was one run counted as two seeds in the table; taus crossed with nll, or a
+    `name` override, trained the first cell and then stopped at the second ("finished with another
+    config"); no losses wrote an empty table with exit 0."""
+    from multitask.training.sweep import SweepConfig, cell_configs
+
+    sweep = SweepConfig(name="t", base="b.toml", **{"games": ("minatar/Breakout",), **fields})
+    with pytest.raises(UserError, match=r"^[^\n]+$") as e:
+        cell_configs(sweep, {})
+    assert words in str(e.value)
+
+
 def test_a_student_distils_in_bf16_channels_last(data, tmp_path):
     summary = train_student(config(data, updates=20, eval_every=0, precision="bf16", channels_last=True),
                             run_dir=tmp_path / "bf16", wandb_mode="off", show_progress=False)
@@ -403,6 +460,27 @@ def test_a_dataset_still_being_built_is_refused(data, tmp_path):
     with pytest.raises(UserError, match=r"still being built \(3,000 of 10,000 steps\); finish it with .*--resume"):
         resolve_inputs(config(data, datasets=(str(partial), paths[1])))
     assert resolve_inputs(config(data)).datasets == [Path(p) for p in paths]
+
+
+def test_a_run_is_not_resumed_on_a_rebuilt_dataset_and_its_summary_names_its_datasets(data, tmp_path):
+    """A dataset rebuilt (or extended by `dataset build --resume`) under the same path is other data:
+    the run resumed silently onto it, and nothing in summary.json said which data a student learnt."""
+    import shutil
+
+    own = tmp_path / "Breakout.h5"
+    shutil.copy(data[1][0], own)
+    small = dict(updates=12, games=GAMES[:1], datasets=(str(own),), teachers=(data[2][0],), eval_every=0,
+                 checkpoint_every=6, final_eval_episodes=1, batch_size=16)
+    summary = train_student(config(data, **small), tmp_path / "run", wandb_mode="off", show_progress=False)
+    with h5py.File(own, "r") as f:
+        created, steps = f.attrs["created"], int(f.attrs["num_steps"])
+    assert summary["datasets"] == {"minatar/Breakout": {"path": str(own), "created": created, "steps": steps,
+                                                        "episodes": summary["datasets"]["minatar/Breakout"]["episodes"]}}
+    with h5py.File(own, "r+") as f:
+        f.attrs["created"] = "2099-01-01T00:00:00Z"  # what a rebuild changes
+    with pytest.raises(UserError, match=r"datasets\.minatar/Breakout\.created"):
+        train_student(config(data, **{**small, "updates": 24}), tmp_path / "run", wandb_mode="off",
+                      show_progress=False)
 
 
 def test_each_head_is_distilled_towards_its_own_games_teacher_rows(tmp_path):

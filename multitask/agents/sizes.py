@@ -19,7 +19,8 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from multitask.agents.networks import NetworkSpec, TrunkShape, TrunkSpec, teacher_network_spec
+from multitask.agents.networks import (MINATAR_HIDDEN, NATURE_HIDDEN, NetworkSpec, TrunkShape, TrunkSpec,
+                                       teacher_network_spec)
 from multitask.envs import GameSpec
 from multitask.errors import UserError
 
@@ -38,6 +39,16 @@ PRESET_SHAPES: dict[tuple[str, str], tuple[TrunkShape, float]] = {
     ("atari", "7%"): ("flat", 0.5), ("atari", "4%"): ("flat", 0.5)}
 WIDTH_RANGE = (1e-3, 16.0)  # bisection bounds: from a near-empty trunk to 16x a teacher's (~256x its parameters)
 WIDTH_DECIMALS = 4  # widths are rounded up to 4 decimals, so that configs hold short numbers
+
+
+def empty_layers(trunk: TrunkSpec) -> list[str]:
+    """The layers whose width-scaled size rounds to 0 units (TrunkSpec.layer_sizes keeps them at 1,
+    so that a bisection can count any width): `conv 1 (16 x 0.01)`, `FC (128 x 0.001)`."""
+    convs, _ = replace(trunk, width=1.0, conv_width=0.0).layer_sizes()
+    conv_width = trunk.conv_width or trunk.width
+    hidden = NATURE_HIDDEN if trunk.kind == "nature" else MINATAR_HIDDEN
+    out = [f"conv {i + 1} ({c} x {conv_width:g})" for i, (c, _, _) in enumerate(convs) if round(c * conv_width) < 1]
+    return out + ([f"FC ({hidden} x {trunk.width:g})"] if round(hidden * trunk.width) < 1 else [])
 
 
 def preset_shape(size: str, games: Sequence[str]) -> tuple[TrunkShape, float]:
@@ -122,9 +133,9 @@ def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.
                    conv_width=conv_width)
     if size in SIZE_FRACTIONS:
         fraction, teacher = SIZE_FRACTIONS[size], teacher_specs[0]
-        shaped = replace(teacher.trunk, shape=shape, conv_width=conv_width)
-        width = 1.0 if fraction == 1.0 and shape == "uniform" else width_for_parameters(
-            shaped, teacher.num_actions, fraction * teachers[games[0].name])
+        # the teacher's own architecture, unless a conv_width other than the teacher's asks for a search
+        width = 1.0 if fraction == 1.0 and shape == "uniform" and conv_width in (0.0, 1.0) else width_for_parameters(
+            base, teacher.num_actions, fraction * teachers[games[0].name])  # the trunk built: its channels padded
         trunk = replace(base, width=width)
     elif size == "multitask":
         trunk = replace(base, extra_fc=MULTITASK_EXTRA_FC)
@@ -132,5 +143,9 @@ def sized_network(size: SizePreset, games: Sequence[GameSpec], width: float = 1.
         trunk = replace(trunk, width=width_for_parameters(trunk, actions, target))
     else:
         trunk = replace(base, width=width, extra_fc=extra_fc)
+    empty = empty_layers(trunk)
+    if empty:
+        raise UserError(f"size {size} with width {trunk.width:g} and conv_width {trunk.conv_width:g} leaves "
+                        f"{', '.join(empty)} with no units; use a larger width or conv_width")
     spec = NetworkSpec(trunk, tuple(g.name for g in games), actions)
     return spec, Size(parameter_count(trunk, actions), parameter_count(trunk, actions[:1]), teachers)

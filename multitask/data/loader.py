@@ -115,10 +115,14 @@ class GameSource:
     def _load_window(self, window_id: int, seed: int, key: int) -> None:
         num_chunks, chunk = self.reader.num_chunks, self.reader.chunk_rows
         rng = np.random.default_rng([seed, key, window_id, 0x3A1D0])
-        chosen = np.sort(rng.choice(num_chunks, size=min(self.window_chunks, num_chunks), replace=False))
-        self._blocks, self._window_id = self.reader.read_chunks(chosen), window_id
         first = (self.frame_index - self.stack + 1) // chunk
         last = self.frame_index // chunk
+        if self.rows is None:
+            chosen = np.sort(rng.choice(num_chunks, size=min(self.window_chunks, num_chunks), replace=False))
+        else:  # only chunks holding frames of the kept episodes: a window of others would have no row to draw
+            wanted = np.unique(np.concatenate([first[self.rows], last[self.rows]]))
+            chosen = np.sort(rng.choice(wanted, size=min(self.window_chunks, len(wanted)), replace=False))
+        self._blocks, self._window_id = self.reader.read_chunks(chosen), window_id
         loaded = np.zeros(num_chunks, dtype=bool)
         loaded[chosen] = True
         self._eligible = np.flatnonzero(loaded[first] & loaded[last])
@@ -135,9 +139,13 @@ class GameSource:
             window_id, seed, key = window
             if window_id != self._window_id:
                 self._load_window(window_id, seed, key)
-            pool = self._eligible if len(self._eligible) else (np.arange(self.n) if self.rows is None else self.rows)
-            idx = pool[rng.integers(0, len(pool), n)]
-            frames = self.reader.gather(stack_indices(self.frame_index[idx], self.stack), self._blocks)
+            if len(self._eligible):
+                idx = self._eligible[rng.integers(0, len(self._eligible), n)]
+                frames = self.reader.gather(stack_indices(self.frame_index[idx], self.stack), self._blocks)
+            else:  # no observation lies whole in the window (stacks across chunks): read its rows from disk
+                pool = np.arange(self.n) if self.rows is None else self.rows
+                idx = pool[rng.integers(0, len(pool), n)]
+                frames = self.reader.frames(stack_indices(self.frame_index[idx], self.stack))
         return join_frames(frames), self.teacher[idx]
 
 
@@ -164,12 +172,16 @@ class DistillationStream(IterableDataset):
         budget = self.spec.memory_budget // max(1, workers) // len(self.spec.paths)
         return [GameSource(p, budget, self.spec.control) for p in self.spec.paths]
 
-    def make_batch(self, k: int, sources: Sequence[GameSource], worker_batch: int) -> TrainBatch:
+    def make_batch(self, k: int, sources: Sequence[GameSource], workers: int = 1) -> TrainBatch:
+        """Batch k. A game read through windows draws from window k // (window_batches * workers): a
+        function of k, never of where iteration started, so a resumed run reads the windows an
+        uninterrupted one did; each of the `workers` makes 1/workers of the batches, so each still
+        draws about `window_batches` batches from one window."""
         spec = self.spec
         rng = batch_rng(spec.seed, k, spec.rank)
         obs_parts, groups, teacher, row = [], [], [], 0
         for g, n in plan(spec, k, len(sources)):
-            window = (worker_batch // spec.window_batches, spec.seed, g * 1000 + spec.rank)
+            window = (k // (spec.window_batches * max(1, workers)), spec.seed, g * 1000 + spec.rank)
             obs, q = sources[g].sample(rng, n, window)
             obs_parts.append(pad_channels(torch.from_numpy(obs), spec.channels))  # mixed batches share one shape
             teacher.append(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)))
@@ -187,13 +199,10 @@ class DistillationStream(IterableDataset):
         """Groups of consecutive batches from `start`; worker w of W makes groups j = w (mod W)."""
         sources = self._open(workers)
         size = self.group_size(sources)
-        first, made = self.start + worker * size, 0
+        first = self.start + worker * size
         while self.stop is None or first < self.stop:
             last = first + size if self.stop is None else min(first + size, self.stop)
-            batches = []
-            for k in range(first, last):
-                batches.append(self.make_batch(k, sources, made))
-                made += 1
+            batches = [self.make_batch(k, sources, workers) for k in range(first, last)]
             width = max(q.shape[1] for b in batches for q in b.teacher)
             teacher = torch.zeros((sum(len(b.obs) for b in batches), width), dtype=torch.float32)
             row, meta = 0, []

@@ -109,8 +109,12 @@ class StudentConfig:
             raise ValueError("`datasets` needs one path per game")
         if self.teachers and len(self.teachers) != len(self.games):
             raise ValueError("`teachers` needs one path per game")
-        if self.tau <= 0 or self.batch_size < 1 or self.updates < 1 or self.lr <= 0:
+        if not (self.tau > 0 and self.lr > 0) or self.batch_size < 1 or self.updates < 1:  # NaN fails `> 0`
             raise ValueError("tau, batch_size, updates and lr must be positive")
+        if not all(math.isfinite(x) for x in (self.tau, self.lr, self.width, self.conv_width)):
+            raise ValueError("tau, lr, width and conv_width must be finite numbers")
+        if not self.width > 0 or self.conv_width < 0 or self.extra_fc < 0:
+            raise ValueError("width must be positive, conv_width positive (or 0: follow width) and extra_fc 0 or more")
         if min(self.eval_episodes, self.final_eval_episodes, self.window_batches) < 1:
             raise ValueError("eval_episodes, final_eval_episodes and window_batches must be positive")
         if min(self.seed, self.num_threads) < 0:
@@ -134,6 +138,9 @@ class Inputs(NamedTuple):
     games: list[GameSpec]
     datasets: list[Path]
     teachers: list[Path]
+    # what each dataset is (its game, creation time and size): a dataset rebuilt, or extended by
+    # `dataset build --resume`, under the same path is other data, which a resume must not splice in
+    dataset_ids: list[dict] = []
 
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -143,6 +150,7 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
     games = [get_game(g) for g in cfg.games]
     datasets = [Path(p) for p in cfg.datasets] or [dataset_path(g) for g in games]
     teachers = teacher_paths(cfg.teachers, games)
+    dataset_ids = []
     suites = {g.suite for g in games}
     if len(suites) > 1:
         raise UserError(f"games from different suites ({', '.join(sorted(suites))}) cannot share a trunk; "
@@ -167,6 +175,8 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
                 raise UserError(f"dataset {path} fails verification: {problems[0]}{more}; "
                                 f"`multitask dataset verify {path}` lists every problem; rebuild it")
             env = d.info.env
+            dataset_ids.append({"game": d.game, "created": d.info.attrs.get("created"), "steps": d.info.num_steps,
+                                "episodes": d.info.num_episodes})
             if tuple(env["frame_shape"][1:]) != g.frame_shape[1:] or env["stack"] != g.stack:
                 raise UserError(f"dataset {path} has observations {env['obs_shape']} that do not match "
                                 f"{g.name}'s {list(g.obs_shape)}; rebuild it")
@@ -176,7 +186,7 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
     shapes = {(g.frame_shape[1:], g.stack) for g in games}
     if len(shapes) > 1:
         raise UserError(f"observation shapes {sorted(shapes)} cannot share a trunk")
-    return Inputs(games, datasets, teachers)
+    return Inputs(games, datasets, teachers, dataset_ids)
 
 
 # ---- the trainer ----------------------------------------------------------------------------
@@ -197,10 +207,15 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "student" / cfg.run_name, cfg, step_metric="updates",
-              identity={"network": spec, "world_size": procs.world}, writer=procs.main)
+              identity={"network": spec, "world_size": procs.world,
+                        "datasets": {i["game"]: {k: v for k, v in i.items() if k != "game"} for i in inputs.dataset_ids}},
+              writer=procs.main)
     student = Student(spec, cfg, inputs, size.counts("student"), procs.device)
     run.say(student.describe())
-    run.resume(student, restart, may_differ=RESUMABLE_CHANGES, budget=("updates", cfg.updates, 1))
+    # the cosine schedule is a function of `updates`: a run resumed with another budget would splice
+    # two schedules (lr jumping back up at the resume) while its config claimed one
+    may_differ = [k for k in RESUMABLE_CHANGES if not (k == "updates" and cfg.lr_schedule == "cosine")]
+    run.resume(student, restart, may_differ=may_differ, budget=("updates", cfg.updates, 1))
     run.start(wandb_mode, name=f"student-{cfg.run_name}", job_type="student", group="students",
               extra_config={"parameters": student.counts})
     _distil(student, run, procs, show_progress)
@@ -230,8 +245,8 @@ class Student:
     def describe(self) -> str:
         c, trunk, cfg = self.counts, self.spec.trunk, self.cfg
         tau = f" (tau {cfg.tau}, teacher side)" if cfg.loss == "kl" else ""
-        return (f"student {self.spec.games}: {c['student']:,} parameters ({c['student_one_head']:,} with one head = "
-                f"{100 * c['fraction_of_teacher']:.1f}% of a {c['teacher']:,}-parameter teacher); trunk {trunk.shape}, "
+        return (f"student {', '.join(self.spec.games)}: {c['student']:,} parameters ({c['student_one_head']:,} with one "
+                f"head = {100 * c['fraction_of_teacher']:.1f}% of a {c['teacher']:,}-parameter teacher); trunk {trunk.shape}, "
                 f"width {trunk.width}, conv channels {[out for out, _, _ in trunk.layer_sizes()[0]]}, FC "
                 f"{trunk.layer_sizes()[1]} x {1 + trunk.extra_fc}, loss {cfg.loss}{tau}, {cfg.batch_mode} batches")
 
@@ -347,6 +362,8 @@ def _final_evaluation(student: Student, run: Run, checksums: list[float]) -> dic
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "config": run.config_dict, "parameters": student.counts,
         "updates": student.update, "best_update": student.best["update"],
+        "datasets": {i["game"]: {"path": str(p), **{k: v for k, v in i.items() if k != "game"}}
+                     for p, i in zip(inputs.datasets, inputs.dataset_ids)},
         "teachers": teacher_files(inputs.teachers, inputs.games), "teacher_scores": teachers,
         "teacher_card_scores": student.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
         "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": student.history,

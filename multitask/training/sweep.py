@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from multitask import config as configlib
@@ -101,6 +101,20 @@ def cell_configs(sweep: SweepConfig, base: dict) -> list[StudentConfig]:
         dataset = [f"datasets={dataset_path(get_game(game), sweep.datasets_dir)}"] if sweep.datasets_dir else []
         configs.append(configlib.load(StudentConfig, None, [f"games={game}", f"loss={loss}", f"size={size}", *tau,
                                                             f"seed={seed}", *dataset, *sweep.overrides], data=base))
+    if not configs:
+        raise UserError(f"sweep {sweep.name} has no runs: games, losses, sizes and seeds each need a value")
+    # before any training: two cells in one run folder would be one run counted twice (a seed or game
+    # listed twice) or a run refused as "finished with another config" once the first has trained
+    # (taus crossed with nll or mse, whose run names do not show tau; a `name` override)
+    first: dict[str, StudentConfig] = {}
+    for cfg in configs:
+        other = first.setdefault(cfg.run_name, cfg)
+        if other is not cfg:
+            same = other == cfg
+            raise UserError(f"sweep {sweep.name} makes two runs named {cfg.run_name}"
+                            + (" (a value listed twice)" if same else
+                               f" that differ in {', '.join(f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(other, f.name))}")
+                            + "; list each value once and vary only what run names show (tau: KL only; no `name` override)")
     return configs
 
 
