@@ -100,7 +100,7 @@ def test_a_resumed_run_logs_no_step_twice_and_writes_json_numbers(tmp_path):
     run.start("off", name="t", job_type="test", group="tests")
     run.log({"train/loss": 0.5}, 10)
     run.save_state(Learning(10))
-    run.log({"train/loss": float("nan"), "train/x": float("inf")}, 15)  # then killed: no checkpoint at 15
+    run.log({"train/loss": 0.75, "train/x": float("inf"), "train/y": float("nan")}, 15)  # then killed: no checkpoint at 15
     run.log({"final/score": 1.0}, 10)
     run.log({"eval/minatar/Breakout/final_score": 1.0}, 10)  # a teacher's final line
     run.finish({})
@@ -266,3 +266,25 @@ def test_a_run_past_a_lowered_budget_is_refused_on_resume(tmp_path):
         assert _run(tmp_path).resume(Learning(), restart=False, budget=("steps", value, stride))
     with pytest.raises(UserError, match=r"has trained 10 updates, past steps=6; pass steps=10 or more"):
         _run(tmp_path).resume(Learning(), restart=False, budget=("steps", 6, 4))
+
+
+def test_a_diverged_run_ends_in_one_sentence_before_writing_a_checkpoint(tmp_path, make_teacher):
+    """A NaN loss, or weights no trained network holds, used to train on to the end and leave a best.pt
+    that loading refused as corrupt; both end the run where they are met."""
+    from multitask.agents.checkpoints import load_agent
+
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)
+    run.start("off", name="t", job_type="test", group="tests")
+    run.log({"train/minatar/Breakout/loss": 0.5, "train/samples_per_s": float("nan")}, 10)  # not a loss: logged
+    with pytest.raises(UserError, match="training diverged: train/minatar/Breakout/loss is nan at update 20"):
+        run.log({"train/minatar/Breakout/loss": float("nan")}, 20)
+    net = load_agent(make_teacher(tmp_path / "t.pt", "minatar/Breakout")).net
+    assert run.save_agent("best", net, "student", {}) is not None
+    with torch.no_grad():
+        net.trunk.convs[0].weight[0, 0, 0, 0] = 3e7
+    (tmp_path / "best.pt").unlink()
+    with pytest.raises(UserError, match="training diverged: the network holds a weight of 3e\\+07"):
+        run.save_agent("best", net, "student", {})
+    assert not (tmp_path / "best.pt").exists()
+    run.finish({})

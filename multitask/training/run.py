@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from multitask import config as configlib
-from multitask.agents.checkpoints import save_agent
+from multitask.agents.checkpoints import save_agent, weights_problem
 from multitask.errors import UserError
 from multitask.files import atomic_torch_save, atomic_write_text, check_writable
 from multitask.training.distributed import barrier
@@ -256,11 +256,18 @@ class Run:
     # ---- while training -------------------------------------------------------------------------
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """One point of every metric at `step`, to metrics.jsonl and W&B alike."""
+        """One point of every metric at `step`, to metrics.jsonl and W&B alike. A training loss that
+        is NaN or infinite ends the run here, in one sentence (it diverged: training on would only
+        carry NaN weights to the final evaluation); state.pt keeps the last checkpoint before it."""
         if self.writer:
             self._tracker.log(metrics, step)
             self._metrics.write(json.dumps({self.step_metric: step, **finite_or_null(metrics)}) + "\n")
             self._metrics.flush()
+        diverged = [k for k, v in metrics.items() if k.endswith("/loss") and not math.isfinite(v)]
+        if diverged:
+            raise UserError(f"training diverged: {diverged[0]} is {metrics[diverged[0]]} at "
+                            f"{self.step_metric.rstrip('s').replace('_', ' ')} {step:,}; lower the learning rate (or change "
+                            f"what made it diverge) and pass --restart (a resume would replay the same updates)")
 
     def report_evaluation(self, metrics: dict[str, float], line: str, step: int) -> None:
         """A periodic evaluation: its metrics logged at `step` and one console line
@@ -283,7 +290,13 @@ class Run:
         barrier()
 
     def save_agent(self, name: str, net: nn.Module, kind: str, card: dict[str, Any]) -> str | None:
-        """<folder>/<name>.pt and its card; the file's sha256."""
+        """<folder>/<name>.pt and its card; the file's sha256. Weights no trained network holds (NaN,
+        or beyond checkpoints.MAX_ABS_WEIGHT) end the run instead: it diverged, and the file would only
+        be refused when loaded, as corrupt."""
+        problem = weights_problem(net.state_dict())
+        if problem:
+            raise UserError(f"training diverged: the network holds {problem}; lower the learning rate (or change "
+                            f"what made it diverge) and pass --restart (a resume would replay the same updates)")
         return save_agent(self.folder / f"{name}.pt", net, kind, card) if self.writer else None
 
     def write_text(self, name: str, text: str) -> None:
