@@ -288,3 +288,21 @@ def test_a_diverged_run_ends_in_one_sentence_before_writing_a_checkpoint(tmp_pat
         run.save_agent("best", net, "student", {})
     assert not (tmp_path / "best.pt").exists()
     run.finish({})
+
+
+def test_a_run_folder_is_one_processs_at_a_time(tmp_path):
+    """Two processes on one run folder would interleave its state.pt, metrics and checkpoints."""
+    import subprocess
+    import sys
+
+    run = _run(tmp_path)
+    run.resume(Learning(), restart=False)  # this process holds the folder now
+    other = subprocess.run([sys.executable, "-c", "import sys; from multitask.training.run import hold_folder; "
+                            f"hold_folder({str(tmp_path)!r})"], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "is in use by another process" in other.stderr
+    assert _run(tmp_path).resume(Learning(), restart=False) is False  # the same process may go on
+    run.start("off", name="t", job_type="test", group="tests")
+    run.finish({})  # released: another process may take it
+    other = subprocess.run([sys.executable, "-c", "from multitask.training.run import hold_folder; "
+                            f"hold_folder({str(tmp_path)!r})"], capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr

@@ -242,9 +242,10 @@ class MultitaskDQN:
         """train/<suite>/<Game>/{episode_return,loss,epsilon,steps_per_s,episodes}, and the update count."""
         m: dict[str, float] = {"train/updates": self.learner.updates}
         for g, acting, loss in zip(self.spec.games, self.acting, self.last_loss):
-            m.update({f"train/{g}/episode_return": acting.mean_return(), f"train/{g}/loss": loss,
-                      f"train/{g}/epsilon": epsilon, f"train/{g}/steps_per_s": steps_per_s,
-                      f"train/{g}/episodes": acting.episodes})
+            m.update({f"train/{g}/episode_return": acting.mean_return(), f"train/{g}/epsilon": epsilon,
+                      f"train/{g}/steps_per_s": steps_per_s, f"train/{g}/episodes": acting.episodes})
+            if self.learner.updates:  # no loss before the first update (a NaN there is no divergence)
+                m[f"train/{g}/loss"] = loss
         return m
 
     def card(self, run: Run, scores: Scores | None) -> dict:

@@ -18,9 +18,10 @@ makes the same calls and only the writer (rank 0) writes.
 from __future__ import annotations
 
 import dataclasses
-
+import fcntl
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,7 @@ class Run:
         not a multiple of them ends up to one stride past it)."""
         if self.writer:  # before any work: a run that cannot write its folder would be lost at its first checkpoint
             check_writable(self.folder / "config.toml", "a writable --run-dir")
+            hold_folder(self.folder)  # and no other process may write it meanwhile
         if restart and self.writer:  # the old run's outputs go with it: none may pass for the new run's
             for name in RUN_OUTPUTS:
                 (self.folder / name).unlink(missing_ok=True)
@@ -313,6 +315,37 @@ class Run:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self.writer:
+            release_folder(self.folder)
+
+
+_HELD: dict[str, int] = {}  # run folder -> the open lock file whose lock this process holds
+LOCK_FILE = ".run.lock"
+
+
+def hold_folder(folder: Path) -> None:
+    """Lock a run folder for this process: a POSIX lock on <folder>/.run.lock, which the kernel drops
+    when the process ends, however it ends, and which the processes it forks (loader workers) do not
+    inherit, so a killed run's lingering workers do not keep it. Two processes writing one run's
+    state.pt, metrics.jsonl and checkpoints would interleave them; the second is refused. Holding it
+    again from the same process is a no-op (trainers called in turn, tests)."""
+    key = str(Path(folder).resolve())
+    if key in _HELD:
+        return
+    fd = os.open(Path(key) / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EACCES or EAGAIN: held by another process
+        os.close(fd)
+        raise UserError(f"run folder {folder} is in use by another process (the same command still running?); "
+                        f"wait for it to end, or pass another --run-dir") from None
+    _HELD[key] = fd
+
+
+def release_folder(folder: Path) -> None:
+    fd = _HELD.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def finite_or_null(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -145,7 +145,8 @@ class Teacher:
         self.acting = Acting(game, cfg.num_envs, cfg.replay_capacity, cfg.seed, cfg.life_loss_terminal)
         self.history: list[dict] = []  # periodic evaluations: the learning curve
         self.best = {"score": -float("inf"), "state_dict": None, "env_steps": 0}
-        self.update_credit, self.last_loss = 0.0, float("nan")
+        self.update_credit = 0.0
+        self.last_loss: float | None = None  # None until this process's first update (not kept in state.pt)
 
     def learn(self) -> None:
         """update_ratio gradient updates per env step, once learning_starts steps are stored."""
@@ -188,11 +189,12 @@ def _train(teacher: Teacher, run: Run, show_progress: bool) -> None:
         epsilon = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, teacher.env_steps)
         acting.act(teacher.net, 0, epsilon)
         teacher.learn()
+        loss = {} if teacher.last_loss is None else {"loss": teacher.last_loss}  # none before the first update
         bar.update(cfg.num_envs, postfix=f"return {acting.mean_return():.1f} eps {epsilon:.2f} "
-                                         f"loss {teacher.last_loss:.4f}")
+                                         + (f"loss {teacher.last_loss:.4f}" if loss else "loss -"))
         if log_due(teacher.env_steps):
             prefix = f"train/{game.name}"
-            run.log({f"{prefix}/episode_return": acting.mean_return(), f"{prefix}/loss": teacher.last_loss,
+            run.log({f"{prefix}/episode_return": acting.mean_return(), **{f"{prefix}/{k}": v for k, v in loss.items()},
                      f"{prefix}/epsilon": epsilon, f"{prefix}/updates": teacher.learner.updates,
                      f"{prefix}/episodes": acting.episodes, f"{prefix}/steps_per_s": rate(teacher.env_steps)},
                     teacher.env_steps)
