@@ -298,6 +298,10 @@ def test_a_cosine_run_is_not_resumed_with_another_budget(data, tmp_path, capsys)
                  checkpoint_every=6, final_eval_episodes=1, batch_size=16)
     train_student(config(data, **small, lr_schedule="cosine"), tmp_path / "cos", wandb_mode="off",
                   show_progress=False)
+    lrs = [x["train/lr"] for x in map(json.loads, (tmp_path / "cos" / "metrics.jsonl").read_text().splitlines())
+           if "train/lr" in x]
+    cfg = config(data, **small, lr_schedule="cosine")
+    assert lrs and lrs[-1] == pytest.approx(cosine_lr(cfg.lr, 11, 12))  # the rate of the last update, logged
     with pytest.raises(UserError, match="updates 12 then, 24 now"):
         train_student(config(data, **{**small, "updates": 24}, lr_schedule="cosine"), tmp_path / "cos",
                       wandb_mode="off", show_progress=False)

@@ -325,7 +325,8 @@ def _distil(student: Student, run: Run, procs: Processes, show_progress: bool) -
         last = student.update == cfg.updates
         if log_due(student.update) or last:
             metrics = {f"train/{g}/loss": torch.stack(v).double().mean().item() for g, v in game_losses.items() if v}
-            run.log({**metrics, "train/samples_per_s": rate(samples) * procs.world}, student.update)
+            run.log({**metrics, "train/lr": student.optimizer.param_groups[0]["lr"],  # the schedule, seen
+                     "train/samples_per_s": rate(samples) * procs.world}, student.update)
             bar.update(0, postfix=f"loss {np.mean(list(metrics.values())):.4f}")
             game_losses = {g: [] for g in student.spec.games}
         if (eval_due(student.update) or last) and procs.main:
