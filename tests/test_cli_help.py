@@ -65,6 +65,7 @@ def test_every_command_answers_help():
         assert code in (0, None) and text.startswith("usage: multitask"), (command, code, text)
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_ends_the_command_quietly():
     # `multitask config student | head -1`: the pipe closes before the listing is written
     p = subprocess.Popen([sys.executable, "-m", "multitask", "config", "student"], stdout=subprocess.PIPE,

@@ -173,6 +173,7 @@ def _seed_run(root: Path, name: str, seed: int, loss: str = "kl", extra: str = "
     return run
 
 
+@pytest.mark.slow
 def test_seeds_of_one_config_are_pooled_into_one_column(setup):
     root = setup["root"] / "seeds"
     # seed 2 was saved by newer code, with a key the others lack at its default: still one method

@@ -58,6 +58,7 @@ def test_where_the_teacher_infers_resolves_per_device_and_lanes(monkeypatch):
         ("server", 1), ("server", 4)]
 
 
+@pytest.mark.slow
 def test_a_build_through_the_inference_server_records_what_the_lanes_record(tmp_path, make_teacher):
     """Same seeds, same lanes: the server's forward passes are the lanes' own, so the files agree."""
     teacher = make_teacher(tmp_path / "t.pt", "minatar/Breakout", seed=2)

@@ -96,6 +96,7 @@ def test_a_resume_with_another_teacher_file_is_refused(tmp_path, make_teacher):
         train_driven(replace(cfg, total_steps_per_game=64), tmp_path / "run", wandb_mode="off", show_progress=False)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, teacher):
     straight = subprocess.run(_cli(tmp_path / "straight", teacher), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr

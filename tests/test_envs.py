@@ -76,6 +76,7 @@ def test_atari_life_loss_does_not_end_the_game():
     env.close()
 
 
+@pytest.mark.slow
 def test_noop_starts_vary_the_start():
     """Up to 30 random no-ops: identical play from the reset diverges across envs, yet is seeded."""
     def play(seed):

@@ -1,5 +1,6 @@
 """The one evaluation protocol: whole games, raw scores, unbiased parallel episodes, seeded."""
 
+import pytest
 import torch
 
 from multitask.envs import get_game
@@ -12,6 +13,7 @@ def _net(game):
     return MultiHeadNet(teacher_network_spec(get_game(game)))
 
 
+@pytest.mark.slow
 def test_atari_evaluation_plays_whole_games_with_raw_scores():
     """Space Invaders: 3 lives, aliens worth 5-30 points. A per-life or clipped evaluator would
     report small integers; the protocol reports whole-game raw scores."""

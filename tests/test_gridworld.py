@@ -168,6 +168,7 @@ def test_on_policy_and_n_distill_differ_only_where_visits_move():
     assert (on[:, 0] - nd[:, 0]).abs().max() > 0.01  # the start's choice moves the visits
 
 
+@pytest.mark.slow
 def test_counter_study_on_policy_plus_r_cycles_where_n_distill_plus_r_settles(tmp_path):
     cfg = StudyConfig(counter_rewards=(4.0,), counter_students=4,
                       counter_train=replace(StudyConfig().counter_train, updates=2000, lr=0.3))

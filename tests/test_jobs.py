@@ -164,6 +164,7 @@ def _job_that_fails(kind: str):
     return kind
 
 
+@pytest.mark.slow
 def test_failed_jobs_are_named_whatever_the_failure():
     from multitask.jobs import run_jobs
 

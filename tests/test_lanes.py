@@ -85,6 +85,7 @@ def test_the_inference_server_answers_each_lane_with_its_own_forward_pass_exactl
     assert not server._proc.is_alive()
 
 
+@pytest.mark.slow
 def test_a_failing_inference_server_is_raised_in_every_lane_and_nothing_hangs():
     game = get_game("minatar/Breakout")
     wrong = MultiHeadNet(NetworkSpec(TrunkSpec("minatar", 2, 10), ("g",), (3,)))  # 2 input channels, Breakout has 4
