@@ -258,6 +258,26 @@ def test_torchrun_two_cpu_processes_keep_identical_replicas(data):
     assert all(torch.isfinite(p).all() for p in single.parameters())
 
 
+@pytest.mark.slow
+def test_a_torchrun_run_with_loss_norm_resumes_to_the_weights_of_an_uninterrupted_one(data):
+    """Each process kept running means of its own losses and state.pt held rank 0's, so a resumed
+    process 1 divided by other means than before; the means now follow the losses' mean over processes."""
+    tmp, _, _ = data
+
+    def torchrun(run, updates):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+               "-m"] + _train_cmd(data, run, updates, "loss_norm=true")[2:]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp / "ddp-straight", 50)
+    torchrun(tmp / "ddp-resumed", 25)  # checkpoint at 25, then the same run continued to 50
+    torchrun(tmp / "ddp-resumed", 50)
+    a = load_agent(tmp / "ddp-straight" / "last.pt").net.state_dict()
+    b = load_agent(tmp / "ddp-resumed" / "last.pt").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_inputs(data, run_cli, tmp_path):
     _, paths, teachers = data
     code, _, err = run_cli("student", "train", "games=minatar/Breakout,atari/Pong", "--wandb", "off")

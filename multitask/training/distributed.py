@@ -74,6 +74,16 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def average(values: list[float], device: torch.device) -> list[float]:
+    """The mean over processes of each value (the values themselves in one process): one
+    all-reduce of a small float64 tensor on `device` (NCCL needs the GPU's)."""
+    if not _joined():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
 def stop() -> None:
     """Leave the job once every process has finished."""
     if _joined():

@@ -50,16 +50,18 @@ def distillation_loss(name: LossName, student_out: torch.Tensor, teacher_q: torc
     raise ValueError(f"unknown loss {name}")
 
 
-def normalised_loss(losses: list[torch.Tensor], means: list[float | None],
-                    rate: float) -> tuple[torch.Tensor, list[float]]:
+def normalised_loss(losses: list[torch.Tensor], means: list[float | None], rate: float,
+                    values: list[float] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Per-game loss normalisation for multi-task students: each game's loss divided by a running
     mean of its own values, so that games whose losses are larger (MinAtar: ~3x between Seaquest
     and Freeway late in training) do not dominate the shared trunk's gradients or RMSProp's scale.
 
     L = mean_g L_g / m_g (m_g held constant in the gradient), then m_g <- (1 - rate) m_g + rate L_g;
     a game's first value starts its mean (None: not seen yet). Returns L and the updated means.
+    `values`: the L_g the means follow, if not the losses' own (under torchrun, their mean over
+    processes, so that every process divides by the same means and a resume restores them all).
     """
-    values = [float(l.detach()) for l in losses]
+    values = [float(l.detach()) for l in losses] if values is None else values
     divisors = [v if m is None else m for v, m in zip(values, means)]
     scaled = [l / max(d, 1e-12) for l, d in zip(losses, divisors)]
     return torch.stack(scaled).mean(), [v if m is None else (1.0 - rate) * m + rate * v for v, m in zip(values, means)]

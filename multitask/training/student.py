@@ -36,7 +36,7 @@ from multitask.data.reader import DatasetReader, has_teacher_outputs
 from multitask.data.verify import verify_invariants
 from multitask.data.schema import dataset_path
 from multitask.devices import CHANNELS_LAST_DOC, DEVICE_DOC, PRECISION_DOC, DeviceName, Precision, arrange, autocast
-from multitask.training.distributed import Processes, checksum, gather, replicate, start_processes, stop
+from multitask.training.distributed import Processes, average, checksum, gather, replicate, start_processes, stop
 from multitask.training.losses import DEFAULT_TAU, LossName, distillation_loss, normalised_loss
 from multitask.training.run import Every, Rate, Run, default_run_name
 from multitask.training.scoring import (FINAL_EVAL_SEED, PERIODIC_EVAL_SEED, Scores, measured_teacher_scores,
@@ -263,7 +263,8 @@ class Student:
                   for out, q in zip(outputs, batch.teacher)]
         if cfg.loss_norm:
             seen = [g for g, _ in groups]
-            loss, means = normalised_loss(losses, [self.loss_means[g] for g in seen], LOSS_NORM_RATE)
+            values = average([float(l.detach()) for l in losses], self.device)  # the same on every process
+            loss, means = normalised_loss(losses, [self.loss_means[g] for g in seen], LOSS_NORM_RATE, values)
             for g, m in zip(seen, means):
                 self.loss_means[g] = m
         else:
