@@ -145,11 +145,11 @@ def _datasets_complete(games, steps: int, recording: dict) -> str | None:
     from multitask.data.schema import dataset_path
     from multitask.files import file_sha256
 
-    reasons = []
+    complete = True  # every file is checked for its settings, complete or not
     for g in games:
         path = dataset_path(g)
         if not path.is_file():
-            reasons.append("missing")
+            complete = False
             continue
         attrs = root_attrs(path)
         for build in json.loads(attrs["builds"]):
@@ -162,8 +162,8 @@ def _datasets_complete(games, steps: int, recording: dict) -> str | None:
         teacher = Path("teachers") / g.suite / f"{g.game}.pt"
         if (attrs.get("status") != "complete" or int(attrs["num_steps"]) < steps
                 or json.loads(attrs["teacher"])["sha256"] != file_sha256(teacher)):
-            reasons.append("unfinished")
-    return None if reasons else f"every dataset holds {steps:,} steps labelled by its teacher"
+            complete = False
+    return f"every dataset holds {steps:,} steps labelled by its teacher" if complete else None
 
 
 def _report_current(report: Path, runs: list[Path], episodes: int, games: Sequence[str] = ()) -> str | None:

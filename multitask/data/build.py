@@ -74,9 +74,8 @@ def _check_output(out: Path, game: GameSpec, teacher: Agent, resume: bool, overw
     if resume and overwrite:
         raise UserError("pass either --resume or --overwrite, not both")
     if resume and out.exists():
-        attrs = root_attrs(out)
         with DatasetReader(out, cache_bytes=0) as d:  # parts present, arrays consistent (not decoding frames)
-            problems = verify_invariants(d, decode_frames=False)
+            attrs, problems = d.info.attrs, verify_invariants(d, decode_frames=False)
         if problems:
             raise UserError(f"cannot resume {out}: it fails verification ({problems[0]}); "
                             f"rebuild it with --overwrite")

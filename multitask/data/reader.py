@@ -88,6 +88,14 @@ def root_attrs(path: Path) -> dict[str, Any]:
         return _attrs(f)
 
 
+class UndecodableFrames(UserError):
+    """Frames a dataset holds but cannot decode (a damaged compressed chunk); `what` says which."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"dataset {path} is corrupt: {what}; delete it and rebuild")
+        self.what = what
+
+
 def check_parts(path: Path, attrs: Mapping[str, Any]) -> None:
     """A build in progress (layout 'parts') reads its arrays from the part files its `parts`
     attribute lists; HDF5 reads a missing or unreadable source of a virtual dataset as zeros, without
@@ -111,15 +119,18 @@ def check_parts(path: Path, attrs: Mapping[str, Any]) -> None:
             continue
         if any(rows[k] != int(p[k]) for k in rows):
             damaged.append(p["file"])
+    head = f"dataset {path} is a build in progress whose part file"
     if missing:
-        raise UserError(f"dataset {path} is a build in progress whose part file{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} in {pdir} "
-                        f"{'are' if len(missing) > 1 else 'is'} missing; keep {path.name} and its folder "
-                        f"{pdir.name} side by side, or rebuild it with --overwrite")
+        raise UserError(f"{head}{_names(missing)} in {pdir} {'are' if len(missing) > 1 else 'is'} missing; keep "
+                        f"{path.name} and its folder {pdir.name} side by side, or rebuild it with --overwrite")
     if damaged:
-        raise UserError(f"dataset {path} is a build in progress whose part file{'s' if len(damaged) > 1 else ''} "
-                        f"{', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} in {pdir} cannot be read "
-                        f"(damaged or truncated); rebuild it with --overwrite")
+        raise UserError(f"{head}{_names(damaged)} in {pdir} cannot be read (damaged or truncated); rebuild it "
+                        f"with --overwrite")
+
+
+def _names(files: list[str]) -> str:
+    """`s a, b, c ...` or ` a`: the files, the first three named, after 'file'."""
+    return f"{'s' if len(files) > 1 else ''} {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
 
 
 def gather_frames(rows: np.ndarray, chunk_rows: int, frame_shape: tuple[int, ...],
@@ -233,13 +244,13 @@ class DatasetReader:
         return -(-self.frame_rows // self.chunk_rows)
 
     def read_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Frames [start, stop) decoded from disk (no cache); a UserError where they cannot be."""
+        """Frames [start, stop) decoded from disk (no cache); UndecodableFrames where they cannot be."""
         stop = self.frame_rows if stop is None else min(stop, self.frame_rows)
         try:
             return self._frames_ds[start:stop]
         except (OSError, ValueError) as e:
-            raise UserError(f"dataset {self.path} is corrupt: frames {start}..{stop - 1} cannot be decoded "
-                            f"({str(e).split('(')[-1].rstrip(')')[:80]}); delete it and rebuild") from None
+            raise UndecodableFrames(self.path, f"frames {start}..{stop - 1} cannot be decoded "
+                                               f"({str(e).split('(')[-1].rstrip(')')[:80]})") from None
 
     def read_chunks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """Chunk id -> its frames, decoded from disk (no cache): a loader's window."""

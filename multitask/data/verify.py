@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from multitask.agents.checkpoints import Agent, check_agent_game
-from multitask.data.reader import DatasetReader
+from multitask.data.reader import DatasetReader, UndecodableFrames
 from multitask.data.schema import dataset_layout
 from multitask.envs import get_game
 from multitask.errors import UserError
@@ -63,11 +63,10 @@ def _completeness_problems(e: dict[str, np.ndarray], cap: int) -> list[str]:
                         f"reached the {cap}-step episode cap")
     if (~complete & e["terminated"]).any():
         problems.append(f"{int((~complete & e['terminated']).sum())} episodes marked incomplete ended the game")
-    later = {}
-    for seed, number in zip(e["env_seed"].tolist(), e["env_episode"].tolist()):
-        later[seed] = max(later.get(seed, -1), number)
-    cut = np.flatnonzero(~complete)
-    if any(e["env_episode"][i] < later[int(e["env_seed"][i])] for i in cut):
+    _, stream = np.unique(e["env_seed"], return_inverse=True)
+    last = np.full(stream.max() + 1 if len(stream) else 0, -1, dtype=np.int64)
+    np.maximum.at(last, stream, e["env_episode"])  # each env stream's last episode number
+    if (~complete & (e["env_episode"] < last[stream])).any():
         problems.append("an episode marked incomplete is followed by more episodes of its env stream")
     return problems
 
@@ -138,8 +137,8 @@ def verify_invariants(reader: DatasetReader, block_frames: int = 1 << 14, decode
     for i in range(0, nf if decode_frames else 0, block_frames):
         try:
             reader.read_frames(i, i + block_frames)
-        except UserError as err:  # the reader's sentence: "... is corrupt: frames a..b cannot be decoded (...)"
-            problems.append(str(err).split(" is corrupt: ")[-1].split("; ")[0])
+        except UndecodableFrames as err:
+            problems.append(err.what)
             break
     return problems
 

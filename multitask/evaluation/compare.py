@@ -358,10 +358,8 @@ def compare(inputs: Sequence[Path], out: Path, games: Sequence[str] | None = Non
     notes += dropped
     run = Execution(workers, pick_device(device), executor, Path(jobs_folder))  # before any folder is made
     cache_dir = Path(cache_dir) if cache_dir else out / "evaluations"
-    if not cache_dir.is_relative_to(out):  # a bad --cache leaves no --out folder behind
-        check_writable(cache_dir / "probe.json", "a writable --cache folder")
+    check_writable(cache_dir / "probe.json", "a writable --cache folder")  # first: a bad one leaves no --out folder
     check_writable(out / "report.json", "a writable --out folder")
-    check_writable(cache_dir / "probe.json", "a writable --cache folder")
     done = run_evaluations(entrants, teacher_column, chosen, episodes, seed, run, cache_dir, show_progress)
     report = assemble(entrants, teacher_column, chosen, done, episodes, seed, reps, out, notes)
     report["plots"] = plots.write_plots(report, out)

@@ -78,13 +78,13 @@ def raw_scores(report: dict[str, Any], path: Path) -> str:
     rows = -(-len(games) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, g in zip(axes.flat, games):
-        playing = [(i, a) for i, a in enumerate(report["agents"]) if g in a["games"]]
-        labels = ["random"] + [a["label"] for _, a in playing]
-        entries = [report["random"][g]] + [a["games"][g] for _, a in playing]
+        playing = [a for a in report["agents"] if g in a["games"]]
+        labels = ["random"] + [a["label"] for a in playing]
+        entries = [report["random"][g]] + [a["games"][g] for a in playing]
         runs = [report["episodes"]] + [e["seeds"] if e["seeds"] > 1 else e["episodes"] for e in entries[1:]]
         yerr = [t_multiplier(n) * e["stderr"] for n, e in zip(runs, entries)]
         ax.bar(range(len(labels)), [e["mean"] for e in entries], yerr=yerr,
-               capsize=3, color=["grey"] + [f"C{i}" for i, _ in playing])  # an agent keeps its colour
+               capsize=3, color=["grey"] + [_colour(report, a["label"]) for a in playing])  # an agent keeps its colour
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(_short(g))
         ax.set_ylabel("raw score (mean, 95% CI)")

@@ -159,6 +159,9 @@ def _as_dict(obj: Any) -> dict:
     return obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
 
 
+DIVERGED_ADVICE = ("lower the learning rate (or change what made it diverge) and pass --restart (a resume would "
+                   "replay the same updates)")
+
 # What a run writes besides config.toml and wandb/ (a restarted run starts a new W&B run beside the old)
 RUN_OUTPUTS = ("state.pt", "metrics.jsonl", "best.pt", "best.json", "last.pt", "last.json", "summary.json", "table.md")
 
@@ -268,8 +271,7 @@ class Run:
         diverged = [k for k, v in metrics.items() if k.endswith("/loss") and not math.isfinite(v)]
         if diverged:
             raise UserError(f"training diverged: {diverged[0]} is {metrics[diverged[0]]} at "
-                            f"{self.step_metric.rstrip('s').replace('_', ' ')} {step:,}; lower the learning rate (or change "
-                            f"what made it diverge) and pass --restart (a resume would replay the same updates)")
+                            f"{self.step_metric.rstrip('s').replace('_', ' ')} {step:,}; {DIVERGED_ADVICE}")
 
     def report_evaluation(self, metrics: dict[str, float], line: str, step: int) -> None:
         """A periodic evaluation: its metrics logged at `step` and one console line
@@ -297,8 +299,7 @@ class Run:
         be refused when loaded, as corrupt."""
         problem = weights_problem(net.state_dict())
         if problem:
-            raise UserError(f"training diverged: the network holds {problem}; lower the learning rate (or change "
-                            f"what made it diverge) and pass --restart (a resume would replay the same updates)")
+            raise UserError(f"training diverged: the network holds {problem}; {DIVERGED_ADVICE}")
         return save_agent(self.folder / f"{name}.pt", net, kind, card) if self.writer else None
 
     def write_text(self, name: str, text: str) -> None:

@@ -140,7 +140,7 @@ class Inputs(NamedTuple):
     teachers: list[Path]
     # what each dataset is (its game, creation time and size): a dataset rebuilt, or extended by
     # `dataset build --resume`, under the same path is other data, which a resume must not splice in
-    dataset_ids: list[dict] = []
+    dataset_ids: dict[str, dict] = {}  # game -> {created, steps, episodes}
 
 
 # ---- set-up -------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
     games = [get_game(g) for g in cfg.games]
     datasets = [Path(p) for p in cfg.datasets] or [dataset_path(g) for g in games]
     teachers = teacher_paths(cfg.teachers, games)
-    dataset_ids = []
+    dataset_ids = {}
     suites = {g.suite for g in games}
     if len(suites) > 1:
         raise UserError(f"games from different suites ({', '.join(sorted(suites))}) cannot share a trunk; "
@@ -175,8 +175,8 @@ def resolve_inputs(cfg: StudentConfig) -> Inputs:
                 raise UserError(f"dataset {path} fails verification: {problems[0]}{more}; "
                                 f"`multitask dataset verify {path}` lists every problem; rebuild it")
             env = d.info.env
-            dataset_ids.append({"game": d.game, "created": d.info.attrs.get("created"), "steps": d.info.num_steps,
-                                "episodes": d.info.num_episodes})
+            dataset_ids[d.game] = {"created": d.info.attrs.get("created"), "steps": d.info.num_steps,
+                                   "episodes": d.info.num_episodes}
             if tuple(env["frame_shape"][1:]) != g.frame_shape[1:] or env["stack"] != g.stack:
                 raise UserError(f"dataset {path} has observations {env['obs_shape']} that do not match "
                                 f"{g.name}'s {list(g.obs_shape)}; rebuild it")
@@ -208,7 +208,7 @@ def train_student(cfg: StudentConfig, run_dir: Path | None = None, wandb_mode: W
         torch.set_num_threads(cfg.num_threads)
     run = Run(run_dir or Path("runs") / "student" / cfg.run_name, cfg, step_metric="updates",
               identity={"network": spec, "world_size": procs.world,
-                        "datasets": {i["game"]: {k: v for k, v in i.items() if k != "game"} for i in inputs.dataset_ids}},
+                        "datasets": inputs.dataset_ids},
               writer=procs.main)
     student = Student(spec, cfg, inputs, size.counts("student"), procs.device)
     run.say(student.describe())
@@ -364,8 +364,7 @@ def _final_evaluation(student: Student, run: Run, checksums: list[float]) -> dic
     summary = {
         "run": cfg.run_name, "run_dir": str(run.folder), "config": run.config_dict, "parameters": student.counts,
         "updates": student.update, "best_update": student.best["update"],
-        "datasets": {i["game"]: {"path": str(p), **{k: v for k, v in i.items() if k != "game"}}
-                     for p, i in zip(inputs.datasets, inputs.dataset_ids)},
+        "datasets": {g.name: {"path": str(p), **inputs.dataset_ids[g.name]} for g, p in zip(inputs.games, inputs.datasets)},
         "teachers": teacher_files(inputs.teachers, inputs.games), "teacher_scores": teachers,
         "teacher_card_scores": student.teacher_scores, "scores": final.means, "pct_teacher": final.pct_teacher,
         "geomean_pct_teacher": final.geomean_pct_teacher, "episodes": final.games, "history": student.history,

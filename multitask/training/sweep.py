@@ -110,11 +110,10 @@ def cell_configs(sweep: SweepConfig, base: dict) -> list[StudentConfig]:
     for cfg in configs:
         other = first.setdefault(cfg.run_name, cfg)
         if other is not cfg:
-            same = other == cfg
-            raise UserError(f"sweep {sweep.name} makes two runs named {cfg.run_name}"
-                            + (" (a value listed twice)" if same else
-                               f" that differ in {', '.join(f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(other, f.name))}")
-                            + "; list each value once and vary only what run names show (tau: KL only; no `name` override)")
+            differ = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(other, f.name)]
+            how = f"that differ in {', '.join(differ)}" if differ else "(a value listed twice)"
+            raise UserError(f"sweep {sweep.name} makes two runs named {cfg.run_name} {how}; list each value once and "
+                            f"vary only what run names show (tau: KL only; no `name` override)")
     return configs
 
 

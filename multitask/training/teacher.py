@@ -189,15 +189,17 @@ def _train(teacher: Teacher, run: Run, show_progress: bool) -> None:
         epsilon = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps, teacher.env_steps)
         acting.act(teacher.net, 0, epsilon)
         teacher.learn()
-        loss = {} if teacher.last_loss is None else {"loss": teacher.last_loss}  # none before the first update
+        loss = teacher.last_loss  # None before the first update
         bar.update(cfg.num_envs, postfix=f"return {acting.mean_return():.1f} eps {epsilon:.2f} "
-                                         + (f"loss {teacher.last_loss:.4f}" if loss else "loss -"))
+                                         + ("loss -" if loss is None else f"loss {loss:.4f}"))
         if log_due(teacher.env_steps):
             prefix = f"train/{game.name}"
-            run.log({f"{prefix}/episode_return": acting.mean_return(), **{f"{prefix}/{k}": v for k, v in loss.items()},
-                     f"{prefix}/epsilon": epsilon, f"{prefix}/updates": teacher.learner.updates,
-                     f"{prefix}/episodes": acting.episodes, f"{prefix}/steps_per_s": rate(teacher.env_steps)},
-                    teacher.env_steps)
+            metrics = {f"{prefix}/episode_return": acting.mean_return(), f"{prefix}/epsilon": epsilon,
+                       f"{prefix}/updates": teacher.learner.updates, f"{prefix}/episodes": acting.episodes,
+                       f"{prefix}/steps_per_s": rate(teacher.env_steps)}
+            if loss is not None:
+                metrics[f"{prefix}/loss"] = loss
+            run.log(metrics, teacher.env_steps)
         if eval_due(teacher.env_steps):
             _evaluate(teacher, run)
         if checkpoint_due(teacher.env_steps) or teacher.env_steps >= cfg.total_steps:
